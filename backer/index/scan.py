@@ -1,0 +1,500 @@
+"""The scanner: walks a folder and brings its index up to date, in batches.
+
+Owns the rules for what a change is: a file is re-read only when its stat (size, mtime_ns, inode,
+ctime) changed or was too recent to trust; a vanished path becomes a tombstone; a file that
+changes while it is read is left as it was and reported for a later rescan; names that are not
+UTF-8, clash after NFC normalisation, or are special files are skipped with a reason.
+
+All disk work runs in a worker thread (and hashing in a small pool), so `scan` never blocks the
+event loop. Imports only the index layer below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import stat as stat_mod
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backer.errors import FolderMissingError, InvalidPathError
+from backer.ids import Hash
+from backer.index.chunker import SMALL_FILE, chunk_bytes, chunk_stream
+from backer.index.entry import Entry, Kind, VersionVector
+from backer.index.ignore import IGNORE_FILE, IgnoreRules
+from backer.index.store import Forget, IndexStore, Known, LocalState, Record, StatSig
+from backer.paths import RESERVED_DIR, check_name, check_path, join, parent_of
+
+__all__ = ["ScanProgress", "ScanReport", "Skipped", "scan"]
+
+# A file modified this close to the moment it was read may change again within the same
+# timestamp tick without its stat changing; it is re-read on the next scan (git's "racy" files).
+RACY_WINDOW_NS = 2_000_000_000
+BATCH_RECORDS = 2000
+BATCH_BYTES = 256 * 1024 * 1024
+MAX_IN_FLIGHT = 64
+PROGRESS_INTERVAL = 0.1
+_PLACEHOLDER = VersionVector(((0, 1),))
+
+
+@dataclass(frozen=True, slots=True)
+class ScanProgress:
+    files_seen: int
+    dirs_seen: int
+    files_hashed: int
+    bytes_hashed: int
+    current: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScanReport:
+    root: Hash
+    files: int  # live regular files seen
+    dirs: int
+    symlinks: int
+    bytes: int  # total size of the files seen
+    updated: int  # entries given a new version (created, changed, deleted)
+    deleted: int  # of which new tombstones
+    hashed_files: int
+    hashed_bytes: int
+    skipped: tuple[Skipped, ...]
+    unstable: tuple[str, ...]  # kept changing while read; their old entry stands
+    seconds: float
+
+
+async def scan(
+    folder: Path,
+    store: IndexStore,
+    *,
+    device: int,
+    paths: Iterable[str] | None = None,
+    progress: Callable[[ScanProgress], None] | None = None,
+    clock: Callable[[], float] = time.time,
+    hash_workers: int = 2,
+) -> ScanReport:
+    """Bring `store` up to date with `folder` (or just `paths` in it and below them).
+
+    `device` is this device's short ID (the version-vector key); `clock` gives unix seconds for
+    version counters; `progress` is called from the worker thread.
+    """
+    job = _Scan(folder, store, device=device, progress=progress, clock=clock, workers=hash_workers)
+    return await asyncio.to_thread(job.run, None if paths is None else list(paths))
+
+
+@dataclass(slots=True)
+class _Read:
+    chunks: bytes = b""
+    size: int = 0
+    stat: os.stat_result | None = None
+    problem: str = ""  # "" ok, "vanished", "unstable", or an error text
+
+
+@dataclass(slots=True)
+class _Counts:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    updated: int = 0
+    deleted: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    unstable: list[str] = field(default_factory=list)
+
+
+class _Scan:
+    def __init__(
+        self,
+        folder: Path,
+        store: IndexStore,
+        *,
+        device: int,
+        progress: Callable[[ScanProgress], None] | None,
+        clock: Callable[[], float],
+        workers: int,
+    ) -> None:
+        self.folder = folder
+        self.store = store
+        self.device = device
+        self.progress = progress
+        self.clock = clock
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="backer-hash")
+        self.counts = _Counts()
+        self.batch: list[Record | Forget] = []
+        self.batch_bytes = 0
+        self.in_flight: deque[tuple[str, str, Future[_Read]]] = deque()
+        self.rules = IgnoreRules()
+        self.last_progress = 0.0
+        self.current = ""
+
+    def run(self, paths: list[str] | None) -> ScanReport:
+        started = time.monotonic()
+        self._check_marker()
+        self.rules = self._load_rules()
+        with self.pool:
+            if paths is None:
+                self._walk([("", "")])
+            else:
+                for path in sorted(set(paths)):
+                    self._scan_path(check_path(unicodedata.normalize("NFC", path)))
+            self._drain(0)
+            for path in self._retry_unstable():
+                self.counts.unstable.append(path)
+        self._check_marker()  # a disk unmounted mid-scan must not commit its "deletions"
+        root = self._commit()
+        c = self.counts
+        return ScanReport(
+            root=root,
+            files=c.files,
+            dirs=c.dirs,
+            symlinks=c.symlinks,
+            bytes=c.bytes,
+            updated=c.updated,
+            deleted=c.deleted,
+            hashed_files=c.hashed_files,
+            hashed_bytes=c.hashed_bytes,
+            skipped=tuple(c.skipped),
+            unstable=tuple(c.unstable),
+            seconds=time.monotonic() - started,
+        )
+
+    # -- walking -------------------------------------------------------------------------------
+
+    def _check_marker(self) -> None:
+        if not (self.folder / RESERVED_DIR).is_dir():
+            raise FolderMissingError(
+                f"{self.folder / RESERVED_DIR} is missing: not scanning, so that an unmounted "
+                "disk is not mistaken for deleted files"
+            )
+
+    def _load_rules(self) -> IgnoreRules:
+        try:
+            return IgnoreRules((self.folder / IGNORE_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return IgnoreRules()
+        except (OSError, UnicodeDecodeError) as exc:
+            self.counts.skipped.append(Skipped(IGNORE_FILE, f"unreadable, ignoring none: {exc}"))
+            return IgnoreRules()
+
+    def _walk(self, stack: list[tuple[str, str]]) -> None:
+        while stack:
+            rel, disk_rel = stack.pop()
+            stack.extend(self._scan_dir(rel, disk_rel, None))
+
+    def _scan_path(self, path: str) -> None:
+        """Rescan one path and what is below it, starting from its nearest indexed directory."""
+        parent = parent_of(path)
+        while parent:
+            record = self.store.get(parent)
+            if record and record.entry.kind is Kind.DIR and not record.entry.deleted:
+                break
+            path, parent = parent, parent_of(parent)
+        self._walk(self._scan_dir(parent, self._disk_path(parent), {path.rpartition("/")[2]}))
+
+    def _disk_path(self, rel: str) -> str:
+        if not rel:
+            return ""
+        record = self.store.get(rel)
+        name = rel.rpartition("/")[2]
+        if record and record.local.disk_name:
+            name = record.local.disk_name
+        return join(self._disk_path(parent_of(rel)), name)
+
+    def _scan_dir(self, rel: str, disk_rel: str, only: set[str] | None) -> list[tuple[str, str]]:
+        """Index the children of one directory; return its subdirectories to walk."""
+        self.counts.dirs += rel != ""
+        try:
+            listing = list(os.scandir(self.folder / disk_rel))
+        except FileNotFoundError:
+            return []  # vanished since its parent was listed; the parent's next scan sees it
+        except OSError as exc:
+            # Unreadable is not deleted: keep what the index knows.
+            self.counts.skipped.append(Skipped(rel or ".", f"cannot list directory: {exc}"))
+            return []
+        known = self.store.children(rel)
+        seen: set[str] = set()
+        dropped: set[str] = set()  # present but ignored: forget rather than tombstone
+        subdirs: list[tuple[str, str]] = []
+        for disk_name, name in sorted(
+            ((d.name, unicodedata.normalize("NFC", d.name)) for d in listing),
+            key=lambda pair: (pair[1], pair[0] != pair[1]),  # the NFC spelling wins a clash
+        ):
+            if only is not None and name not in only:
+                continue
+            disk_path = join(disk_rel, disk_name)
+            problem = _name_problem(disk_name, name, seen)
+            if problem:
+                self.counts.skipped.append(Skipped(disk_path, problem))
+                continue
+            path = join(rel, name)
+            try:
+                st = os.lstat(self.folder / disk_path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.counts.skipped.append(Skipped(path, f"cannot stat: {exc}"))
+                seen.add(name)  # unknown state: neither changed nor deleted
+                continue
+            is_dir = stat_mod.S_ISDIR(st.st_mode)
+            if self.rules.ignored(path, is_dir):
+                dropped.add(name)
+                continue
+            seen.add(name)
+            local_name = None if disk_name == name else disk_name
+            if is_dir:
+                self._directory(path, st, known.get(name), local_name)
+                subdirs.append((path, disk_path))
+            elif stat_mod.S_ISREG(st.st_mode):
+                self._file(path, disk_path, st, known.get(name), local_name)
+            elif stat_mod.S_ISLNK(st.st_mode):
+                self._symlink(path, disk_path, known.get(name), local_name)
+            else:
+                self.counts.skipped.append(Skipped(path, "not a file, directory or symlink"))
+                seen.discard(name)
+        for name, old in known.items():
+            if name in seen or (only is not None and name not in only):
+                continue
+            path = join(rel, name)
+            if name in dropped:
+                self._forget(path)
+            elif not old.deleted:
+                self._tombstone(path)
+        self._report_progress(rel)
+        return subdirs
+
+    # -- one path ------------------------------------------------------------------------------
+
+    def _directory(
+        self, path: str, st: os.stat_result, old: Known | None, local: str | None
+    ) -> None:
+        mode = stat_mod.S_IMODE(st.st_mode)
+        if old and old.kind is Kind.DIR and not old.deleted and old.mode == mode:
+            if old.local.disk_name != local:
+                self._keep(path, LocalState(disk_name=local))
+            return
+        self._update(self._fresh(path, kind=Kind.DIR, mode=mode), LocalState(disk_name=local))
+
+    def _symlink(self, path: str, disk_path: str, old: Known | None, local: str | None) -> None:
+        try:
+            target = os.readlink(self.folder / disk_path)
+        except OSError as exc:
+            self.counts.skipped.append(Skipped(path, f"cannot read link: {exc}"))
+            return
+        try:
+            target.encode("utf-8")
+        except UnicodeEncodeError:
+            self.counts.skipped.append(Skipped(path, "symlink target is not valid UTF-8"))
+            return
+        self.counts.symlinks += 1
+        if old and old.kind is Kind.SYMLINK and not old.deleted and old.target == target:
+            return
+        self._update(
+            self._fresh(path, kind=Kind.SYMLINK, target=target), LocalState(disk_name=local)
+        )
+
+    def _file(
+        self, path: str, disk_path: str, st: os.stat_result, old: Known | None, local: str | None
+    ) -> None:
+        self.counts.files += 1
+        self.counts.bytes += st.st_size
+        if (
+            old
+            and old.kind is Kind.FILE
+            and not old.deleted
+            and not old.local.racy
+            and old.local.stat == _sig(st)
+            and old.mode == stat_mod.S_IMODE(st.st_mode)
+        ):
+            return
+        self._drain(MAX_IN_FLIGHT - 1)
+        future = self.pool.submit(_read_file, str(self.folder / disk_path))
+        self.in_flight.append((path, local or "", future))
+
+    def _drain(self, keep: int) -> None:
+        """Collect finished reads, oldest first, until at most `keep` remain in flight."""
+        while len(self.in_flight) > keep:
+            path, local, future = self.in_flight.popleft()
+            self._file_read(path, local or None, future.result())
+
+    def _file_read(self, path: str, local: str | None, read: _Read) -> None:
+        if read.problem == "vanished":
+            return  # the next scan of its directory tombstones it
+        if read.problem == "unstable":
+            self.counts.unstable.append(path)
+            return
+        if read.problem or read.stat is None:
+            self.counts.skipped.append(Skipped(path, read.problem))
+            return
+        st = read.stat
+        self.counts.hashed_files += 1
+        self.counts.hashed_bytes += read.size
+        self.batch_bytes += read.size
+        racy = time.time_ns() - st.st_mtime_ns < RACY_WINDOW_NS
+        fresh = self._fresh(
+            path,
+            kind=Kind.FILE,
+            size=read.size,
+            mtime_ns=st.st_mtime_ns,
+            mode=stat_mod.S_IMODE(st.st_mode),
+            chunks=read.chunks,
+        )
+        self._update(fresh, LocalState(stat=_sig(st), racy=racy, disk_name=local))
+
+    def _retry_unstable(self) -> list[str]:
+        """Read once more what changed while being read; what still moves stays unindexed."""
+        retry, self.counts.unstable = self.counts.unstable, []
+        for path in retry:
+            record = self.store.get(path)
+            disk = self._disk_path(path)
+            name = record.local.disk_name if record and record.local.disk_name else None
+            self._file_read(path, name, _read_file(str(self.folder / disk)))
+        still, self.counts.unstable = self.counts.unstable, []
+        return still
+
+    # -- records -------------------------------------------------------------------------------
+
+    def _update(self, fresh: Entry, local: LocalState) -> None:
+        """Record what is on disk now; a new version only if a synced field differs."""
+        previous = self.store.get(fresh.path)
+        if previous and previous.entry.same_content(fresh):
+            self._add(Record(previous.entry, local))
+            return
+        base = previous.entry.version if previous else VersionVector()
+        self._add(
+            Record(
+                fresh.with_version(base.bump(self.device, int(self.clock())), self.device), local
+            )
+        )
+        self.counts.updated += 1
+
+    def _fresh(
+        self,
+        path: str,
+        *,
+        kind: Kind,
+        size: int = 0,
+        mtime_ns: int = 0,
+        mode: int = 0,
+        target: str = "",
+        chunks: bytes = b"",
+    ) -> Entry:
+        """An entry for what is on disk, with a placeholder version `_update` replaces."""
+        return Entry(
+            path=path,
+            kind=kind,
+            size=size,
+            mtime_ns=mtime_ns,
+            mode=mode,
+            target=target,
+            chunks=chunks,
+            version=_PLACEHOLDER,
+            modifier=self.device,
+        )
+
+    def _keep(self, path: str, local: LocalState) -> None:
+        previous = self.store.get(path)
+        if previous:
+            self._add(Record(previous.entry, local))
+
+    def _tombstone(self, path: str) -> None:
+        previous = self.store.get(path)
+        if previous is None:
+            return
+        if previous.entry.kind is Kind.DIR:
+            for below in self.store.descendants(path):
+                self._tombstone_record(below)
+        self._tombstone_record(previous)
+
+    def _tombstone_record(self, record: Record) -> None:
+        old = record.entry
+        if old.deleted:
+            return
+        version = old.version.bump(self.device, int(self.clock()))
+        tombstone = Entry(
+            path=old.path, kind=old.kind, deleted=True, version=version, modifier=self.device
+        )
+        self._add(Record(tombstone))
+        self.counts.updated += 1
+        self.counts.deleted += 1
+
+    def _forget(self, path: str) -> None:
+        for below in self.store.descendants(path):
+            self._add(Forget(below.entry.path))
+        self._add(Forget(path))
+
+    def _add(self, change: Record | Forget) -> None:
+        self.batch.append(change)
+        if len(self.batch) >= BATCH_RECORDS or self.batch_bytes >= BATCH_BYTES:
+            self._commit()
+
+    def _commit(self) -> Hash:
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        return self.store.commit(batch)
+
+    def _report_progress(self, current: str) -> None:
+        now = time.monotonic()
+        if self.progress is None or now - self.last_progress < PROGRESS_INTERVAL:
+            return
+        self.last_progress = now
+        c = self.counts
+        self.progress(ScanProgress(c.files, c.dirs, c.hashed_files, c.hashed_bytes, current))
+
+
+def _sig(st: os.stat_result) -> StatSig:
+    return StatSig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _name_problem(disk_name: str, name: str, seen: set[str]) -> str:
+    try:
+        disk_name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if name in seen:
+        return f"name clashes with {name!r} after Unicode normalisation"
+    try:
+        check_name(name)
+    except InvalidPathError as exc:
+        return str(exc)
+    return ""
+
+
+def _read_file(path: str) -> _Read:
+    """Chunk and hash one file; report it unstable if it changed while being read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return _Read(problem="vanished")
+    except OSError as exc:
+        # ELOOP: replaced by a symlink since it was listed.
+        return _Read(problem="unstable" if exc.errno == 40 else f"cannot open: {exc}")
+    try:
+        before = os.fstat(fd)
+        if not stat_mod.S_ISREG(before.st_mode):
+            return _Read(problem="unstable")
+        with io.FileIO(fd, "rb", closefd=False) as stream:
+            if before.st_size <= SMALL_FILE:
+                data = stream.readall()
+                chunks, size = chunk_bytes(data), len(data)
+            else:
+                chunks, size = chunk_stream(stream)
+        after = os.fstat(fd)
+    except OSError as exc:
+        return _Read(problem=f"cannot read: {exc}")
+    finally:
+        os.close(fd)
+    if _sig(before) != _sig(after) or size != before.st_size:
+        return _Read(problem="unstable")
+    return _Read(chunks=chunks, size=size, stat=before)

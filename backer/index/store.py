@@ -1,0 +1,461 @@
+"""The index store: one folder's entries, chunk locations and merkle tree in SQLite (WAL).
+
+Owns `FOLDER/.backer/index.db` and the schema. Every `commit` is one transaction holding the
+entries, their chunk references, the new tree nodes and the new root, so a crash leaves the last
+committed, consistent state. The connection may be used from any one thread at a time (the
+scanner runs in a worker thread); a lock serialises callers. Imports index modules only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from backer.errors import FolderMissingError, IndexCorruptError
+from backer.ids import Hash
+from backer.index import merkle
+from backer.index.entry import Entry, Kind, VersionVector, iter_chunks
+from backer.paths import RESERVED_DIR, join, parent_of
+
+__all__ = [
+    "INDEX_FILE",
+    "ChunkLocation",
+    "Forget",
+    "IndexStats",
+    "IndexStore",
+    "Known",
+    "LocalState",
+    "Record",
+    "StatSig",
+]
+
+INDEX_FILE = "index.db"
+SCHEMA_VERSION = 1
+# Superseded tree nodes stay readable for this many commits, so a peer descending an older root
+# mostly finds what it asks for (DESIGN.md section 3); older ones are purged.
+KEEP_GENERATIONS = 16
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS entries(
+    id INTEGER PRIMARY KEY,
+    parent TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    chunks BLOB NOT NULL,
+    version BLOB NOT NULL,
+    modifier INTEGER NOT NULL,
+    leaf BLOB NOT NULL,
+    st_size INTEGER,
+    st_mtime_ns INTEGER,
+    st_ino INTEGER,
+    st_ctime_ns INTEGER,
+    racy INTEGER NOT NULL DEFAULT 0,
+    disk_name TEXT,
+    UNIQUE(parent, name)
+);
+CREATE TABLE IF NOT EXISTS chunk_refs(
+    prefix INTEGER NOT NULL,
+    file_id INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY(prefix, file_id, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes(
+    hash BLOB PRIMARY KEY,
+    data BLOB NOT NULL,
+    retired INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nodes_retired ON nodes(retired) WHERE retired IS NOT NULL;
+"""
+
+_ENTRY_COLUMNS = (
+    "parent, name, kind, deleted, size, mtime_ns, mode, target, chunks, version, modifier"
+)
+_LOCAL_COLUMNS = "st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name"
+
+
+@dataclass(frozen=True, slots=True)
+class StatSig:
+    """What must stay equal for a file to be trusted unchanged without reading it."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalState:
+    """Local-only facts of one path: never synced, never part of a hash."""
+
+    stat: StatSig | None = None
+    racy: bool = False  # modified too close to the scan to trust the stat next time
+    disk_name: str | None = None  # the on-disk name where it is not the NFC name
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    entry: Entry
+    local: LocalState = LocalState()
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """The few fields a rescan compares to decide whether a path changed, without decoding the
+    whole entry (chunk lists, version vectors)."""
+
+    kind: Kind
+    deleted: bool
+    mode: int
+    target: str
+    local: LocalState
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Drop a path from the index without a tombstone (it became ignored)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    path: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    files: int
+    dirs: int
+    symlinks: int
+    deleted: int
+    bytes: int
+    chunks: int
+
+
+def _signed(value: int) -> int:
+    """SQLite integers are signed 64-bit; device IDs and hash prefixes are unsigned."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+def _chunk_prefix(digest: bytes) -> int:
+    return _signed(int.from_bytes(digest[:8], "big"))
+
+
+class IndexStore:
+    """A folder's persistent index. Open with `IndexStore.open(folder_root)`."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self._lock = threading.RLock()
+        self.path = path
+        self._root = Hash(self._meta("root", merkle.EMPTY_ROOT))
+        self._generation = int.from_bytes(self._meta("generation", b"\0"), "big")
+
+    @classmethod
+    def open(cls, folder_root: Path, *, create: bool = False) -> IndexStore:
+        marker = folder_root / RESERVED_DIR
+        if not folder_root.is_dir():
+            raise FolderMissingError(f"folder {folder_root} does not exist (is its disk mounted?)")
+        if not marker.is_dir():
+            if not create:
+                raise FolderMissingError(
+                    f"{marker} is missing: the folder was never set up, or its disk is not mounted"
+                )
+            marker.mkdir(mode=0o700)
+        db_path = marker / INDEX_FILE
+        try:
+            db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            found = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if found is None:
+                db.execute("INSERT INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,))
+            elif found[0] != SCHEMA_VERSION:
+                raise IndexCorruptError(
+                    f"{db_path} has schema {found[0]}, expected {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as exc:
+            raise IndexCorruptError(f"cannot open index {db_path}: {exc}") from exc
+        return cls(db, db_path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def root(self) -> Hash:
+        return self._root
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, path: str) -> Record | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_ENTRY_COLUMNS}, {_LOCAL_COLUMNS} FROM entries WHERE parent=? AND name=?",
+                (parent_of(path), path.rpartition("/")[2]),
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def children(self, parent: str) -> dict[str, Known]:
+        """What is known of every path directly inside directory `parent` ("" is the root)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT name, kind, deleted, mode, target, {_LOCAL_COLUMNS} "
+                "FROM entries WHERE parent=?",
+                (parent,),
+            ).fetchall()
+        return {
+            name: Known(Kind(kind), bool(deleted), mode, target, _local(local))
+            for name, kind, deleted, mode, target, *local in rows
+        }
+
+    def descendants(self, path: str) -> Iterator[Record]:
+        """Every record strictly below `path`, deepest first (children before their parents)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_ENTRY_COLUMNS}, {_LOCAL_COLUMNS} FROM entries "
+                "WHERE parent=? OR (parent>? AND parent<?) ORDER BY parent DESC, name",
+                (path, path + "/", path + "0"),  # "0" is the character after "/"
+            ).fetchall()
+        return (_record(row) for row in rows)
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry, tombstones included, in no particular order. Reads in pages."""
+        last_id = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT id, {_ENTRY_COLUMNS} FROM entries WHERE id>? ORDER BY id LIMIT 1000",
+                    (last_id,),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _entry(row[1:])
+            last_id = rows[-1][0]
+
+    def read_node(self, node: Hash) -> bytes:
+        """A tree node's bytes; KeyError if unknown or purged (merkle.NodeReader)."""
+        if node == merkle.EMPTY_ROOT:
+            return merkle.encode_node(merkle.Listing(()))
+        with self._lock:
+            row = self._db.execute("SELECT data FROM nodes WHERE hash=?", (node,)).fetchone()
+        if row is None:
+            raise KeyError(node.hex())
+        data: bytes = row[0]
+        return data
+
+    def find_chunk(self, digest: bytes) -> Iterator[ChunkLocation]:
+        """Where a chunk with this hash may be found locally: a hint, verify before use."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.parent, e.name, e.disk_name, c.offset, c.size FROM chunk_refs c "
+                "JOIN entries e ON e.id = c.file_id WHERE c.prefix=?",
+                (_chunk_prefix(digest),),
+            ).fetchall()
+        for parent, name, disk_name, offset, size in rows:
+            yield ChunkLocation(join(parent, disk_name or name), offset, size)
+
+    def stats(self) -> IndexStats:
+        with self._lock:
+            kinds = dict.fromkeys(Kind, 0)
+            for kind, count in self._db.execute(
+                "SELECT kind, count(*) FROM entries WHERE deleted=0 GROUP BY kind"
+            ):
+                kinds[Kind(kind)] = count
+            deleted, size, chunk_bytes = self._db.execute(
+                "SELECT coalesce(sum(deleted), 0), coalesce(sum(size), 0), "
+                "coalesce(sum(length(chunks)), 0) FROM entries"
+            ).fetchone()
+        return IndexStats(
+            files=kinds[Kind.FILE],
+            dirs=kinds[Kind.DIR],
+            symlinks=kinds[Kind.SYMLINK],
+            deleted=deleted,
+            bytes=size,
+            chunks=chunk_bytes // 36,
+        )
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def commit(self, changes: Sequence[Record | Forget]) -> Hash:
+        """Apply records and forgets in one transaction, update the tree, return the new root."""
+        if not changes:
+            return self._root
+        leaf_changes: dict[str, Hash | None] = {}
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for change in changes:
+                    if isinstance(change, Forget):
+                        self._delete_row(change.path)
+                        leaf_changes[change.path] = None
+                    else:
+                        leaf_changes[change.entry.path] = self._upsert(change)
+                tree = merkle.update(self.read_node, self._root, leaf_changes)
+                self._generation += 1
+                self._db.executemany(
+                    "INSERT INTO nodes VALUES(?, ?, NULL) "
+                    "ON CONFLICT(hash) DO UPDATE SET retired=NULL",
+                    tree.added.items(),
+                )
+                self._db.executemany(
+                    "UPDATE nodes SET retired=? WHERE hash=?",
+                    ((self._generation, node) for node in tree.removed),
+                )
+                self._db.execute(
+                    "DELETE FROM nodes WHERE retired IS NOT NULL AND retired<?",
+                    (self._generation - KEEP_GENERATIONS,),
+                )
+                self._set_meta("root", tree.root)
+                self._set_meta("generation", self._generation.to_bytes(8, "big"))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._generation = int.from_bytes(self._meta("generation", b"\0"), "big")
+                raise
+        self._root = tree.root
+        return tree.root
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _meta(self, key: str, default: bytes) -> bytes:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else bytes(row[0])
+
+    def _set_meta(self, key: str, value: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+
+    def _delete_row(self, path: str) -> None:
+        parent, name = parent_of(path), path.rpartition("/")[2]
+        row = self._db.execute(
+            "SELECT id, chunks FROM entries WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        if row is not None:
+            self._drop_chunk_refs(row[0], row[1])
+            self._db.execute("DELETE FROM entries WHERE id=?", (row[0],))
+
+    def _drop_chunk_refs(self, file_id: int, chunks: bytes) -> None:
+        offset = 0
+        refs = []
+        for digest, length in iter_chunks(chunks):
+            refs.append((_chunk_prefix(digest), file_id, offset))
+            offset += length
+        self._db.executemany(
+            "DELETE FROM chunk_refs WHERE prefix=? AND file_id=? AND offset=?", refs
+        )
+
+    def _upsert(self, record: Record) -> Hash:
+        entry, local = record.entry, record.local
+        leaf = entry.leaf_hash()
+        parent, name = parent_of(entry.path), entry.name
+        old = self._db.execute(
+            "SELECT id, chunks FROM entries WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        stat = local.stat
+        values = (
+            parent,
+            name,
+            int(entry.kind),
+            int(entry.deleted),
+            entry.size,
+            entry.mtime_ns,
+            entry.mode,
+            entry.target,
+            entry.chunks,
+            msgpack.packb(entry.version.counters),
+            _signed(entry.modifier),
+            leaf,
+            *(
+                (stat.size, stat.mtime_ns, stat.ino, stat.ctime_ns)
+                if stat
+                else (None, None, None, None)
+            ),
+            int(local.racy),
+            local.disk_name,
+        )
+        if old is None:
+            cursor = self._db.execute(
+                f"INSERT INTO entries({_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                values,
+            )
+            file_id = cursor.lastrowid
+            assert file_id is not None
+        else:
+            file_id, old_chunks = old
+            if old_chunks != entry.chunks:
+                self._drop_chunk_refs(file_id, old_chunks)
+            else:
+                old_chunks = None
+            self._db.execute(
+                f"UPDATE entries SET ({_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}) = "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) WHERE id=?",
+                (*values, file_id),
+            )
+            if old_chunks is None:
+                return leaf
+        offset = 0
+        refs = []
+        for digest, length in iter_chunks(entry.chunks):
+            refs.append((_chunk_prefix(digest), file_id, offset, length))
+            offset += length
+        self._db.executemany("INSERT OR REPLACE INTO chunk_refs VALUES(?,?,?,?)", refs)
+        return leaf
+
+
+def _entry(row: Sequence[Any]) -> Entry:
+    parent, name, kind, deleted, size, mtime_ns, mode, target, chunks, version, modifier = row[:11]
+    try:
+        counters = msgpack.unpackb(version)
+        return Entry(
+            path=join(parent, name),
+            kind=Kind(kind),
+            deleted=bool(deleted),
+            size=size,
+            mtime_ns=mtime_ns,
+            mode=mode,
+            target=target,
+            chunks=bytes(chunks),
+            version=VersionVector(tuple((int(d), int(c)) for d, c in counters)),
+            modifier=_unsigned(modifier),
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise IndexCorruptError(f"index entry {parent}/{name} does not decode: {exc}") from exc
+
+
+def _local(columns: Sequence[Any]) -> LocalState:
+    st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name = columns
+    stat = None if st_size is None else StatSig(st_size, st_mtime_ns, st_ino, st_ctime_ns)
+    return LocalState(stat=stat, racy=bool(racy), disk_name=disk_name)
+
+
+def _record(row: Sequence[Any]) -> Record:
+    return Record(_entry(row), _local(row[11:17]))

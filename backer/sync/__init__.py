@@ -1,0 +1,4 @@
+"""Replication: merge rules, plans from tree diffs, applying changes safely to disk, versions.
+
+Must not import mesh, discovery, node or the faces.
+"""
