@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-import msgpack  # type: ignore[import-untyped, unused-ignore]
+import msgpack
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -20,6 +20,7 @@ from backer.index.merkle import (
     Buckets,
     Item,
     Listing,
+    PullWalk,
     TreeUpdate,
     build,
     decode_node,
@@ -534,3 +535,66 @@ def test_decode_node_random_bytes_fail_cleanly(data: bytes) -> None:
     except DecodeError:
         return
     assert encode_node(node) == data
+
+
+# --- PullWalk: the level-by-level diff a puller drives over the network ---------------------
+
+
+def _pull(local: dict[str, Hash], remote: dict[str, Hash]) -> tuple[dict[str, Hash], int]:
+    """Run a PullWalk of `remote` against `local`; return what it found and its rounds."""
+    local_store, local_root = stored(local)
+    remote_store, remote_root = stored(remote)
+    walk = PullWalk(local_store.read, local_root, remote_root)
+    rounds = 0
+    while not walk.done:
+        rounds += 1
+        walk.advance({h: remote_store.read(h) for h in walk.needed()})
+    return dict(walk.found), rounds
+
+
+def _expected_pull(local: dict[str, Hash], remote: dict[str, Hash]) -> dict[str, Hash]:
+    return {p: h for p, h in remote.items() if local.get(p) != h}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_pull_walk_finds_exactly_what_the_remote_has_newer(data: st.DataObject) -> None:
+    base = data.draw(states())
+    local = dict(base)
+    remote = dict(base)
+    for path in data.draw(st.lists(st.sampled_from(sorted(base) or ["x"]), max_size=5)):
+        remote[path] = leaf(path + "~remote")
+    for path in data.draw(st.lists(paths, max_size=4)):
+        local[path] = leaf(path + "~local")
+    for path in data.draw(st.lists(paths, max_size=4)):
+        remote[path] = leaf(path + "~new")
+    found, _ = _pull(local, remote)
+    assert found == _expected_pull(local, remote)
+
+
+def test_pull_walk_rounds_follow_depth_in_a_100k_directory() -> None:
+    base = {f"d/f{i:06d}": leaf(f"d/f{i:06d}") for i in range(100_000)}
+    remote = dict(base)
+    remote["d/f012345"] = leaf("changed")
+    remote["d/new"] = leaf("new")
+    found, rounds = _pull(base, remote)
+    assert found == {"d/f012345": remote["d/f012345"], "d/new": remote["d/new"]}
+    assert rounds <= 7  # root, d's buckets (3-4 levels), listings
+
+
+def test_pull_walk_listing_against_buckets_both_ways() -> None:
+    small = {f"f{i}": leaf(f"f{i}") for i in range(20)}
+    big = {f"f{i}": leaf(f"f{i}") for i in range(200)}
+    assert _pull(small, big)[0] == _expected_pull(small, big)
+    assert _pull(big, small)[0] == {}
+
+
+def test_pull_walk_refuses_forged_nodes() -> None:
+    _, remote_root = stored({"a/b": leaf("a/b")})
+    local_store, local_root = stored({})
+    walk = PullWalk(local_store.read, local_root, remote_root)
+    with pytest.raises(DecodeError):
+        walk.advance({h: b"\x92\x00\x90" for h in walk.needed()})
+    walk = PullWalk(local_store.read, local_root, remote_root)
+    with pytest.raises(KeyError):
+        walk.advance({})

@@ -32,6 +32,7 @@ __all__ = [
     "Item",
     "Listing",
     "NodeReader",
+    "PullWalk",
     "TreeUpdate",
     "build",
     "decode_node",
@@ -260,6 +261,73 @@ def reachable(read: NodeReader, root: Hash) -> Iterator[Hash]:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
+
+
+class PullWalk:
+    """A level-by-level diff against a tree whose nodes arrive in batches from a peer.
+
+    Each round, `needed()` names the remote nodes to fetch (one request per tree level) and
+    `advance()` takes them. `found` collects the paths whose remote leaf differs from the local
+    one (new or changed there); paths only the local tree has are the peer's to pull. Remote
+    bytes are checked against their hash and decoded strictly.
+    """
+
+    def __init__(self, read_local: NodeReader, local_root: Hash, remote_root: Hash) -> None:
+        self._load_local = partial(_load, read_local)
+        self._frontier: list[tuple[_Side, Hash, int, str]] = (
+            [] if local_root == remote_root else [(local_root, remote_root, 0, "")]
+        )
+        self.found: list[tuple[str, Hash]] = []
+        self.nodes_fetched = 0
+
+    @property
+    def done(self) -> bool:
+        return not self._frontier
+
+    def needed(self) -> list[Hash]:
+        wanted = dict.fromkeys(remote for _, remote, _, _ in self._frontier)
+        wanted.pop(EMPTY_ROOT, None)
+        return list(wanted)
+
+    def advance(self, nodes: Mapping[Hash, bytes]) -> None:
+        """Expand the frontier with fetched nodes; KeyError if one the walk needs is absent."""
+        frontier, self._frontier = self._frontier, []
+        for local_side, remote_hash, level, prefix in frontier:
+            remote = _load(nodes.__getitem__, remote_hash)
+            self.nodes_fetched += 1
+            local = _open(self._load_local, local_side)
+            if isinstance(remote, Buckets):
+                self._split(local, remote, level, prefix)
+                continue
+            mine = {item.name: item for item in _expand(self._load_local, local, level)}
+            for item in remote.items:
+                own = mine.get(item.name)
+                if own == item:
+                    continue
+                path = _child_path(prefix, item.name)
+                if item.subtree:
+                    self._frontier.append((_as_side(own), item.hash, 0, path))
+                elif own is not None and own.subtree:  # remote leaf, local directory: its "."
+                    dot = _find(self._load_local, own.hash, DOT)
+                    if dot is None or dot.hash != item.hash:
+                        self.found.append((path, item.hash))
+                else:
+                    self.found.append((path, item.hash))
+
+    def _split(self, local: Listing | Buckets, remote: Buckets, level: int, prefix: str) -> None:
+        _check_level(level)
+        if isinstance(local, Buckets):
+            for own, theirs in zip(local.slots, remote.slots, strict=True):
+                if theirs is not None and theirs != own:
+                    self._frontier.append((own, theirs, level + 1, prefix))
+            return
+        shares: list[list[Item]] = [[] for _ in range(FANOUT)]
+        for item in local.items:  # a local listing meets each remote bucket with its share
+            shares[_nibble(_name_hash(item.name), level)].append(item)
+        for slot, theirs in enumerate(remote.slots):
+            if theirs is not None:
+                share = Listing(tuple(shares[slot])) if shares[slot] else None
+                self._frontier.append((share, theirs, level + 1, prefix))
 
 
 # --- helpers -------------------------------------------------------------------------------------
