@@ -31,7 +31,15 @@ Hash = NewType("Hash", bytes)
 def keyed_hasher(purpose: str) -> blake3.blake3:
     """A fresh BLAKE3 hasher in derive-key mode for one purpose, so that a chunk hash can never
     collide with a tree-node hash or a leaf hash of the same bytes."""
-    return blake3.blake3(derive_key_context=f"backer 2026-11 {purpose} v1")
+    template = _TEMPLATES.get(purpose)
+    if template is None:  # deriving the context key costs more than hashing a small input
+        template = _TEMPLATES[purpose] = blake3.blake3(
+            derive_key_context=f"backer 2026-11 {purpose} v1"
+        )
+    return template.copy()
+
+
+_TEMPLATES: dict[str, blake3.blake3] = {}
 
 
 def hash_bytes(purpose: str, data: bytes | memoryview) -> Hash:

@@ -359,3 +359,20 @@ async def test_root_independent_of_scan_order_and_history(tmp_path: Path) -> Non
         with IndexStore.open(root) as store:
             roots.append((await scan(root, store, device=DEVICE, clock=lambda: 1_700_000_000)).root)
     assert roots[0] == roots[1]
+
+
+async def test_directory_replaced_by_a_file_tombstones_its_children(
+    folder: Path, store: IndexStore
+) -> None:
+    write(folder, "x/inner/deep", b"1")
+    write(folder, "x/top", b"2")
+    await rescan(folder, store)
+    for path in ("x/inner/deep", "x/top"):
+        (folder / path).unlink()
+    (folder / "x/inner").rmdir()
+    (folder / "x").rmdir()
+    write(folder, "x", b"now a file")
+    report = await rescan(folder, store)
+    assert report.deleted == 3
+    assert live(store) == {"x": Kind.FILE}
+    assert_tree_matches_entries(store)

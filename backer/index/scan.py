@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from backer.errors import FolderMissingError, InvalidPathError
 from backer.ids import Hash
@@ -39,8 +40,8 @@ RACY_WINDOW_NS = 2_000_000_000
 BATCH_RECORDS = 2000
 BATCH_BYTES = 256 * 1024 * 1024
 MAX_IN_FLIGHT = 64
+INLINE_READ = 1024 * 1024  # files up to this size are hashed on the walking thread
 PROGRESS_INTERVAL = 0.1
-_PLACEHOLDER = VersionVector(((0, 1),))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,32 @@ async def scan(
     return await asyncio.to_thread(job.run, None if paths is None else list(paths))
 
 
+class _OnDisk(NamedTuple):
+    """The synced fields of what a path holds on disk now (an Entry without its version)."""
+
+    path: str
+    kind: Kind
+    size: int
+    mtime_ns: int
+    mode: int
+    target: str
+    chunks: bytes
+
+    @classmethod
+    def of(cls, entry: Entry) -> _OnDisk:
+        if entry.deleted:
+            return cls(entry.path, entry.kind, -1, 0, 0, "", b"")  # equals nothing on disk
+        return cls(
+            entry.path,
+            entry.kind,
+            entry.size,
+            entry.mtime_ns,
+            entry.mode,
+            entry.target,
+            entry.chunks,
+        )
+
+
 @dataclass(slots=True)
 class _Read:
     chunks: bytes = b""
@@ -127,6 +154,7 @@ class _Scan:
         workers: int,
     ) -> None:
         self.folder = folder
+        self.root = str(folder)
         self.store = store
         self.device = device
         self.progress = progress
@@ -135,7 +163,7 @@ class _Scan:
         self.counts = _Counts()
         self.batch: list[Record | Forget] = []
         self.batch_bytes = 0
-        self.in_flight: deque[tuple[str, str, Future[_Read]]] = deque()
+        self.in_flight: deque[tuple[str, str, bool, Future[_Read]]] = deque()
         self.rules = IgnoreRules()
         self.last_progress = 0.0
         self.current = ""
@@ -172,6 +200,9 @@ class _Scan:
         )
 
     # -- walking -------------------------------------------------------------------------------
+
+    def _abs(self, disk_rel: str) -> str:
+        return f"{self.root}/{disk_rel}" if disk_rel else self.root
 
     def _check_marker(self) -> None:
         if not (self.folder / RESERVED_DIR).is_dir():
@@ -217,7 +248,7 @@ class _Scan:
         """Index the children of one directory; return its subdirectories to walk."""
         self.counts.dirs += rel != ""
         try:
-            listing = list(os.scandir(self.folder / disk_rel))
+            listing = list(os.scandir(self._abs(disk_rel)))
         except FileNotFoundError:
             return []  # vanished since its parent was listed; the parent's next scan sees it
         except OSError as exc:
@@ -228,8 +259,8 @@ class _Scan:
         seen: set[str] = set()
         dropped: set[str] = set()  # present but ignored: forget rather than tombstone
         subdirs: list[tuple[str, str]] = []
-        for disk_name, name in sorted(
-            ((d.name, unicodedata.normalize("NFC", d.name)) for d in listing),
+        for disk_name, name, dirent in sorted(
+            ((d.name, unicodedata.normalize("NFC", d.name), d) for d in listing),
             key=lambda pair: (pair[1], pair[0] != pair[1]),  # the NFC spelling wins a clash
         ):
             if only is not None and name not in only:
@@ -241,7 +272,7 @@ class _Scan:
                 continue
             path = join(rel, name)
             try:
-                st = os.lstat(self.folder / disk_path)
+                st = dirent.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -254,6 +285,10 @@ class _Scan:
                 continue
             seen.add(name)
             local_name = None if disk_name == name else disk_name
+            old = known.get(name)
+            if old and old.kind is Kind.DIR and not old.deleted and not is_dir:
+                for below in self.store.descendants(path):  # a directory became a file
+                    self._tombstone_record(below)
             if is_dir:
                 self._directory(path, st, known.get(name), local_name)
                 subdirs.append((path, disk_path))
@@ -285,11 +320,12 @@ class _Scan:
             if old.local.disk_name != local:
                 self._keep(path, LocalState(disk_name=local))
             return
-        self._update(self._fresh(path, kind=Kind.DIR, mode=mode), LocalState(disk_name=local))
+        fresh = self._fresh(path, kind=Kind.DIR, mode=mode)
+        self._update(fresh, LocalState(disk_name=local), indexed=old is not None)
 
     def _symlink(self, path: str, disk_path: str, old: Known | None, local: str | None) -> None:
         try:
-            target = os.readlink(self.folder / disk_path)
+            target = os.readlink(self._abs(disk_path))
         except OSError as exc:
             self.counts.skipped.append(Skipped(path, f"cannot read link: {exc}"))
             return
@@ -319,17 +355,25 @@ class _Scan:
             and old.mode == stat_mod.S_IMODE(st.st_mode)
         ):
             return
+        if st.st_size <= INLINE_READ:
+            # Small files are read here: handing them to a thread costs more than reading them,
+            # and threads that trade the GIL every few microseconds slow each other down.
+            self._drain(0)
+            self._file_read(path, local, _read_file(self._abs(disk_path)), indexed=old is not None)
+            return
         self._drain(MAX_IN_FLIGHT - 1)
-        future = self.pool.submit(_read_file, str(self.folder / disk_path))
-        self.in_flight.append((path, local or "", future))
+        future = self.pool.submit(_read_file, self._abs(disk_path))
+        self.in_flight.append((path, local or "", old is not None, future))
 
     def _drain(self, keep: int) -> None:
         """Collect finished reads, oldest first, until at most `keep` remain in flight."""
         while len(self.in_flight) > keep:
-            path, local, future = self.in_flight.popleft()
-            self._file_read(path, local or None, future.result())
+            path, local, indexed, future = self.in_flight.popleft()
+            self._file_read(path, local or None, future.result(), indexed=indexed)
 
-    def _file_read(self, path: str, local: str | None, read: _Read) -> None:
+    def _file_read(
+        self, path: str, local: str | None, read: _Read, *, indexed: bool = True
+    ) -> None:
         if read.problem == "vanished":
             return  # the next scan of its directory tombstones it
         if read.problem == "unstable":
@@ -351,7 +395,7 @@ class _Scan:
             mode=stat_mod.S_IMODE(st.st_mode),
             chunks=read.chunks,
         )
-        self._update(fresh, LocalState(stat=_sig(st), racy=racy, disk_name=local))
+        self._update(fresh, LocalState(stat=_sig(st), racy=racy, disk_name=local), indexed=indexed)
 
     def _retry_unstable(self) -> list[str]:
         """Read once more what changed while being read; what still moves stays unindexed."""
@@ -360,24 +404,26 @@ class _Scan:
             record = self.store.get(path)
             disk = self._disk_path(path)
             name = record.local.disk_name if record and record.local.disk_name else None
-            self._file_read(path, name, _read_file(str(self.folder / disk)))
+            self._file_read(path, name, _read_file(self._abs(disk)))
         still, self.counts.unstable = self.counts.unstable, []
         return still
 
     # -- records -------------------------------------------------------------------------------
 
-    def _update(self, fresh: Entry, local: LocalState) -> None:
-        """Record what is on disk now; a new version only if a synced field differs."""
-        previous = self.store.get(fresh.path)
-        if previous and previous.entry.same_content(fresh):
+    def _update(self, fresh: _OnDisk, local: LocalState, *, indexed: bool = True) -> None:
+        """Record what is on disk now; a new version only if a synced field differs.
+        `indexed=False` says the index has no record of the path (saves a lookup)."""
+        previous = self.store.get(fresh.path) if indexed else None
+        if previous and _OnDisk.of(previous.entry) == fresh:
             self._add(Record(previous.entry, local))
             return
         base = previous.entry.version if previous else VersionVector()
-        self._add(
-            Record(
-                fresh.with_version(base.bump(self.device, int(self.clock())), self.device), local
-            )
+        entry = Entry(
+            version=base.bump(self.device, int(self.clock())),
+            modifier=self.device,
+            **fresh._asdict(),
         )
+        self._add(Record(entry, local))
         self.counts.updated += 1
 
     def _fresh(
@@ -390,19 +436,8 @@ class _Scan:
         mode: int = 0,
         target: str = "",
         chunks: bytes = b"",
-    ) -> Entry:
-        """An entry for what is on disk, with a placeholder version `_update` replaces."""
-        return Entry(
-            path=path,
-            kind=kind,
-            size=size,
-            mtime_ns=mtime_ns,
-            mode=mode,
-            target=target,
-            chunks=chunks,
-            version=_PLACEHOLDER,
-            modifier=self.device,
-        )
+    ) -> _OnDisk:
+        return _OnDisk(path, kind, size, mtime_ns, mode, target, chunks)
 
     def _keep(self, path: str, local: LocalState) -> None:
         previous = self.store.get(path)

@@ -8,6 +8,7 @@ scanner runs in a worker thread); a lock serialises callers. Imports index modul
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -211,6 +212,16 @@ class IndexStore:
     @property
     def root(self) -> Hash:
         return self._root
+
+    def local_device(self) -> int:
+        """A 64-bit device key of this index's own, for replicas used without a node home
+        (the in-memory API, examples); made once and kept in the index."""
+        with self._lock:
+            found = self._meta("device", b"")
+            if not found:
+                found = secrets.token_bytes(8)
+                self._set_meta("device", found)
+        return int.from_bytes(found, "big")
 
     # -- reads ---------------------------------------------------------------------------------
 
