@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import msgpack
@@ -26,7 +26,9 @@ __all__ = [
     "chunk_groups",
     "chunk_list_root",
     "group_hash",
+    "group_list_root",
     "iter_chunks",
+    "leaf_hash_of",
     "pack_chunks",
 ]
 
@@ -132,10 +134,74 @@ def group_hash(group: bytes) -> Hash:
 
 def chunk_list_root(blob: bytes) -> Hash:
     """Two-level hash of a packed chunk list: each group, then the sequence of group hashes."""
+    return group_list_root(group_hash(group) for group in chunk_groups(blob))
+
+
+def group_list_root(group_hashes: Iterable[bytes]) -> Hash:
+    """The chunk-list root from the group hashes alone (a peer sends those, not the list)."""
     top = keyed_hasher("chunk list")
-    for group in chunk_groups(blob):
-        top.update(group_hash(group))
+    for digest in group_hashes:
+        top.update(digest)
     return Hash(top.digest())
+
+
+def leaf_hash_of(
+    *,
+    path: str,
+    kind: Kind,
+    deleted: bool,
+    size: int,
+    mtime_ns: int,
+    mode: int,
+    target: str,
+    chunks_root: bytes,
+    version: VersionVector,
+    modifier: int,
+) -> Hash:
+    """`Entry.leaf_hash` from the fields and the chunk-list root, without the chunk list itself."""
+    canonical = _canonical(
+        path=path,
+        kind=kind,
+        deleted=deleted,
+        size=size,
+        mtime_ns=mtime_ns,
+        mode=mode,
+        target=target,
+        chunks_root=chunks_root,
+        version=version,
+        modifier=modifier,
+    )
+    return hash_bytes("leaf", canonical)
+
+
+def _canonical(
+    *,
+    path: str,
+    kind: Kind,
+    deleted: bool,
+    size: int,
+    mtime_ns: int,
+    mode: int,
+    target: str,
+    chunks_root: bytes,
+    version: VersionVector,
+    modifier: int,
+) -> bytes:
+    packed: bytes = msgpack.packb(
+        [
+            path,
+            int(kind),
+            deleted,
+            size,
+            mtime_ns,
+            mode,
+            target,
+            chunks_root,
+            [list(pair) for pair in version.counters],
+            modifier,
+        ]
+    )
+    return packed
 
 
 _EMPTY_CHUNKS_ROOT = chunk_list_root(b"")
@@ -185,21 +251,18 @@ class Entry:
     def canonical(self) -> bytes:
         """The bytes a leaf hash covers: every synced field, the version vector included."""
         chunks_root = _EMPTY_CHUNKS_ROOT if not self.chunks else chunk_list_root(self.chunks)
-        packed: bytes = msgpack.packb(
-            [
-                self.path,
-                int(self.kind),
-                self.deleted,
-                self.size,
-                self.mtime_ns,
-                self.mode,
-                self.target,
-                chunks_root,
-                [list(pair) for pair in self.version.counters],
-                self.modifier,
-            ]
+        return _canonical(
+            path=self.path,
+            kind=self.kind,
+            deleted=self.deleted,
+            size=self.size,
+            mtime_ns=self.mtime_ns,
+            mode=self.mode,
+            target=self.target,
+            chunks_root=chunks_root,
+            version=self.version,
+            modifier=self.modifier,
         )
-        return packed
 
     def leaf_hash(self) -> Hash:
         return hash_bytes("leaf", self.canonical())

@@ -1,4 +1,78 @@
 """The wire protocol (sans-IO): framing, strict message decoding, the session state machine.
 
-Must not import sync, mesh, discovery, node or the faces; must not do I/O.
+Must not import sync, mesh, discovery, node or the faces; must not do I/O. The sync layer uses
+`Session` and its events; `RemoteEntry` is how entries arrive; the rest is for the pump and tests.
 """
+
+from backer.protocol.codec import MAX_FRAME, FrameDecoder, decode, encode, encode_frame, frame
+from backer.protocol.messages import (
+    MAX_BATCH_ENTRIES,
+    MAX_BATCH_GROUPS,
+    MAX_BATCH_NODES,
+    MAX_CHUNK,
+    MAX_GROUPS_PER_ENTRY,
+    MAX_INLINE_CHUNKS,
+    MAX_TEXT,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Message,
+    RemoteEntry,
+)
+from backer.protocol.session import (
+    ANSWER_BUDGET,
+    ChunkReceived,
+    ChunkRequested,
+    ConnectionLost,
+    EntriesReceived,
+    EntriesRequested,
+    Event,
+    GroupsReceived,
+    GroupsRequested,
+    NodesReceived,
+    NodesRequested,
+    PeerClosed,
+    PeerError,
+    PeerHello,
+    PeerRoot,
+    ProtocolViolation,
+    Session,
+    State,
+)
+
+__all__ = [
+    "ANSWER_BUDGET",
+    "MAX_BATCH_ENTRIES",
+    "MAX_BATCH_GROUPS",
+    "MAX_BATCH_NODES",
+    "MAX_CHUNK",
+    "MAX_FRAME",
+    "MAX_GROUPS_PER_ENTRY",
+    "MAX_INLINE_CHUNKS",
+    "MAX_TEXT",
+    "PROTOCOL_VERSION",
+    "ChunkReceived",
+    "ChunkRequested",
+    "ConnectionLost",
+    "EntriesReceived",
+    "EntriesRequested",
+    "ErrorCode",
+    "Event",
+    "FrameDecoder",
+    "GroupsReceived",
+    "GroupsRequested",
+    "Message",
+    "NodesReceived",
+    "NodesRequested",
+    "PeerClosed",
+    "PeerError",
+    "PeerHello",
+    "PeerRoot",
+    "ProtocolViolation",
+    "RemoteEntry",
+    "Session",
+    "State",
+    "decode",
+    "encode",
+    "encode_frame",
+    "frame",
+]

@@ -1,0 +1,459 @@
+"""Bytes <-> messages: length-prefixed frames, and msgpack maps read strictly by schema.
+
+The only module that knows msgpack or the frame format. Decoding is schema-directed: each map key
+has one value type, checked from the type byte *before* a value is unpacked, so a hostile frame
+can neither smuggle in types nor make us build large nested containers (at most a few objects
+per wire byte, bounded by the batch limits). Every failure is a RemoteProtocolError with a short
+reason; msgpack's own exceptions are caught around each call and translated.
+
+Pure: imports only errors, ids, paths, index and `protocol.messages`; no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from backer.errors import LocalProtocolError, RemoteProtocolError
+from backer.ids import HASH_SIZE, Hash
+from backer.index.entry import Kind, VersionVector
+from backer.paths import MAX_PATH_BYTES
+from backer.protocol.messages import (
+    MAX_BATCH_ENTRIES,
+    MAX_BATCH_GROUPS,
+    MAX_BATCH_NODES,
+    MAX_CHUNK,
+    MAX_GROUP_BYTES,
+    MAX_GROUPS_PER_ENTRY,
+    MAX_INLINE_CHUNKS,
+    MAX_NODE_BYTES,
+    MAX_TEXT,
+    MAX_VECTOR,
+    Chunk,
+    Close,
+    Entries,
+    Error,
+    GetChunk,
+    GetEntries,
+    GetGroups,
+    GetNodes,
+    Groups,
+    Hello,
+    Message,
+    Nodes,
+    RemoteEntry,
+    Root,
+)
+
+__all__ = [
+    "MAX_FRAME",
+    "FrameDecoder",
+    "answer_prefix",
+    "decode",
+    "encode",
+    "encode_frame",
+    "frame",
+]
+
+MAX_FRAME = 8 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+_MAX_KEYS = 16  # no message or entry map has more keys
+_MSGPACK_ERRORS = (ValueError, msgpack.UnpackException)  # limits, bad UTF-8, truncation, format
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """`payload` behind its 4-byte big-endian length."""
+    if not 0 < len(payload) <= MAX_FRAME:
+        raise LocalProtocolError(f"a frame payload is 1 to {MAX_FRAME} bytes, not {len(payload)}")
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame payloads, buffering a partial frame.
+
+    A zero or oversized length raises RemoteProtocolError as soon as its 4 header bytes arrive
+    (its body is never waited for). If complete frames came before it in the same `feed`, they
+    are returned and the error is raised by the next `feed`; the decoder stays failed.
+    """
+
+    __slots__ = ("_buffer", "_failure")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._failure: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a frame not yet complete."""
+        return len(self._buffer)
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._failure is not None:
+            raise RemoteProtocolError(self._failure)
+        buffer = self._buffer
+        buffer += data
+        frames: list[bytes] = []
+        start, end = 0, len(buffer)
+        while end - start >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(buffer, start)
+            if not 0 < length <= MAX_FRAME:
+                self._failure = f"frame length {length} is outside [1, {MAX_FRAME}]"
+                self._buffer = bytearray()
+                if not frames:
+                    raise RemoteProtocolError(self._failure)
+                return frames
+            body = start + _HEADER.size
+            if end - body < length:
+                break
+            frames.append(bytes(buffer[body : body + length]))
+            start = body + length
+        del buffer[:start]
+        return frames
+
+
+def encode(message: Message) -> bytes:
+    """The msgpack payload of `message` (no frame header)."""
+    tag, fields = _SCHEMA_OF[type(message)]
+    obj: dict[str, Any] = {"t": tag}
+    for key, attr in fields.items():
+        value = getattr(message, attr)
+        obj[key] = [_entry_obj(e) for e in value] if key == "e" else value
+    return bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+def frame(message: Message) -> bytes:
+    """`message` encoded and framed, ready for the wire."""
+    return encode_frame(encode(message))
+
+
+def decode(payload: bytes) -> Message:
+    """The message `payload` encodes; RemoteProtocolError for anything else."""
+    if not 0 < len(payload) <= MAX_FRAME:
+        raise RemoteProtocolError(f"a message is 1 to {MAX_FRAME} bytes")
+    reader = _Reader(payload)
+    fields = reader.map(_MESSAGE_FIELDS)
+    reader.end()
+    tag = fields.pop("t", None)
+    if tag not in _SCHEMAS:
+        raise RemoteProtocolError(f"unknown message type {tag!r}")
+    cls, schema = _SCHEMAS[tag]
+    if fields.keys() != schema.keys():
+        missing = sorted(schema.keys() - fields.keys())
+        extra = sorted(fields.keys() - schema.keys())
+        raise RemoteProtocolError(f"{cls.__name__}: missing keys {missing}, extra keys {extra}")
+    try:
+        message: Message = cls(**{attr: fields[key] for key, attr in schema.items()})
+    except ValueError as exc:  # the message's own validation, InvalidPathError included
+        raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}") from exc
+    return message
+
+
+def answer_prefix(items: Sequence[bytes | RemoteEntry | None], budget: int) -> int:
+    """How many leading `items` of a batch answer fit in `budget` encoded bytes; at least one
+    (any single item fits in a frame), so an answer always makes progress."""
+    total = 0
+    for count, item in enumerate(items):
+        if item is None:
+            total += 1
+        elif isinstance(item, RemoteEntry):
+            total += len(msgpack.packb(_entry_obj(item), use_bin_type=True))
+        else:
+            total += len(item) + 5
+        if total > budget and count:
+            return count
+    return len(items)
+
+
+# --- the schema ----------------------------------------------------------------------------------
+
+# tag -> (message class, {map key: field name}). Every message map also holds "t": tag.
+_SCHEMAS: dict[int, tuple[type[Any], dict[str, str]]] = {
+    1: (Hello, {"v": "version", "d": "device", "f": "folder", "r": "root"}),
+    2: (Root, {"r": "root"}),
+    3: (GetNodes, {"i": "id", "hs": "hashes"}),
+    4: (Nodes, {"i": "id", "n": "nodes"}),
+    5: (GetEntries, {"i": "id", "w": "wanted"}),
+    6: (Entries, {"i": "id", "e": "entries"}),
+    7: (GetGroups, {"i": "id", "hs": "hashes"}),
+    8: (Groups, {"i": "id", "g": "groups"}),
+    9: (GetChunk, {"i": "id", "h": "hash", "s": "size"}),
+    10: (Chunk, {"i": "id", "c": "data"}),
+    11: (Error, {"x": "code", "m": "text"}),
+    12: (Close, {"m": "reason"}),
+}
+_SCHEMA_OF = {cls: (tag, fields) for tag, (cls, fields) in _SCHEMAS.items()}
+
+# RemoteEntry field -> map key; groups travel as one bin of concatenated 32-byte hashes.
+_ENTRY_KEYS = {
+    "path": "p",
+    "kind": "k",
+    "version": "v",
+    "modifier": "y",
+    "deleted": "x",
+    "size": "s",
+    "mtime_ns": "m",
+    "mode": "o",
+    "target": "l",
+    "groups": "g",
+    "chunks": "c",
+}
+
+
+def _entry_obj(entry: RemoteEntry | None) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    obj = {key: getattr(entry, attr) for attr, key in _ENTRY_KEYS.items()}
+    obj["k"] = int(entry.kind)
+    obj["v"] = [list(pair) for pair in entry.version.counters]
+    obj["g"] = b"".join(entry.groups)
+    return obj
+
+
+# --- the strict reader ---------------------------------------------------------------------------
+
+_NIL, _BOOL, _INT, _STR, _BIN, _ARRAY, _MAP, _OTHER = range(8)
+
+
+def _type_table() -> bytes:
+    table = bytearray([_OTHER]) * 256
+    for first, last, kind in [
+        (0x00, 0x7F, _INT),
+        (0xE0, 0xFF, _INT),
+        (0xCC, 0xD3, _INT),
+        (0xA0, 0xBF, _STR),
+        (0xD9, 0xDB, _STR),
+        (0xC4, 0xC6, _BIN),
+        (0x90, 0x9F, _ARRAY),
+        (0xDC, 0xDD, _ARRAY),
+        (0x80, 0x8F, _MAP),
+        (0xDE, 0xDF, _MAP),
+        (0xC0, 0xC0, _NIL),
+        (0xC2, 0xC3, _BOOL),
+    ]:
+        table[first : last + 1] = bytes([kind]) * (last - first + 1)
+    return bytes(table)
+
+
+_TYPE_OF = _type_table()  # first byte of a msgpack value -> its family (floats, ext: _OTHER)
+_TYPE_NAMES = ["nil", "bool", "int", "str", "bin", "array", "map", "float or ext"]
+
+
+class _Reader:
+    """Reads one payload value by value, checking each value's type before unpacking it."""
+
+    __slots__ = ("_data", "_unpacker")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=MAX_FRAME,
+            max_bin_len=HASH_SIZE * MAX_GROUPS_PER_ENTRY,
+            max_str_len=MAX_PATH_BYTES,
+            max_array_len=MAX_VECTOR,
+            max_map_len=_MAX_KEYS,
+            max_ext_len=0,
+        )
+        self._unpacker.feed(data)
+
+    def peek(self) -> int:
+        position: int = self._unpacker.tell()
+        if position >= len(self._data):
+            raise RemoteProtocolError("message truncated")
+        return _TYPE_OF[self._data[position]]
+
+    def expect(self, what: str, *kinds: int) -> int:
+        kind = self.peek()
+        if kind not in kinds:
+            raise RemoteProtocolError(
+                f"{what}: expected {_TYPE_NAMES[kinds[0]]}, got {_TYPE_NAMES[kind]}"
+            )
+        return kind
+
+    def scalar(self, what: str, kind: int) -> Any:
+        self.expect(what, kind)
+        return self._unpack(what)
+
+    def optional(self, what: str, kind: int) -> Any:
+        self.expect(what, kind, _NIL)
+        return self._unpack(what)
+
+    def array(self, what: str, low: int, high: int) -> int:
+        self.expect(what, _ARRAY)
+        try:
+            count: int = self._unpacker.read_array_header()
+        except _MSGPACK_ERRORS as exc:
+            raise RemoteProtocolError(f"{what}: {str(exc) or 'truncated'}") from exc
+        if not low <= count <= high:
+            raise RemoteProtocolError(f"{what}: {count} items, not {low} to {high}")
+        return count
+
+    def map(self, fields: dict[str, Callable[[_Reader], Any]]) -> dict[str, Any]:
+        """A map whose keys are all in `fields`, each read by its own reader."""
+        self.expect("map", _MAP)
+        try:
+            count: int = self._unpacker.read_map_header()
+        except _MSGPACK_ERRORS as exc:
+            raise RemoteProtocolError(f"map: {str(exc) or 'truncated'}") from exc
+        if count > _MAX_KEYS:
+            raise RemoteProtocolError(f"map of {count} keys")
+        values: dict[str, Any] = {}
+        for _ in range(count):
+            key = self.scalar("key", _STR)
+            read = fields.get(key)
+            if read is None:
+                raise RemoteProtocolError(f"unknown key {key[:16]!r}")
+            if key in values:
+                raise RemoteProtocolError(f"key {key!r} given twice")
+            values[key] = read(self)
+        return values
+
+    def end(self) -> None:
+        if self._unpacker.tell() != len(self._data):
+            raise RemoteProtocolError("trailing bytes after the message")
+
+    def _unpack(self, what: str) -> Any:
+        try:
+            return self._unpacker.unpack()
+        except _MSGPACK_ERRORS as exc:
+            raise RemoteProtocolError(f"{what}: {str(exc) or 'truncated'}") from exc
+
+
+def _int(what: str) -> Callable[[_Reader], int]:
+    return lambda r: int(r.scalar(what, _INT))
+
+
+def _text(what: str, max_bytes: int) -> Callable[[_Reader], str]:
+    def read(r: _Reader) -> str:
+        value: str = r.scalar(what, _STR)
+        if len(value) > max_bytes // 4 and len(value.encode()) > max_bytes:
+            raise RemoteProtocolError(f"{what} longer than {max_bytes} bytes")
+        return value
+
+    return read
+
+
+def _bin(what: str, max_bytes: int) -> Callable[[_Reader], bytes]:
+    def read(r: _Reader) -> bytes:
+        value: bytes = r.scalar(what, _BIN)
+        if len(value) > max_bytes:
+            raise RemoteProtocolError(f"{what} of {len(value)} bytes, over {max_bytes}")
+        return value
+
+    return read
+
+
+def _optional_bin(what: str, max_bytes: int) -> Callable[[_Reader], bytes | None]:
+    def read(r: _Reader) -> bytes | None:
+        value: bytes | None = r.optional(what, _BIN)
+        if value is not None and len(value) > max_bytes:
+            raise RemoteProtocolError(f"{what} of {len(value)} bytes, over {max_bytes}")
+        return value
+
+    return read
+
+
+def _hash(what: str) -> Callable[[_Reader], Hash]:
+    def read(r: _Reader) -> Hash:
+        value: bytes = r.scalar(what, _BIN)
+        if len(value) != HASH_SIZE:
+            raise RemoteProtocolError(f"{what} of {len(value)} bytes, not {HASH_SIZE}")
+        return Hash(value)
+
+    return read
+
+
+def _list(what: str, limit: int, item: Callable[[_Reader], Any]) -> Callable[[_Reader], Any]:
+    def read(r: _Reader) -> tuple[Any, ...]:
+        return tuple(item(r) for _ in range(r.array(what, 0, limit)))
+
+    return read
+
+
+def _wanted(r: _Reader) -> tuple[str, Hash]:
+    r.array("wanted item", 2, 2)
+    return _text("path", MAX_PATH_BYTES)(r), _hash("leaf hash")(r)
+
+
+def _version(r: _Reader) -> VersionVector:
+    counters = []
+    for _ in range(r.array("version", 0, MAX_VECTOR)):
+        r.array("version counter", 2, 2)
+        counters.append((_int("device")(r), _int("counter")(r)))
+    try:
+        return VersionVector(tuple(counters))
+    except ValueError as exc:
+        raise RemoteProtocolError(f"version vector: {exc}") from exc
+
+
+def _kind(r: _Reader) -> Kind:
+    value = _int("kind")(r)
+    try:
+        return Kind(value)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"unknown kind {value}") from exc
+
+
+def _groups(r: _Reader) -> tuple[Hash, ...]:
+    blob = _bin("groups", HASH_SIZE * MAX_GROUPS_PER_ENTRY)(r)
+    if len(blob) % HASH_SIZE:
+        raise RemoteProtocolError(f"groups of {len(blob)} bytes, not whole hashes")
+    return tuple(Hash(blob[i : i + HASH_SIZE]) for i in range(0, len(blob), HASH_SIZE))
+
+
+_ENTRY_FIELDS: dict[str, Callable[[_Reader], Any]] = {
+    "p": _text("path", MAX_PATH_BYTES),
+    "k": _kind,
+    "v": _version,
+    "y": _int("modifier"),
+    "x": lambda r: bool(r.scalar("deleted", _BOOL)),
+    "s": _int("size"),
+    "m": _int("mtime_ns"),
+    "o": _int("mode"),
+    "l": _text("target", MAX_PATH_BYTES),
+    "g": _groups,
+    "c": _optional_bin("inline chunks", MAX_INLINE_CHUNKS),
+}
+
+
+def _entry(r: _Reader) -> RemoteEntry | None:
+    if r.expect("entry", _MAP, _NIL) == _NIL:
+        r.optional("entry", _MAP)
+        return None
+    fields = r.map(_ENTRY_FIELDS)
+    if fields.keys() != _ENTRY_FIELDS.keys():
+        raise RemoteProtocolError(
+            f"entry lacks keys {sorted(_ENTRY_FIELDS.keys() - fields.keys())}"
+        )
+    try:
+        return RemoteEntry(**{attr: fields[key] for attr, key in _ENTRY_KEYS.items()})
+    except ValueError as exc:  # InvalidPathError included
+        raise RemoteProtocolError(f"invalid entry: {exc}") from exc
+
+
+_MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
+    "t": _int("type"),
+    "v": _int("version"),
+    "d": _hash("device"),
+    "f": _hash("folder"),
+    "r": _hash("root"),
+    "i": _int("id"),
+    "h": _hash("hash"),
+    "s": _int("size"),
+    "hs": _list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), _hash("hash")),
+    "n": _list("nodes", MAX_BATCH_NODES, _optional_bin("node", MAX_NODE_BYTES)),
+    "w": _list("wanted", MAX_BATCH_ENTRIES, _wanted),
+    "e": _list("entries", MAX_BATCH_ENTRIES, _entry),
+    "g": _list("groups", MAX_BATCH_GROUPS, _optional_bin("group", MAX_GROUP_BYTES)),
+    "c": _optional_bin("chunk", MAX_CHUNK),
+    "x": _int("code"),
+    "m": _text("text", MAX_TEXT),
+}

@@ -1,0 +1,473 @@
+"""The wire messages as typed values: frozen, slotted, keyword-only dataclasses that refuse any
+value the protocol does not allow, so a message that exists is a valid one.
+
+Owns the protocol limits and `RemoteEntry`, the wire form of an index `Entry`. Knows nothing of
+msgpack or framing (that is `codec`) nor of requests and answers (that is `session`). Pure: imports
+only errors, ids, paths and `backer.index`; no I/O.
+
+A constructor given a bad value raises ValueError (as `Entry` does); the codec turns that into
+RemoteProtocolError, the session into LocalProtocolError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backer.errors import RemoteProtocolError
+from backer.ids import HASH_SIZE, Hash
+from backer.index.chunker import CHUNK_MAX
+from backer.index.entry import (
+    CHUNK_RECORD,
+    GROUP_MAX,
+    Entry,
+    Kind,
+    VersionVector,
+    chunk_groups,
+    group_hash,
+    group_list_root,
+    iter_chunks,
+    leaf_hash_of,
+)
+from backer.paths import MAX_PATH_BYTES, check_path
+
+__all__ = [
+    "MAX_BATCH_ENTRIES",
+    "MAX_BATCH_GROUPS",
+    "MAX_BATCH_NODES",
+    "MAX_CHUNK",
+    "MAX_GROUPS_PER_ENTRY",
+    "MAX_GROUP_BYTES",
+    "MAX_ID",
+    "MAX_INLINE_CHUNKS",
+    "MAX_NODE_BYTES",
+    "MAX_TEXT",
+    "MAX_VECTOR",
+    "PROTOCOL_VERSION",
+    "Chunk",
+    "Close",
+    "Entries",
+    "Error",
+    "ErrorCode",
+    "GetChunk",
+    "GetEntries",
+    "GetGroups",
+    "GetNodes",
+    "Groups",
+    "Hello",
+    "Message",
+    "Nodes",
+    "RemoteEntry",
+    "Root",
+]
+
+PROTOCOL_VERSION = 1
+MAX_BATCH_NODES = 256  # hashes in one GetNodes, nodes in one Nodes
+MAX_BATCH_ENTRIES = 128  # (path, leaf) pairs in one GetEntries, entries in one Entries
+MAX_BATCH_GROUPS = 256  # hashes in one GetGroups, groups in one Groups
+MAX_CHUNK = CHUNK_MAX  # 128 KiB: the largest chunk the chunker cuts
+MAX_GROUPS_PER_ENTRY = 65536  # group hashes of one entry's chunk list
+MAX_TEXT = 1024  # UTF-8 bytes of an Error text or a Close reason
+MAX_INLINE_CHUNKS = 4096  # a packed chunk list up to this size travels inside its entry
+MAX_NODE_BYTES = 16 * 1024  # larger than any valid tree node (merkle refuses more)
+MAX_GROUP_BYTES = GROUP_MAX * CHUNK_RECORD  # one chunk-list group: at most 256 records
+MAX_VECTOR = 1024  # devices in one version vector
+MAX_ID = 2**63 - 1  # request ids
+MAX_VERSION = 2**32 - 1
+MAX_CODE = 2**16 - 1
+_MAX_UINT64 = 2**64 - 1
+_MIN_INT64, _MAX_INT64 = -(2**63), 2**63 - 1
+_MAX_MODE = 0o7777
+
+
+class ErrorCode:
+    """Codes of the Error message. Unknown codes are valid on the wire (read as PROTOCOL)."""
+
+    PROTOCOL = 1  # the peer broke a protocol rule
+    VERSION = 2  # its Hello names a protocol version we do not speak
+    FOLDER = 3  # its Hello names another folder
+    SHUTDOWN = 4  # we are going away (prefer Close)
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    """First message each way: who we are, which folder, and our current root."""
+
+    version: int
+    device: bytes
+    folder: bytes
+    root: Hash
+
+    def __post_init__(self) -> None:
+        check_int("version", self.version, 0, MAX_VERSION)
+        check_hash("device", self.device)
+        check_hash("folder", self.folder)
+        check_hash("root", self.root)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Root:
+    """The sender's current root (gossip); a peer whose root differs from its own starts a pull."""
+
+    root: Hash
+
+    def __post_init__(self) -> None:
+        check_hash("root", self.root)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetNodes:
+    """Ask for the tree nodes with these hashes (distinct)."""
+
+    id: int
+    hashes: tuple[Hash, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_hashes("hashes", self.hashes, MAX_BATCH_NODES)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Nodes:
+    """Encoded tree nodes, in the order asked; None = "I do not have it (any more)"."""
+
+    id: int
+    nodes: tuple[bytes | None, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_batch("nodes", self.nodes, MAX_BATCH_NODES)
+        for node in self.nodes:
+            if node is not None:
+                check_bytes("node", node, 1, MAX_NODE_BYTES)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetEntries:
+    """Ask for the entries of these (path, expected leaf hash) pairs (distinct paths)."""
+
+    id: int
+    wanted: tuple[tuple[str, Hash], ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_batch("wanted", self.wanted, MAX_BATCH_ENTRIES)
+        for pair in self.wanted:
+            if type(pair) is not tuple or len(pair) != 2:
+                raise ValueError("wanted items are (path, leaf hash) pairs")
+            check_text("path", pair[0], MAX_PATH_BYTES)
+            check_path(pair[0])
+            check_hash("leaf hash", pair[1])
+        if len({path for path, _ in self.wanted}) != len(self.wanted):
+            raise ValueError("wanted paths are not distinct")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetGroups:
+    """Ask for the chunk-list groups with these hashes (distinct)."""
+
+    id: int
+    hashes: tuple[Hash, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_hashes("hashes", self.hashes, MAX_BATCH_GROUPS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Groups:
+    """Packed chunk-list groups, in the order asked; None = "I do not have it"."""
+
+    id: int
+    groups: tuple[bytes | None, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_batch("groups", self.groups, MAX_BATCH_GROUPS)
+        for group in self.groups:
+            if group is not None:
+                check_bytes("group", group, CHUNK_RECORD, MAX_GROUP_BYTES)
+                check_chunk_list(group)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetChunk:
+    """Ask for one chunk by its BLAKE3 chunk hash and exact size."""
+
+    id: int
+    hash: Hash
+    size: int
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_hash("hash", self.hash)
+        check_int("size", self.size, 1, MAX_CHUNK)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk:
+    """A chunk's bytes; None = "I do not have it"."""
+
+    id: int
+    data: bytes | None
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        if self.data is not None:
+            check_bytes("chunk", self.data, 1, MAX_CHUNK)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error:
+    """A fatal error: the sender closes the session after it."""
+
+    code: int
+    text: str
+
+    def __post_init__(self) -> None:
+        check_int("code", self.code, 0, MAX_CODE)
+        check_text("text", self.text, MAX_TEXT)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Close:
+    """An orderly goodbye: the sender sends nothing after it."""
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_text("reason", self.reason, MAX_TEXT)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteEntry:
+    """An entry as it travels: every synced field of an `Entry` except the chunk list, which is
+    named by its group hashes (in order) and sent inline (`chunks`) only when it is small.
+
+    Validated like an Entry, and more: an inline chunk list must split into exactly `groups`.
+    """
+
+    path: str
+    kind: Kind
+    version: VersionVector
+    modifier: int
+    deleted: bool = False
+    size: int = 0
+    mtime_ns: int = 0
+    mode: int = 0
+    target: str = ""
+    groups: tuple[Hash, ...] = ()
+    chunks: bytes | None = b""
+
+    def __post_init__(self) -> None:
+        check_text("path", self.path, MAX_PATH_BYTES)
+        check_path(self.path)
+        if not isinstance(self.kind, Kind):
+            raise ValueError(f"unknown kind {self.kind!r}")
+        check_vector(self.version)
+        check_int("modifier", self.modifier, 0, _MAX_UINT64)
+        if type(self.deleted) is not bool:
+            raise ValueError("deleted must be a bool")
+        check_int("size", self.size, 0, _MAX_INT64)
+        check_int("mtime_ns", self.mtime_ns, _MIN_INT64, _MAX_INT64)
+        check_int("mode", self.mode, 0, _MAX_MODE)
+        check_text("target", self.target, MAX_PATH_BYTES)
+        if "\x00" in self.target:
+            raise ValueError("symlink target holds NUL")
+        if self.kind is not Kind.SYMLINK and self.target:
+            raise ValueError("only a symlink has a target")
+        if type(self.groups) is not tuple or len(self.groups) > MAX_GROUPS_PER_ENTRY:
+            raise ValueError(f"groups is a tuple of at most {MAX_GROUPS_PER_ENTRY} hashes")
+        for digest in self.groups:
+            check_hash("group hash", digest)
+        if self.chunks is not None:
+            check_bytes("inline chunks", self.chunks, 0, MAX_INLINE_CHUNKS)
+        if self.deleted or self.kind is not Kind.FILE:
+            if self.size or self.groups or self.chunks:
+                raise ValueError("only a live file has content")
+        elif (self.size == 0) != (not self.groups):
+            raise ValueError("a file has groups exactly when it has bytes")
+        elif self.size > len(self.groups) * GROUP_MAX * MAX_CHUNK:
+            raise ValueError("size is larger than its groups can hold")
+        if self.chunks is not None:
+            check_chunk_list(self.chunks)
+            if _group_hashes(self.chunks) != self.groups:
+                raise ValueError("inline chunk list does not match the group hashes")
+            if sum(length for _, length in iter_chunks(self.chunks)) != self.size:
+                raise ValueError("inline chunk lengths do not add up to the size")
+
+    @classmethod
+    def from_entry(cls, entry: Entry) -> RemoteEntry:
+        """The wire form of `entry`; ValueError if it exceeds a protocol limit."""
+        return cls(
+            path=entry.path,
+            kind=entry.kind,
+            version=entry.version,
+            modifier=entry.modifier,
+            deleted=entry.deleted,
+            size=entry.size,
+            mtime_ns=entry.mtime_ns,
+            mode=entry.mode,
+            target=entry.target,
+            groups=_group_hashes(entry.chunks),
+            chunks=entry.chunks if len(entry.chunks) <= MAX_INLINE_CHUNKS else None,
+        )
+
+    def leaf_hash(self) -> Hash:
+        """Equal to `Entry.leaf_hash()` of the entry this was made from."""
+        return leaf_hash_of(
+            path=self.path,
+            kind=self.kind,
+            deleted=self.deleted,
+            size=self.size,
+            mtime_ns=self.mtime_ns,
+            mode=self.mode,
+            target=self.target,
+            chunks_root=group_list_root(self.groups),
+            version=self.version,
+            modifier=self.modifier,
+        )
+
+    def to_entry(self, chunks: bytes) -> Entry:
+        """The full entry, given its packed chunk list (assembled from fetched groups).
+
+        RemoteProtocolError if `chunks` does not split into exactly `groups`: the groups were
+        verified by hash, so what is left to be wrong is what the peer claimed.
+        """
+        try:
+            check_chunk_list(chunks)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"chunk list of {self.path!r}: {exc}") from exc
+        if _group_hashes(chunks) != self.groups:
+            raise RemoteProtocolError(f"chunk list of {self.path!r} does not match its groups")
+        try:
+            return Entry(
+                path=self.path,
+                kind=self.kind,
+                version=self.version,
+                modifier=self.modifier,
+                deleted=self.deleted,
+                size=self.size,
+                mtime_ns=self.mtime_ns,
+                mode=self.mode,
+                target=self.target,
+                chunks=chunks,
+            )
+        except ValueError as exc:
+            raise RemoteProtocolError(f"entry {self.path!r}: {exc}") from exc
+
+    def inline_entry(self) -> Entry | None:
+        """The full entry if its chunk list came inline (verified on construction) or is empty;
+        None if its groups must be fetched first."""
+        if self.chunks is None and self.groups:
+            return None
+        return self.to_entry(self.chunks or b"")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entries:
+    """Entries in the order asked; None = "that path no longer has that leaf here"."""
+
+    id: int
+    entries: tuple[RemoteEntry | None, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_batch("entries", self.entries, MAX_BATCH_ENTRIES)
+        for entry in self.entries:
+            if entry is not None and not isinstance(entry, RemoteEntry):
+                raise ValueError("entries are RemoteEntry or None")
+
+
+Message = (
+    Hello
+    | Root
+    | GetNodes
+    | Nodes
+    | GetEntries
+    | Entries
+    | GetGroups
+    | Groups
+    | GetChunk
+    | Chunk
+    | Error
+    | Close
+)
+
+
+# --- validators (shared with codec and session; not part of the public surface) -----------------
+
+
+def check_int(name: str, value: object, low: int, high: int) -> None:
+    """An int (never a bool) in [low, high]."""
+    if type(value) is not int:
+        raise ValueError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} {value} is outside [{low}, {high}]")
+
+
+def check_id(value: object) -> None:
+    check_int("id", value, 0, MAX_ID)
+
+
+def check_hash(name: str, value: object) -> None:
+    if type(value) is not bytes or len(value) != HASH_SIZE:
+        raise ValueError(f"{name} must be {HASH_SIZE} bytes")
+
+
+def check_bytes(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not bytes:
+        raise ValueError(f"{name} must be bytes, not {type(value).__name__}")
+    if not low <= len(value) <= high:
+        raise ValueError(f"{name} of {len(value)} bytes is outside [{low}, {high}]")
+
+
+def check_text(name: str, value: object, max_bytes: int) -> None:
+    if type(value) is not str:
+        raise ValueError(f"{name} must be a str, not {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid UTF-8") from exc
+    if size > max_bytes:
+        raise ValueError(f"{name} longer than {max_bytes} bytes")
+
+
+def check_batch(name: str, value: object, limit: int) -> None:
+    if type(value) is not tuple or not 1 <= len(value) <= limit:
+        raise ValueError(f"{name} must be a tuple of 1 to {limit} items")
+
+
+def check_hashes(name: str, value: object, limit: int) -> None:
+    check_batch(name, value, limit)
+    assert isinstance(value, tuple)
+    for digest in value:
+        check_hash("hash", digest)
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} are not distinct")
+
+
+def check_vector(version: object) -> None:
+    if not isinstance(version, VersionVector):
+        raise ValueError("version must be a VersionVector")
+    counters = version.counters
+    if type(counters) is not tuple or not 1 <= len(counters) <= MAX_VECTOR:
+        raise ValueError(f"a version vector has 1 to {MAX_VECTOR} counters")
+    for device, counter in counters:
+        check_int("version device", device, 0, _MAX_UINT64)
+        check_int("version counter", counter, 1, _MAX_UINT64)
+
+
+def check_chunk_list(blob: bytes) -> None:
+    """Whole (hash, length) records, each chunk 1 to MAX_CHUNK bytes long."""
+    if len(blob) % CHUNK_RECORD:
+        raise ValueError("chunk list is not a whole number of records")
+    for _, length in iter_chunks(blob):
+        if not 1 <= length <= MAX_CHUNK:
+            raise ValueError(f"chunk length {length} is outside [1, {MAX_CHUNK}]")
+
+
+def _group_hashes(chunks: bytes) -> tuple[Hash, ...]:
+    return tuple(group_hash(group) for group in chunk_groups(chunks))
