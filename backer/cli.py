@@ -11,7 +11,9 @@ import asyncio
 import json
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -22,6 +24,11 @@ from backer.index.scan import ScanProgress, ScanReport, scan
 from backer.index.store import INDEX_FILE, IndexStore
 from backer.keys import FolderKey
 from backer.paths import RESERVED_DIR
+from backer.sync.merge import is_conflict_copy
+from backer.sync.peer import SessionResult
+from backer.sync.replica import Replica
+from backer.sync.replicate import PLAIN_FOLDER, sync_stream
+from backer.sync.versions import Versions
 
 __all__ = ["main"]
 
@@ -72,6 +79,41 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
     status.add_argument("--json", action="store_true", help="print as JSON")
     status.set_defaults(run=_cmd_status)
+
+    sync = commands.add_parser(
+        "sync", help="reconcile a folder with a `backer serve` peer both ways, then exit"
+    )
+    sync.add_argument("dir", help="the folder")
+    sync.add_argument("peer", metavar="HOST:PORT", help="address of the peer")
+    sync.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    sync.set_defaults(run=_cmd_sync)
+
+    serve = commands.add_parser("serve", help="let peers sync a folder with this machine")
+    serve.add_argument("dir", help="the folder")
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:22000",
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:22000)",
+    )
+    serve.set_defaults(run=_cmd_serve)
+
+    versions = commands.add_parser("versions", help="list the kept versions of a file")
+    versions.add_argument("path", help="a file inside a folder")
+    versions.set_defaults(run=_cmd_versions)
+
+    restore = commands.add_parser("restore", help="bring back a kept version of a file")
+    restore.add_argument("path", help="a file inside a folder")
+    restore.add_argument(
+        "--at",
+        metavar="YYYYMMDD-HHMMSS",
+        help="which version (default: the newest), as `backer versions` lists it",
+    )
+    restore.set_defaults(run=_cmd_restore)
+
+    conflicts = commands.add_parser("conflicts", help="list conflict copies in a folder")
+    conflicts.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
+    conflicts.set_defaults(run=_cmd_conflicts)
     return parser
 
 
@@ -162,7 +204,163 @@ def _cmd_status(home: Home, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sync(home: Home, args: argparse.Namespace) -> int:
+    folder = _folder(home, args.dir, create=True)
+    host, port = _address(args.peer)
+    device = home.device_id()
+    identity = _folder_identity(home, folder)
+
+    async def go() -> SessionResult:
+        replica = await Replica.open(folder, device=device.short)
+        try:
+            await replica.scan()
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError as exc:
+                raise BackerError(
+                    f"cannot reach {args.peer}: {exc.strerror or exc}; is `backer serve` "
+                    "running there?"
+                ) from exc
+            return await sync_stream(replica, reader, writer, device=device.raw, folder=identity)
+        finally:
+            await replica.close()
+
+    result = asyncio.run(go())
+    pulled = result.pulls
+    errors = [error for report in pulled for error in report.errors]
+    summary = {
+        "in_sync": result.in_sync,
+        "reason": result.reason,
+        "root": result.local_root.hex() if result.local_root else None,
+        "files": sum(p.files for p in pulled),
+        "deleted": sum(p.deleted for p in pulled),
+        "conflicts": sum(p.conflicts for p in pulled),
+        "bytes_fetched": sum(p.bytes_fetched for p in pulled),
+        "bytes_local": sum(p.bytes_local for p in pulled),
+        "errors": errors,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        state = "in sync" if result.in_sync else f"NOT in sync: {result.reason}"
+        print(f"{folder}: {state}")
+        print(
+            f"received {summary['files']} files ({_human(sum(p.bytes_fetched for p in pulled))} "
+            f"over the wire, {_human(sum(p.bytes_local for p in pulled))} reused locally), "
+            f"{summary['deleted']} deleted, {summary['conflicts']} conflicts"
+        )
+        for error in errors:
+            print(f"refused  {error}", file=sys.stderr)
+    return EXIT_OK if result.in_sync else EXIT_ERROR
+
+
+def _cmd_serve(home: Home, args: argparse.Namespace) -> int:
+    folder = _folder(home, args.dir, create=True)
+    host, port = _address(args.listen)
+    device = home.device_id()
+    identity = _folder_identity(home, folder)
+
+    async def go() -> None:
+        replica = await Replica.open(folder, device=device.short)
+
+        async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = writer.get_extra_info("peername")
+            await replica.scan()  # only what changed since the last scan is read
+            result = await sync_stream(
+                replica, reader, writer, device=device.raw, folder=identity, until_in_sync=False
+            )
+            print(f"{peer[0]}:{peer[1]}: {result.reason}", flush=True)
+
+        try:
+            await replica.scan()
+            server = await asyncio.start_server(session, host, port)
+            bound = server.sockets[0].getsockname()
+            print(f"serving {folder} on {bound[0]}:{bound[1]}", flush=True)
+            async with server:
+                await server.serve_forever()
+        finally:
+            await replica.close()
+
+    try:
+        asyncio.run(go())
+    except OSError as exc:
+        raise BackerError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from exc
+    return EXIT_OK
+
+
+def _cmd_versions(home: Home, args: argparse.Namespace) -> int:
+    folder, rel = _inside_folder(args.path)
+    found = Versions(folder).list(rel)
+    if not found:
+        print(f"no kept versions of {rel}")
+        return EXIT_OK
+    for version in found:
+        print(f"{version.time:%Y%m%d-%H%M%S}  {_human(version.size):>10}  {version.stored}")
+    return EXIT_OK
+
+
+def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
+    folder, rel = _inside_folder(args.path)
+    when = None
+    if args.at:
+        try:
+            when = datetime.strptime(args.at, "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
+        except ValueError as exc:
+            raise BackerError("--at takes YYYYMMDD-HHMMSS, as `backer versions` shows") from exc
+    try:
+        version = Versions(folder).restore(rel, when, time.time())
+    except FileNotFoundError as exc:
+        raise BackerError(str(exc)) from exc
+    device = home.device_id()
+
+    async def record() -> None:
+        replica = await Replica.open(folder, device=device.short)
+        try:
+            await replica.scan([rel])
+        finally:
+            await replica.close()
+
+    asyncio.run(record())
+    print(f"restored {rel} from {version.time:%Y%m%d-%H%M%S}; the replaced file was kept")
+    return EXIT_OK
+
+
+def _cmd_conflicts(home: Home, args: argparse.Namespace) -> int:
+    folder = _folder(home, args.dir, create=False)
+    with IndexStore.open(folder) as store:
+        found = sorted(
+            e.path for e in store.entries() if not e.deleted and is_conflict_copy(e.path)
+        )
+    for path in found:
+        print(path)
+    if not found:
+        print("no conflicts")
+    return EXIT_OK
+
+
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise BackerError(f"{text!r} is not HOST:PORT (for example 192.168.1.20:22000)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _folder_identity(home: Home, folder: Path) -> bytes:
+    configured = home.load_config().folder_for(str(folder))
+    return FolderKey.parse(configured.key).discovery_id if configured else PLAIN_FOLDER
+
+
+def _inside_folder(given: str) -> tuple[Path, str]:
+    """The folder holding `given` (the nearest parent with a .backer/) and the path in it."""
+    path = Path(given).absolute()
+    for folder in path.parents:
+        if (folder / RESERVED_DIR).is_dir():
+            rel = path.relative_to(folder).as_posix()
+            return folder, unicodedata.normalize("NFC", rel)
+    raise BackerError(f"{given} is not inside a backer folder (no .backer/ above it)")
 
 
 def _folder(home: Home, given: str, *, create: bool) -> Path:

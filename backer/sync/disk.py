@@ -1,0 +1,186 @@
+"""Safe disk access inside one folder: every path a peer names is opened from the folder root
+one component at a time, never through a symlink, and files are installed atomically.
+
+Owns the temp area (`.backer/tmp/`) and the install sequence: write to a temp file, fsync, set
+mode and mtime, rename into place, fsync the directory. Imports errors, paths, index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from pathlib import Path
+
+from backer.errors import InvalidPathError
+from backer.index.store import StatSig
+from backer.paths import RESERVED_DIR, check_path, parent_of
+
+__all__ = ["FolderDisk", "sig_of"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def sig_of(st: os.stat_result) -> StatSig:
+    return StatSig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+class FolderDisk:
+    """The folder on disk, as seen by code that applies changes from peers."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.tmp = folder / RESERVED_DIR / "tmp"
+
+    # -- directory handles -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def directory(self, rel_dir: str, *, create: bool = False) -> Iterator[int]:
+        """A file descriptor of folder/rel_dir, reached without following any symlink."""
+        fd = os.open(self.folder, _DIR_FLAGS)
+        try:
+            for name in rel_dir.split("/") if rel_dir else ():
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise InvalidPathError(
+                            f"refusing {rel_dir!r}: {name!r} is a symlink or not a directory"
+                        ) from exc
+                    raise
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        check_path(rel)
+        try:
+            with self.directory(parent_of(rel)) as fd:
+                return os.stat(_name(rel), dir_fd=fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError, InvalidPathError):
+            return None
+
+    def read_at(self, rel: str, offset: int, size: int) -> bytes | None:
+        """`size` bytes of a regular file at `offset`, or None if that is not possible."""
+        try:
+            with self.directory(parent_of(rel)) as dir_fd:
+                fd = os.open(
+                    _name(rel),
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                    dir_fd=dir_fd,
+                )
+        except (OSError, InvalidPathError):
+            return None
+        try:
+            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = os.pread(fd, size, offset)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return data if len(data) == size else None
+
+    # -- temp files and installing -----------------------------------------------------------
+
+    def temp_file(self, key: str) -> tuple[int, Path]:
+        """A fresh temp file named after `key` (truncated if it existed), open for writing."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        path = self.tmp / f"{key}.part"
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+        return fd, path
+
+    def install_file(self, fd: int, temp: Path, rel: str, *, mode: int, mtime_ns: int) -> StatSig:
+        """Seal the temp file (fsync, mode, mtime) and rename it to `rel`; returns its stat."""
+        check_path(rel)
+        try:
+            os.fsync(fd)
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+        with self.directory(parent_of(rel), create=True) as dir_fd:
+            self._clear_for(dir_fd, rel)
+            os.rename(temp, _name(rel), dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+            # The rename changed the ctime on some filesystems: record what is there now.
+            return sig_of(os.stat(_name(rel), dir_fd=dir_fd, follow_symlinks=False))
+
+    def install_symlink(self, rel: str, target: str) -> None:
+        check_path(rel)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        temp = self.tmp / f"link-{os.getpid()}-{abs(hash(rel))}.part"
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        os.symlink(target, temp)
+        with self.directory(parent_of(rel), create=True) as dir_fd:
+            self._clear_for(dir_fd, rel)
+            os.rename(temp, _name(rel), dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+
+    def make_dir(self, rel: str, mode: int) -> None:
+        check_path(rel)
+        with self.directory(parent_of(rel), create=True) as dir_fd:
+            name = _name(rel)
+            try:
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+            except FileExistsError:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat_mod.S_ISDIR(st.st_mode):
+                    raise
+            child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                os.fchmod(child, mode)
+            finally:
+                os.close(child)
+
+    def remove_dir(self, rel: str) -> bool:
+        """Remove an empty directory; False if it is not empty (something lives in it)."""
+        check_path(rel)
+        try:
+            with self.directory(parent_of(rel)) as dir_fd:
+                os.rmdir(_name(rel), dir_fd=dir_fd)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                return False
+            raise
+        return True
+
+    def rename(self, rel: str, new_rel: str) -> StatSig:
+        """Move a file or symlink to another path of the folder (a conflict copy)."""
+        check_path(rel)
+        check_path(new_rel)
+        with (
+            self.directory(parent_of(rel)) as src_fd,
+            self.directory(parent_of(new_rel), create=True) as dst_fd,
+        ):
+            os.rename(_name(rel), _name(new_rel), src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            os.fsync(dst_fd)
+            return sig_of(os.stat(_name(new_rel), dir_fd=dst_fd, follow_symlinks=False))
+
+    def _clear_for(self, dir_fd: int, rel: str) -> None:
+        """Make room for a file at `rel`: an empty directory in the way is removed."""
+        name = _name(rel)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat_mod.S_ISDIR(st.st_mode):
+            os.rmdir(name, dir_fd=dir_fd)  # OSError if not empty: the caller keeps it
+
+
+def _name(rel: str) -> str:
+    return rel.rpartition("/")[2]

@@ -1,0 +1,406 @@
+"""One pull: bring what a peer has newer into this replica.
+
+Descends the peer's tree one level per round trip (merkle.PullWalk), fetches the entries that
+differ and the chunk-list groups it lacks, decides each path with the merge rules, then applies:
+directories first, files through temp files (local chunks copied, the rest fetched with a
+bounded window), deletions last and deepest first, so that a rename or a move finds its content
+still on disk. Nothing is overwritten or deleted without passing through `.backer/versions/`,
+and nothing is replaced that changed locally since it was indexed.
+
+Asks a `Fetcher` for remote data, never a connection (STYLE.md 7). Imports index, protocol,
+sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat as stat_mod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from backer.errors import (
+    BackerError,
+    DecodeError,
+    FolderMissingError,
+    InvalidPathError,
+    RemoteProtocolError,
+)
+from backer.ids import Hash
+from backer.index import merkle
+from backer.index.entry import Entry, Kind, chunk_groups, group_hash, iter_chunks
+from backer.index.store import LocalState, Record, StatSig
+from backer.paths import RESERVED_DIR
+from backer.protocol.messages import RemoteEntry
+from backer.sync.disk import sig_of
+from backer.sync.merge import Action, Decision, decide, keep_directory
+from backer.sync.replica import Replica
+
+__all__ = ["Fetcher", "PeerMovedOn", "PullReport", "pull"]
+
+NODE_BATCH = 256
+ENTRY_BATCH = 128
+GROUP_BATCH = 256
+CHUNK_WINDOW = 64  # chunks in flight (about 3 MiB at the 48 KiB mean chunk)
+FILES_IN_FLIGHT = 16
+COMMIT_EVERY = 1000
+_T = TypeVar("_T")
+# Failures that concern one path (refused as unsafe, or the disk said no): reported, skipped.
+_PATH_ERRORS = (InvalidPathError, OSError)
+
+
+class Fetcher(Protocol):
+    """What a pull needs from a peer. Every answer is already verified against what was asked."""
+
+    async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
+
+    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]: ...
+
+    async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
+
+    async def chunk(self, digest: Hash, size: int) -> bytes | None: ...
+
+
+class PeerMovedOn(BackerError):
+    """The peer's tree changed under the pull; it starts again from the peer's new root."""
+
+
+@dataclass(slots=True)
+class PullReport:
+    nodes: int = 0
+    entries: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    deleted: int = 0
+    conflicts: int = 0
+    bytes_fetched: int = 0
+    bytes_local: int = 0
+    skipped: int = 0  # paths left for a later pull (content no longer on the peer)
+    errors: list[str] = field(default_factory=list)  # paths refused or failed, with the reason
+
+
+class _ChunkGone(BackerError):
+    """A chunk the peer announced is no longer there: this file waits for the next pull."""
+
+
+async def pull(replica: Replica, fetcher: Fetcher, remote_root: Hash) -> PullReport:
+    """Pull everything `remote_root` has that this replica lacks or has older."""
+    async with replica.lock:
+        return await _Pull(replica, fetcher).run(remote_root)
+
+
+class _Pull:
+    def __init__(self, replica: Replica, fetcher: Fetcher) -> None:
+        self.replica = replica
+        self.store = replica.store
+        self.disk = replica.disk
+        self.fetcher = fetcher
+        self.report = PullReport()
+        self.pending: list[Record] = []
+        self.window = asyncio.Semaphore(CHUNK_WINDOW)
+        self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
+
+    async def run(self, remote_root: Hash) -> PullReport:
+        if not (self.replica.folder / RESERVED_DIR).is_dir():
+            raise FolderMissingError(f"{self.replica.folder} lost its {RESERVED_DIR}/ marker")
+        found = await self._walk(remote_root)
+        if not found:
+            return self.report
+        remote = await self._entries(found)
+        entries = await self._chunk_lists(remote)
+        before = self.replica.root
+        try:
+            await self._apply(entries)
+        finally:
+            await self._commit()
+            if self.replica.root != before:
+                self.replica.notify()
+        return self.report
+
+    # -- learning what differs ---------------------------------------------------------------
+
+    async def _walk(self, remote_root: Hash) -> list[tuple[str, Hash]]:
+        walk = merkle.PullWalk(self.store.read_node, self.store.root, remote_root)
+        while not walk.done:
+            needed = walk.needed()
+            fetched: dict[Hash, bytes] = {}
+            for part in await asyncio.gather(
+                *(self.fetcher.nodes(batch) for batch in _batches(needed, NODE_BATCH))
+            ):
+                fetched.update(part)
+            if len(fetched) < len(needed):
+                raise PeerMovedOn("the peer no longer has a tree node it announced")
+            try:
+                await asyncio.to_thread(walk.advance, fetched)
+            except DecodeError as exc:
+                raise RemoteProtocolError(f"the peer's tree is malformed: {exc}") from exc
+        self.report.nodes = walk.nodes_fetched
+        return walk.found
+
+    async def _entries(self, found: list[tuple[str, Hash]]) -> list[RemoteEntry]:
+        remote: list[RemoteEntry] = []
+        for part in await asyncio.gather(
+            *(self.fetcher.entries(batch) for batch in _batches(found, ENTRY_BATCH))
+        ):
+            remote.extend(part)
+        self.report.entries = len(remote)
+        return remote
+
+    async def _chunk_lists(self, remote: list[RemoteEntry]) -> list[Entry]:
+        """Whole entries: inline chunk lists as sent, others from local and fetched groups."""
+        have: dict[Hash, bytes] = {}
+        need: list[RemoteEntry] = []
+        entries: list[Entry] = []
+        for item in remote:
+            inline = item.inline_entry()
+            if inline is not None:
+                entries.append(inline)
+                continue
+            need.append(item)
+            local = await asyncio.to_thread(self.store.get, item.path)
+            if local is not None:
+                have.update((group_hash(g), g) for g in chunk_groups(local.entry.chunks))
+        missing = list(dict.fromkeys(g for item in need for g in item.groups if g not in have))
+        for part in await asyncio.gather(
+            *(self.fetcher.groups(batch) for batch in _batches(missing, GROUP_BATCH))
+        ):
+            have.update(part)
+        for item in need:
+            if all(g in have for g in item.groups):
+                entries.append(item.to_entry(b"".join(have[g] for g in item.groups)))
+            else:
+                self.report.skipped += 1
+        return entries
+
+    # -- applying ----------------------------------------------------------------------------
+
+    async def _apply(self, entries: list[Entry]) -> None:
+        deletions: list[tuple[Decision, Record | None]] = []
+        blocked: list[tuple[Decision, Record | None, Entry]] = []
+        async with asyncio.TaskGroup() as files:
+            for remote in sorted(entries, key=lambda e: e.path.split("/")):
+                try:
+                    await self._decide_and_apply(remote, files, deletions, blocked)
+                except _PATH_ERRORS as exc:
+                    self._failed(remote.path, exc)
+        # Deepest first: a directory's children are gone before the directory is removed.
+        for decision, record in sorted(deletions, key=_result_path, reverse=True):
+            try:
+                await self._delete(decision, record)
+            except _PATH_ERRORS as exc:
+                self._failed(_result_path((decision, record)), exc)
+        for decision, record, remote in blocked:
+            try:
+                await self._replace_kind(decision, record, remote)
+            except _PATH_ERRORS as exc:
+                self._failed(remote.path, exc)
+
+    async def _decide_and_apply(
+        self,
+        remote: Entry,
+        files: asyncio.TaskGroup,
+        deletions: list[tuple[Decision, Record | None]],
+        blocked: list[tuple[Decision, Record | None, Entry]],
+    ) -> None:
+        record = await self._current(remote.path)
+        decision = decide(record.entry if record else None, remote)
+        result = decision.result
+        if decision.conflict_copy is not None:
+            self.report.conflicts += 1
+            await self._conflict_copy(decision, record, remote, files)
+        if result is None:
+            return
+        if decision.action is not Action.WRITE_REMOTE:
+            self._record(result, record.local if record else LocalState())
+        elif result.deleted:
+            deletions.append((decision, record))
+        elif result.kind is Kind.DIR:
+            if record and not record.entry.deleted and record.entry.kind is not Kind.DIR:
+                await asyncio.to_thread(self._archive, result.path)  # a file became a directory
+            await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
+            self._record(result, LocalState())
+            self.report.dirs += 1
+        elif record and not record.entry.deleted and record.entry.kind is Kind.DIR:
+            blocked.append((decision, record, remote))  # a directory must go first
+        elif result.kind is Kind.SYMLINK:
+            await self._symlink(result)
+        else:
+            await self.files.acquire()
+            files.create_task(self._file(result, result.path, remote))
+
+    def _failed(self, path: str, exc: BaseException) -> None:
+        self.report.errors.append(f"{path}: {exc}")
+
+    async def _current(self, path: str) -> Record | None:
+        """The local record of `path`, rescanned first if the disk moved since it was indexed."""
+        record = await asyncio.to_thread(self.store.get, path)
+        st = await asyncio.to_thread(self.disk.lstat, path)
+        if not _disk_matches(record, st):
+            await self._commit()
+            await self.replica.scan_locked([path])
+            record = await asyncio.to_thread(self.store.get, path)
+        return record
+
+    async def _conflict_copy(
+        self, decision: Decision, record: Record | None, remote: Entry, files: asyncio.TaskGroup
+    ) -> None:
+        copy = decision.conflict_copy
+        assert copy is not None
+        if decision.copy_from == "local":
+            if copy.kind is Kind.SYMLINK or copy.kind is Kind.FILE:
+                sig = await asyncio.to_thread(self.disk.rename, remote.path, copy.path)
+                self._record(copy, LocalState(stat=sig if copy.kind is Kind.FILE else None))
+            return
+        if copy.kind is Kind.SYMLINK:
+            await self._symlink(copy)
+        elif copy.kind is Kind.FILE:
+            await self.files.acquire()
+            files.create_task(self._file(copy, copy.path, remote))
+
+    async def _symlink(self, entry: Entry) -> None:
+        await asyncio.to_thread(self._archive, entry.path)
+        await asyncio.to_thread(self.disk.install_symlink, entry.path, entry.target)
+        self._record(entry, LocalState())
+        self.report.symlinks += 1
+
+    async def _file(self, entry: Entry, dest: str, source: Entry) -> None:
+        """Assemble `source`'s content into `dest` and record it as `entry`."""
+        try:
+            sig = await self._assemble(entry, dest, source)
+        except _ChunkGone:
+            self.report.skipped += 1
+            return
+        except _PATH_ERRORS as exc:
+            self._failed(dest, exc)
+            return
+        finally:
+            self.files.release()
+        self._record(entry, LocalState(stat=sig))
+        self.report.files += 1
+        if len(self.pending) >= COMMIT_EVERY:
+            await self._commit()
+
+    async def _assemble(self, entry: Entry, dest: str, source: Entry) -> StatSig:
+        key = entry.leaf_hash().hex()[:32]
+        fd, temp = await asyncio.to_thread(self.disk.temp_file, key)
+        try:
+            missing = await asyncio.to_thread(self._copy_local, fd, source.chunks)
+            try:
+                async with asyncio.TaskGroup() as fetches:
+                    for offset, digest, size in missing:
+                        await self.window.acquire()
+                        fetches.create_task(self._fetch_into(fd, offset, digest, size))
+            except* _ChunkGone as gone:
+                raise gone.exceptions[0] from None
+            os.ftruncate(fd, source.size)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        await asyncio.to_thread(self._archive, dest)
+        return await asyncio.to_thread(
+            self.disk.install_file, fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns
+        )
+
+    async def _fetch_into(self, fd: int, offset: int, digest: Hash, size: int) -> None:
+        try:
+            data = await self.fetcher.chunk(digest, size)
+        finally:
+            self.window.release()
+        if data is None:
+            raise _ChunkGone(digest.hex())
+        os.pwrite(fd, data, offset)
+        self.report.bytes_fetched += size
+
+    def _copy_local(self, fd: int, chunks: bytes) -> list[tuple[int, Hash, int]]:
+        """Write every chunk this folder already holds; return (offset, hash, size) of the rest."""
+        missing = []
+        offset = 0
+        for digest, size in iter_chunks(chunks):
+            data = self.replica.read_chunk(digest, size)
+            if data is not None:
+                os.pwrite(fd, data, offset)
+                self.report.bytes_local += size
+            else:
+                missing.append((offset, digest, size))
+            offset += size
+        return missing
+
+    async def _delete(self, decision: Decision, record: Record | None) -> None:
+        result = decision.result
+        assert result is not None
+        if record is None or record.entry.deleted:
+            self._record(result, LocalState())
+            return
+        if record.entry.kind is Kind.DIR:
+            await self._commit()  # the children's tombstones are recorded first
+            if not await asyncio.to_thread(self.disk.remove_dir, result.path):
+                kept = keep_directory(
+                    record.entry, result, self.replica.device, int(self.replica.clock())
+                )
+                self._record(kept, record.local)
+                return
+        else:
+            await asyncio.to_thread(self._archive, result.path)
+        self._record(result, LocalState())
+        self.report.deleted += 1
+
+    async def _replace_kind(self, decision: Decision, record: Record | None, remote: Entry) -> None:
+        """A path changes between directory and file/symlink: the old one must go first."""
+        result = decision.result
+        assert result is not None and record is not None
+        if record.entry.kind is Kind.DIR:
+            await self._commit()
+            if not await asyncio.to_thread(self.disk.remove_dir, result.path):
+                return  # something still lives in it; a later pull or scan sorts it out
+        else:
+            await asyncio.to_thread(self._archive, result.path)
+        if result.kind is Kind.DIR:
+            await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
+            self._record(result, LocalState())
+        elif result.kind is Kind.SYMLINK:
+            await self._symlink(result)
+        else:
+            await self.files.acquire()
+            await self._file(result, result.path, remote)
+
+    def _archive(self, path: str) -> None:
+        """Move what is at `path` (a file or symlink) into the versions area."""
+        with contextlib.suppress(IsADirectoryError):
+            self.replica.versions.archive(path, self.replica.clock())
+
+    def _record(self, entry: Entry, local: LocalState) -> None:
+        self.pending.append(Record(entry, local))
+
+    async def _commit(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            await asyncio.to_thread(self.store.commit, batch)
+
+
+def _disk_matches(record: Record | None, st: os.stat_result | None) -> bool:
+    """Whether the disk still holds what the index says (else: a local edit not yet scanned)."""
+    if record is None or record.entry.deleted:
+        return st is None
+    if st is None:
+        return False
+    kind = record.entry.kind
+    if kind is Kind.FILE:
+        return record.local.stat == sig_of(st)
+    return (kind is Kind.DIR) == stat_mod.S_ISDIR(st.st_mode) and (
+        kind is not Kind.SYMLINK or stat_mod.S_ISLNK(st.st_mode)
+    )
+
+
+def _result_path(item: tuple[Decision, Record | None]) -> str:
+    result = item[0].result
+    return "" if result is None else result.path
+
+
+def _batches(items: Iterable[_T], size: int) -> list[list[_T]]:
+    listed = list(items)
+    return [listed[i : i + size] for i in range(0, len(listed), size)]

@@ -1,0 +1,150 @@
+"""A replica: the local side of every session of one folder — its index, its disk, its versions.
+
+Owns serialisation of changes to one folder (scans and pulls take turns under one lock), the
+answers to a peer's requests (tree nodes, entries, chunk-list groups, chunks) and the
+notification that the local root changed. Blocking work (SQLite, file reads, hashing) runs in
+worker threads. Imports index, protocol and sync modules below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from backer.ids import Hash
+from backer.index.chunker import hash_chunk
+from backer.index.entry import chunk_groups, group_hash
+from backer.index.scan import ScanReport, scan
+from backer.index.store import IndexStore
+from backer.protocol.messages import RemoteEntry
+from backer.sync.disk import FolderDisk
+from backer.sync.versions import Versions
+
+__all__ = ["Replica"]
+
+# Groups of chunk lists recently sent to peers, kept so that the peer's follow-up GET_GROUPS can
+# be answered without an index from group hash to file.
+GROUP_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class Replica:
+    """One folder on this device. Use `await Replica.open(folder, device=...)`."""
+
+    def __init__(
+        self,
+        folder: Path,
+        store: IndexStore,
+        *,
+        device: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.folder = folder
+        self.store = store
+        self.device = device
+        self.clock = clock
+        self.disk = FolderDisk(folder)
+        self.versions = Versions(folder)
+        self.lock = asyncio.Lock()
+        self._listeners: set[asyncio.Event] = set()
+        self._groups: OrderedDict[Hash, bytes] = OrderedDict()
+        self._group_bytes = 0
+
+    @classmethod
+    async def open(
+        cls,
+        folder: Path,
+        *,
+        device: int,
+        create: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> Replica:
+        store = await asyncio.to_thread(IndexStore.open, folder, create=create)
+        return cls(folder, store, device=device, clock=clock)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.store.close)
+
+    @property
+    def root(self) -> Hash:
+        return self.store.root
+
+    # -- local changes ---------------------------------------------------------------------
+
+    async def scan(self, paths: Iterable[str] | None = None) -> ScanReport:
+        async with self.lock:
+            return await self.scan_locked(paths)
+
+    async def scan_locked(self, paths: Iterable[str] | None = None) -> ScanReport:
+        """Scan while the caller already holds `lock` (a pull that found a local edit)."""
+        before = self.root
+        report = await scan(
+            self.folder, self.store, device=self.device, paths=paths, clock=self.clock
+        )
+        if report.root != before:
+            self.notify()
+        return report
+
+    def watch_root(self) -> asyncio.Event:
+        """An event set whenever the local root changes (clear it after reading)."""
+        event = asyncio.Event()
+        self._listeners.add(event)
+        return event
+
+    def unwatch_root(self, event: asyncio.Event) -> None:
+        self._listeners.discard(event)
+
+    def notify(self) -> None:
+        for event in self._listeners:
+            event.set()
+
+    # -- answering peers (call from worker threads) ------------------------------------------
+
+    def read_nodes(self, hashes: Iterable[Hash]) -> list[bytes | None]:
+        found: list[bytes | None] = []
+        for node in hashes:
+            try:
+                found.append(self.store.read_node(node))
+            except KeyError:
+                found.append(None)
+        return found
+
+    def read_entries(self, wanted: Iterable[tuple[str, Hash]]) -> list[RemoteEntry | None]:
+        answers: list[RemoteEntry | None] = []
+        for path, leaf in wanted:
+            record = self.store.get(path)
+            if record is None or record.entry.leaf_hash() != leaf:
+                answers.append(None)
+                continue
+            remote = RemoteEntry.from_entry(record.entry)
+            if remote.chunks is None:
+                self._remember_groups(record.entry.chunks)
+            answers.append(remote)
+        return answers
+
+    def read_groups(self, hashes: Iterable[Hash]) -> list[bytes | None]:
+        return [self._groups.get(h) for h in hashes]
+
+    def read_chunk(self, digest: Hash, size: int) -> bytes | None:
+        """The chunk's bytes from wherever the folder holds them, verified; None if nowhere."""
+        for place in self.store.find_chunk(digest):
+            if place.size != size:
+                continue
+            data = self.disk.read_at(place.path, place.offset, size)
+            if data is not None and hash_chunk(data) == digest:
+                return data
+        return None
+
+    def _remember_groups(self, chunks: bytes) -> None:
+        for group in chunk_groups(chunks):
+            digest = group_hash(group)
+            if digest in self._groups:
+                self._groups.move_to_end(digest)
+                continue
+            self._groups[digest] = group
+            self._group_bytes += len(group)
+        while self._group_bytes > GROUP_CACHE_BYTES:
+            _, dropped = self._groups.popitem(last=False)
+            self._group_bytes -= len(dropped)

@@ -1,0 +1,255 @@
+"""Two replicas reconcile over an in-memory pipe and over TCP: content, renames without
+transfer, deletions into versions, every conflict case, and nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from backer.index.merkle import EMPTY_ROOT
+from backer.sync.merge import is_conflict_copy
+from backer.sync.replica import Replica
+from backer.sync.replicate import ReplicateResult, replicate, sync_stream
+
+OLD = 1_600_000_000
+
+
+def write(folder: Path, rel: str, data: bytes, mtime: int = OLD) -> None:
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, bytes | str, int]]:
+    """Everything a user sees in the folder: kind, content or target, permission bits."""
+    seen: dict[str, tuple[str, bytes | str, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel_dir = os.path.relpath(dirpath, folder)
+        if rel_dir == ".backer" or rel_dir.startswith(".backer/"):
+            continue
+        for name in dirnames + filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if rel == ".backer":
+                continue
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                seen[rel] = ("link", os.readlink(full), 0)
+            elif stat.S_ISDIR(st.st_mode):
+                seen[rel] = ("dir", b"", stat.S_IMODE(st.st_mode))
+            else:
+                seen[rel] = ("file", Path(full).read_bytes(), stat.S_IMODE(st.st_mode))
+    return seen
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {
+        p: os.lstat(folder / p).st_mtime_ns
+        for p, (kind, _, _) in snapshot(folder).items()
+        if kind == "file"
+    }
+
+
+def fetched(result: ReplicateResult) -> int:
+    return sum(p.bytes_fetched for r in (result.a, result.b) for p in r.pulls)
+
+
+async def converge(a: Path, b: Path) -> ReplicateResult:
+    result = await replicate(a, b)
+    assert result.in_sync, (result.a.reason, result.b.reason)
+    assert result.root_a != EMPTY_ROOT
+    assert snapshot(a) == snapshot(b)
+    return result
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    return a, b
+
+
+async def test_initial_sync_of_every_kind(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    big = os.urandom(3 * 1024 * 1024 + 7)
+    write(a, "docs/big.bin", big)
+    write(a, "docs/small.txt", b"hello")
+    write(a, "empty", b"")
+    write(a, "ünïcode/名前.txt", b"unicode")
+    (a / "emptydir").mkdir()
+    os.chmod(a / "docs/small.txt", 0o600)
+    os.symlink("docs/small.txt", a / "link")
+    os.symlink("/nowhere", a / "dangling")
+    result = await converge(a, b)
+    assert mtimes(a) == mtimes(b)
+    assert fetched(result) == len(big) + 5 + len(b"unicode")
+    again = await converge(a, b)
+    assert fetched(again) == 0 and not any(p.entries for p in again.a.pulls + again.b.pulls)
+
+
+async def test_edit_in_the_middle_of_a_large_file_moves_little(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    data = bytearray(os.urandom(8 * 1024 * 1024))
+    write(a, "large", bytes(data))
+    await converge(a, b)
+    data[4_000_000 : 4_000_000 + 4096] = os.urandom(4096)
+    write(b, "large", bytes(data), mtime=OLD + 10)
+    result = await converge(a, b)
+    assert 0 < fetched(result) <= 3 * 128 * 1024
+    assert (a / "large").read_bytes() == bytes(data)
+
+
+async def test_delete_goes_to_versions(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "keep", b"k")
+    write(a, "gone", b"precious")
+    write(a, "dir/inner", b"i")
+    await converge(a, b)
+    (a / "gone").unlink()
+    (a / "dir/inner").unlink()
+    (a / "dir").rmdir()
+    await converge(a, b)
+    assert set(snapshot(b)) == {"keep"}
+    kept = [p for p in (b / ".backer/versions").rglob("*") if p.is_file()]
+    assert sorted(p.read_bytes() for p in kept) == [b"i", b"precious"]
+
+
+async def test_rename_and_directory_move_transfer_no_content(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    for i in range(1000):
+        write(a, f"project/src/file{i:04d}.txt", f"content of file {i}\n".encode() * 20)
+    write(a, "single.bin", os.urandom(200_000))
+    await converge(a, b)
+    os.rename(a / "project", a / "moved")
+    os.rename(a / "single.bin", a / "renamed.bin")
+    result = await converge(a, b)
+    assert fetched(result) == 0
+    assert not (b / "project").exists()
+    assert len(list((b / "moved/src").iterdir())) == 1000
+
+
+async def test_concurrent_edits_keep_both_copies(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "notes.txt", b"base")
+    await converge(a, b)
+    write(a, "notes.txt", b"edited on a", mtime=OLD + 100)
+    write(b, "notes.txt", b"edited on b, later", mtime=OLD + 200)
+    await converge(a, b)
+    files = snapshot(a)
+    assert files["notes.txt"][1] == b"edited on b, later"  # the newer mtime wins
+    copies = [p for p in files if is_conflict_copy(p)]
+    assert len(copies) == 1 and copies[0].startswith("notes.sync-conflict-")
+    assert copies[0].endswith(".txt") and files[copies[0]][1] == b"edited on a"
+    await converge(a, b)  # stable: no new copies
+    assert len([p for p in snapshot(b) if is_conflict_copy(p)]) == 1
+
+
+async def test_identical_concurrent_edits_are_not_conflicts(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "same", b"one")
+    await converge(a, b)
+    write(a, "same", b"both wrote this", mtime=OLD + 5)
+    write(b, "same", b"both wrote this", mtime=OLD + 5)
+    await converge(a, b)
+    assert not any(is_conflict_copy(p) for p in snapshot(a))
+
+
+async def test_edit_beats_delete_both_ways(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "x", b"x0")
+    write(a, "y", b"y0")
+    await converge(a, b)
+    (a / "x").unlink()
+    write(b, "x", b"x edited", mtime=OLD + 1)
+    write(a, "y", b"y edited", mtime=OLD + 1)
+    (b / "y").unlink()
+    await converge(a, b)
+    files = snapshot(a)
+    assert files["x"][1] == b"x edited" and files["y"][1] == b"y edited"
+
+
+async def test_deleted_directory_with_a_new_file_is_kept(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "dir/old", b"old")
+    await converge(a, b)
+    (a / "dir/old").unlink()
+    (a / "dir").rmdir()
+    write(b, "dir/new", b"added meanwhile")
+    await converge(a, b)
+    files = snapshot(a)
+    assert files["dir/new"][1] == b"added meanwhile"
+    assert "dir/old" not in files
+
+
+async def test_kind_changes(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "was_file", b"f")
+    write(a, "was_dir/child", b"c")
+    os.symlink("target", a / "was_link")
+    await converge(a, b)
+    (a / "was_file").unlink()
+    write(a, "was_file/now_inside", b"inside")
+    (a / "was_dir/child").unlink()
+    (a / "was_dir").rmdir()
+    write(a, "was_dir", b"now a file")
+    (a / "was_link").unlink()
+    write(a, "was_link", b"now a file too")
+    await converge(a, b)
+    files = snapshot(b)
+    assert files["was_file"][0] == "dir" and files["was_dir"] == ("file", b"now a file", 0o644)
+
+
+async def test_local_edit_not_yet_scanned_is_not_overwritten(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "f", b"v1")
+    await converge(a, b)
+    write(a, "f", b"v2 from a", mtime=OLD + 10)
+    replica_b = await Replica.open(b, device=0)
+    try:
+        replica_b.device = replica_b.store.local_device()
+        await replica_b.scan()
+    finally:
+        await replica_b.close()
+    write(b, "f", b"edited on b after its last scan", mtime=OLD + 20)
+    await converge(a, b)
+    contents = {v[1] for v in snapshot(a).values() if v[0] == "file"}
+    assert {b"v2 from a", b"edited on b after its last scan"} <= contents
+
+
+async def test_sync_over_tcp(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    write(a, "over/tcp.bin", os.urandom(500_000))
+    write(b, "from_b", b"b side")
+    server_replica = await Replica.open(a, device=0, create=True)
+    client_replica = await Replica.open(b, device=0, create=True)
+    server_replica.device = server_replica.store.local_device()
+    client_replica.device = client_replica.store.local_device()
+    await server_replica.scan()
+    await client_replica.scan()
+    finished = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        result = await sync_stream(
+            server_replica, reader, writer, device=b"s" * 32, until_in_sync=False
+        )
+        finished.set_result(result)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        result = await sync_stream(client_replica, reader, writer, device=b"c" * 32)
+        server_result = await asyncio.wait_for(finished, 30)
+    finally:
+        server.close()
+        await server.wait_closed()
+        await server_replica.close()
+        await client_replica.close()
+    assert result.in_sync and server_result.clean
+    assert snapshot(a) == snapshot(b)
