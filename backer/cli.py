@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     scan_cmd = commands.add_parser("scan", help="index a folder and print a summary")
     scan_cmd.add_argument("dir", help="the folder")
     scan_cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
+    scan_cmd.add_argument(
+        "--allow-deletions",
+        action="store_true",
+        help="record deletions even when most of the folder vanished at once",
+    )
     scan_cmd.set_defaults(run=_cmd_scan)
 
     status = commands.add_parser("status", help="show what the index of a folder holds")
@@ -145,7 +150,15 @@ def _cmd_scan(home: Home, args: argparse.Namespace) -> int:
     device = home.device_id()
     with IndexStore.open(folder, create=False) as store:
         with _progress_display(sys.stderr, enabled=not args.json) as show:
-            report = asyncio.run(scan(folder, store, device=device.short, progress=show))
+            report = asyncio.run(
+                scan(
+                    folder,
+                    store,
+                    device=device.short,
+                    progress=show,
+                    allow_deletions=args.allow_deletions,
+                )
+            )
         stats = store.stats()
         index_bytes = _index_bytes(folder)
     summary = {

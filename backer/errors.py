@@ -14,6 +14,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidPathError",
     "LocalProtocolError",
+    "MassDeletionError",
     "RemoteProtocolError",
 ]
 
@@ -41,6 +42,15 @@ class ConfigError(BackerError):
 
 class FolderMissingError(BackerError):
     """The folder root or its `.backer` marker is gone: never read that as "delete everything"."""
+
+
+class MassDeletionError(BackerError):
+    """Most of a folder vanished at once: the folder pauses instead of replicating it."""
+
+    def __init__(self, message: str, *, vanished: int, live: int) -> None:
+        super().__init__(message)
+        self.vanished = vanished
+        self.live = live
 
 
 class IndexCorruptError(BackerError):

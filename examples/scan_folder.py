@@ -11,15 +11,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-from backer.config import Home
 from backer.index.scan import scan
 from backer.index.store import IndexStore
 
 
 async def main(folder: Path) -> None:
-    device = Home.default().device_id()
     with IndexStore.open(folder, create=True) as store:
-        report = await scan(folder, store, device=device.short)
+        # A device key of the folder's own; `backer scan` uses the node's device ID instead.
+        report = await scan(folder, store, device=store.local_device())
     print(f"root {report.root.hex()}")
     print(f"{report.files} files, {report.updated} updated, read {report.hashed_bytes} bytes")
 

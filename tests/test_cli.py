@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,59 @@ def test_shared_folder_with_missing_marker_is_refused(
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "init" in capsys.readouterr().out
+
+
+def test_serve_sync_versions_restore_conflicts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server_dir, client_dir = tmp_path / "server", tmp_path / "client"
+    server_dir.mkdir()
+    client_dir.mkdir()
+    (server_dir / "report.txt").write_text("version one")
+    (client_dir / "local.txt").write_text("from the client")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backer",
+            "--home",
+            str(tmp_path / "h1"),
+            "serve",
+            str(server_dir),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        ready = server.stdout.readline()
+        assert ready.startswith("serving"), ready
+        address = ready.split(" on ")[1].strip()
+        home = tmp_path / "h2"
+        code, out, err = run(capsys, home, "sync", str(client_dir), address, "--json")
+        outcome = json.loads(out)
+        assert code == 0 and outcome["in_sync"], err
+        assert (client_dir / "report.txt").read_text() == "version one"
+        assert (server_dir / "local.txt").read_text() == "from the client"
+
+        (server_dir / "report.txt").write_text("version two")
+        code, out, err = run(capsys, home, "sync", str(client_dir), address)
+        assert code == 0 and "in sync" in out, err
+        assert (client_dir / "report.txt").read_text() == "version two"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    code, out, _ = run(capsys, home, "versions", str(client_dir / "report.txt"))
+    assert code == 0 and out.count("\n") == 1 and "report~" in out
+    code, out, _ = run(capsys, home, "restore", str(client_dir / "report.txt"))
+    assert code == 0 and "restored" in out
+    assert (client_dir / "report.txt").read_text() == "version one"
+    code, out, _ = run(capsys, home, "versions", str(client_dir / "report.txt"))
+    assert out.count("\n") == 2  # the restore kept the file it replaced
+    code, out, _ = run(capsys, home, "conflicts", str(client_dir))
+    assert code == 0 and "no conflicts" in out
+    code, _, err = run(capsys, home, "sync", str(client_dir), "127.0.0.1:1")
+    assert code == 1 and "cannot reach" in err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backer.errors import FolderMissingError
+from backer.errors import FolderMissingError, MassDeletionError
 from backer.index import merkle
 from backer.index.chunker import chunk_bytes
 from backer.index.entry import Kind, iter_chunks
@@ -376,3 +376,38 @@ async def test_directory_replaced_by_a_file_tombstones_its_children(
     assert report.deleted == 3
     assert live(store) == {"x": Kind.FILE}
     assert_tree_matches_entries(store)
+
+
+async def test_mass_disappearance_is_refused_not_replicated(
+    folder: Path, store: IndexStore
+) -> None:
+    for i in range(40):
+        write(folder, f"photos/{i}.jpg", str(i).encode())
+    write(folder, "notes", b"n")
+    await rescan(folder, store)
+    root = store.root
+    for i in range(40):
+        (folder / f"photos/{i}.jpg").unlink()
+    write(folder, "notes", b"still edited", mtime=OLD + 1)
+    with pytest.raises(MassDeletionError) as refused:
+        await rescan(folder, store)
+    assert refused.value.vanished == 40
+    assert not any(e.deleted for e in store.entries())
+    record = store.get("notes")
+    assert record is not None and record.entry.size == len(b"still edited")
+    assert store.root != root  # the edit is recorded, the deletions are not
+    report = await rescan(folder, store, allow_deletions=True)
+    assert report.deleted == 40
+    assert set(live(store)) == {"photos", "notes"}
+
+
+async def test_moving_a_large_directory_is_not_a_mass_deletion(
+    folder: Path, store: IndexStore
+) -> None:
+    for i in range(60):
+        write(folder, f"old/{i}", str(i).encode())
+    await rescan(folder, store)
+    os.rename(folder / "old", folder / "new")
+    report = await rescan(folder, store)
+    assert report.deleted == 61
+    assert len(live(store)) == 61

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from backer.errors import FolderMissingError, InvalidPathError
+from backer.errors import FolderMissingError, InvalidPathError, MassDeletionError
 from backer.ids import Hash
 from backer.index.chunker import SMALL_FILE, chunk_bytes, chunk_stream
 from backer.index.entry import Entry, Kind, VersionVector
@@ -40,6 +40,8 @@ RACY_WINDOW_NS = 2_000_000_000
 BATCH_RECORDS = 2000
 BATCH_BYTES = 256 * 1024 * 1024
 MAX_IN_FLIGHT = 64
+MAX_DELETE_SHARE = 0.5  # of the folder's live paths, vanishing in one scan: a vanished disk?
+MASS_DELETE_MIN = 10  # fewer vanished paths than this are never a mass deletion
 INLINE_READ = 1024 * 1024  # files up to this size are hashed on the walking thread
 PROGRESS_INTERVAL = 0.1
 
@@ -84,13 +86,27 @@ async def scan(
     progress: Callable[[ScanProgress], None] | None = None,
     clock: Callable[[], float] = time.time,
     hash_workers: int = 2,
+    allow_deletions: bool = False,
+    max_delete_share: float = MAX_DELETE_SHARE,
 ) -> ScanReport:
     """Bring `store` up to date with `folder` (or just `paths` in it and below them).
 
     `device` is this device's short ID (the version-vector key); `clock` gives unix seconds for
-    version counters; `progress` is called from the worker thread.
+    version counters; `progress` is called from the worker thread. When more than
+    `max_delete_share` of the folder's paths vanish at once (and at least MASS_DELETE_MIN), the
+    other changes are recorded and MassDeletionError is raised instead of the deletions, unless
+    `allow_deletions`.
     """
-    job = _Scan(folder, store, device=device, progress=progress, clock=clock, workers=hash_workers)
+    job = _Scan(
+        folder,
+        store,
+        device=device,
+        progress=progress,
+        clock=clock,
+        workers=hash_workers,
+        allow_deletions=allow_deletions,
+        max_delete_share=max_delete_share,
+    )
     return await asyncio.to_thread(job.run, None if paths is None else list(paths))
 
 
@@ -152,6 +168,8 @@ class _Scan:
         progress: Callable[[ScanProgress], None] | None,
         clock: Callable[[], float],
         workers: int,
+        allow_deletions: bool,
+        max_delete_share: float,
     ) -> None:
         self.folder = folder
         self.root = str(folder)
@@ -163,6 +181,10 @@ class _Scan:
         self.counts = _Counts()
         self.batch: list[Record | Forget] = []
         self.batch_bytes = 0
+        self.tombstones: list[Record] = []  # recorded last, after the deletion guard
+        self.created = 0
+        self.allow_deletions = allow_deletions
+        self.max_delete_share = max_delete_share
         self.in_flight: deque[tuple[str, str, bool, Future[_Read]]] = deque()
         self.rules = IgnoreRules()
         self.last_progress = 0.0
@@ -183,6 +205,13 @@ class _Scan:
                 self.counts.unstable.append(path)
         self._check_marker()  # a disk unmounted mid-scan must not commit its "deletions"
         root = self._commit()
+        if self.tombstones:
+            self._guard_deletions()
+            for record in self.tombstones:
+                self._add(record)
+            self.counts.updated += len(self.tombstones)
+            self.counts.deleted += len(self.tombstones)
+            root = self._commit()
         c = self.counts
         return ScanReport(
             root=root,
@@ -425,6 +454,8 @@ class _Scan:
         )
         self._add(Record(entry, local))
         self.counts.updated += 1
+        if previous is None or previous.entry.deleted:
+            self.created += 1
 
     def _fresh(
         self,
@@ -461,9 +492,24 @@ class _Scan:
         tombstone = Entry(
             path=old.path, kind=old.kind, deleted=True, version=version, modifier=self.device
         )
-        self._add(Record(tombstone))
-        self.counts.updated += 1
-        self.counts.deleted += 1
+        self.tombstones.append(Record(tombstone))
+
+    def _guard_deletions(self) -> None:
+        """Refuse to record a mass disappearance: a vanished disk or a bad mount looks like
+        "everything was deleted", and a mesh would faithfully delete it everywhere."""
+        if self.allow_deletions:
+            return
+        stats = self.store.stats()
+        live = stats.files + stats.dirs + stats.symlinks
+        vanished = len(self.tombstones) - self.created  # a move deletes and creates alike
+        if vanished >= MASS_DELETE_MIN and vanished > self.max_delete_share * live:
+            raise MassDeletionError(
+                f"{vanished} of {live} paths in {self.folder} vanished in one scan; not "
+                "recording them as deleted, so no peer deletes its copies. If you did delete "
+                "them, scan again allowing deletions (`backer scan --allow-deletions`)",
+                vanished=vanished,
+                live=live,
+            )
 
     def _forget(self, path: str) -> None:
         for below in self.store.descendants(path):

@@ -87,9 +87,20 @@ class _ChunkGone(BackerError):
 
 
 async def pull(replica: Replica, fetcher: Fetcher, remote_root: Hash) -> PullReport:
-    """Pull everything `remote_root` has that this replica lacks or has older."""
+    """Pull everything `remote_root` has that this replica lacks or has older. Raises the
+    first failure plainly (RemoteProtocolError, PeerMovedOn...), never an exception group."""
     async with replica.lock:
-        return await _Pull(replica, fetcher).run(remote_root)
+        try:
+            return await _Pull(replica, fetcher).run(remote_root)
+        except BaseExceptionGroup as group:
+            raise _first(group) from None
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 class _Pull:

@@ -1,0 +1,55 @@
+"""The examples run as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout
+
+
+def test_in_memory(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "from_a").write_text("a")
+    (b / "from_b").write_text("b")
+    assert "in sync" in run(str(EXAMPLES / "in_memory.py"), str(a), str(b))
+    assert (b / "from_a").read_text() == "a" and (a / "from_b").read_text() == "b"
+
+
+def test_scan_folder(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    out = run(str(EXAMPLES / "scan_folder.py"), str(tmp_path))
+    assert out.startswith("root ")
+
+
+def test_tcp_server_and_client(tmp_path: Path) -> None:
+    served, client = tmp_path / "served", tmp_path / "client"
+    served.mkdir()
+    client.mkdir()
+    (served / "doc.txt").write_text("served")
+    server = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "tcp_server.py"), str(served), "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        address = server.stdout.readline().split(" on ")[1].strip()
+        out = run(str(EXAMPLES / "tcp_client.py"), str(client), address, "--once")
+        assert "in sync" in out
+        assert (client / "doc.txt").read_text() == "served"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out = run(str(EXAMPLES / "tcp_client.py"), str(client), address, "--once")
+    assert "retrying" in out

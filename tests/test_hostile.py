@@ -1,0 +1,150 @@
+"""A peer holding the right key but sending hostile data: nothing is written outside the folder,
+the bad path is refused with a reason, and the replica goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from backer.errors import InvalidPathError, RemoteProtocolError
+from backer.ids import Hash
+from backer.index import merkle
+from backer.index.chunker import chunk_bytes, hash_chunk
+from backer.index.entry import Entry, Kind, VersionVector, iter_chunks
+from backer.protocol.messages import RemoteEntry
+from backer.sync.disk import FolderDisk
+from backer.sync.link import memory_pipe
+from backer.sync.peer import run_session
+from backer.sync.pull import pull
+from backer.sync.replica import Replica
+
+EVIL = 0xE7
+
+
+class EvilFetcher:
+    """Serves a tree built from whatever entries and chunk data the attacker chose."""
+
+    def __init__(self, entries: list[Entry], data: dict[Hash, bytes]) -> None:
+        built = merkle.build((e.path, e.leaf_hash()) for e in entries)
+        self.root = built.root
+        self.tree = built.added
+        self.entries_by_path = {e.path: e for e in entries}
+        self.data = data
+        self.chunks_asked = 0
+
+    async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
+        return {h: self.tree[h] for h in hashes if h in self.tree}
+
+    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+        return [RemoteEntry.from_entry(self.entries_by_path[path]) for path, _ in wanted]
+
+    async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
+        return {}
+
+    async def chunk(self, digest: Hash, size: int) -> bytes | None:
+        self.chunks_asked += 1
+        return self.data.get(digest)
+
+
+def file_entry(path: str, data: bytes) -> Entry:
+    return Entry(
+        path=path,
+        kind=Kind.FILE,
+        version=VersionVector(((EVIL, 2_000_000_000),)),
+        modifier=EVIL,
+        size=len(data),
+        mtime_ns=1,
+        mode=0o644,
+        chunks=chunk_bytes(data),
+    )
+
+
+def chunks_of(data: bytes) -> dict[Hash, bytes]:
+    found: dict[Hash, bytes] = {}
+    offset = 0
+    for digest, size in iter_chunks(chunk_bytes(data)):
+        found[digest] = data[offset : offset + size]
+        offset += size
+    return found
+
+
+@pytest.fixture
+async def victim(tmp_path: Path) -> Replica:
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", folder / "link")
+    (folder / "own.txt").write_bytes(b"mine")
+    replica = await Replica.open(folder, device=1, create=True)
+    await replica.scan()
+    return replica
+
+
+async def test_write_through_a_symlink_the_victim_has_is_refused(
+    victim: Replica, tmp_path: Path
+) -> None:
+    payload = b"planted" * 100
+    evil = EvilFetcher(
+        [file_entry("link/planted.sh", payload), file_entry("fine.txt", b"ok")],
+        chunks_of(payload) | chunks_of(b"ok"),
+    )
+    try:
+        report = await pull(victim, evil, evil.root)
+    finally:
+        await victim.close()
+    assert list((tmp_path / "outside").iterdir()) == []
+    assert any("link/planted.sh" in error for error in report.errors)
+    assert (victim.folder / "fine.txt").read_bytes() == b"ok"  # the rest still applies
+    assert os.path.islink(victim.folder / "link")
+
+
+async def test_chunks_that_do_not_match_are_never_written(victim: Replica) -> None:
+    wanted = os.urandom(100_000)
+    entry = file_entry("target.bin", wanted)
+    lying = {digest: os.urandom(len(data)) for digest, data in chunks_of(wanted).items()}
+
+    class Liar(EvilFetcher):
+        async def chunk(self, digest: Hash, size: int) -> bytes | None:
+            data = lying[digest]
+            if hash_chunk(data) != digest:  # what the session's check does on the wire
+                raise RemoteProtocolError("chunk does not match its hash")
+            return data
+
+    evil = Liar([entry], lying)
+    try:
+        with pytest.raises(RemoteProtocolError):
+            await pull(victim, evil, evil.root)
+    finally:
+        await victim.close()
+    assert not (victim.folder / "target.bin").exists()
+    assert not any((victim.folder / ".backer/tmp").glob("*.part"))
+
+
+def test_disk_refuses_parents_that_are_symlinks(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    (folder / ".backer").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", folder / "link")
+    disk = FolderDisk(folder)
+    fd, temp = disk.temp_file("x")
+    with pytest.raises(InvalidPathError):
+        disk.install_file(fd, temp, "link/x", mode=0o644, mtime_ns=0)
+    with pytest.raises(InvalidPathError):
+        disk.make_dir("link/sub", 0o755)
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
+async def test_garbage_from_a_peer_ends_the_session_with_a_reason(victim: Replica) -> None:
+    ours, theirs = memory_pipe()
+    session = asyncio.create_task(run_session(victim, ours, device=b"v" * 32, folder=bytes(32)))
+    await theirs.write(b"\x00\x00\x00\x05hello")  # a frame that is not a message
+    result = await asyncio.wait_for(session, 10)
+    await victim.close()
+    assert not result.clean
+    assert "protocol" in result.reason or "msgpack" in result.reason
+    answer = await theirs.read()  # our Hello, then an Error frame for the peer
+    assert answer
