@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from backer.index.merkle import EMPTY_ROOT
 from backer.sync.merge import is_conflict_copy
+from backer.sync.peer import SessionResult
 from backer.sync.replica import Replica
 from backer.sync.replicate import ReplicateResult, replicate, sync_stream
 
@@ -59,16 +61,58 @@ def fetched(result: ReplicateResult) -> int:
     return sum(p.bytes_fetched for r in (result.a, result.b) for p in r.pulls)
 
 
+async def replicate_tcp(a: Path, b: Path) -> ReplicateResult:
+    """`replicate`, but over a real TCP connection on loopback."""
+    one = await Replica.open(a, device=0, create=True)
+    two = await Replica.open(b, device=0, create=True)
+    try:
+        for replica in (one, two):
+            replica.device = replica.store.local_device()
+            await replica.scan()
+        served: asyncio.Future[SessionResult] = asyncio.get_running_loop().create_future()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served.set_result(
+                await sync_stream(two, reader, writer, device=b"b" * 32, until_in_sync=False)
+            )
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", server.sockets[0].getsockname()[1]
+            )
+            result_a = await sync_stream(one, reader, writer, device=b"a" * 32)
+            result_b = await asyncio.wait_for(served, 30)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return ReplicateResult(one.root, two.root, result_a, result_b)
+    finally:
+        await one.close()
+        await two.close()
+
+
+@pytest.fixture(params=["memory", "tcp"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 async def converge(a: Path, b: Path) -> ReplicateResult:
-    result = await replicate(a, b)
+    result = await asyncio.wait_for(TRANSPORTS[TRANSPORT[0]](a, b), 120)
     assert result.in_sync, (result.a.reason, result.b.reason)
     assert result.root_a != EMPTY_ROOT
     assert snapshot(a) == snapshot(b)
     return result
 
 
+Replicator = Callable[[Path, Path], Awaitable[ReplicateResult]]
+TRANSPORTS: dict[str, Replicator] = {"memory": replicate, "tcp": replicate_tcp}
+TRANSPORT = ["memory"]  # which one `converge` uses: set by the `pair` fixture per test
+
+
 @pytest.fixture
-def pair(tmp_path: Path) -> tuple[Path, Path]:
+def pair(tmp_path: Path, transport: str) -> tuple[Path, Path]:
+    TRANSPORT[0] = transport
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()

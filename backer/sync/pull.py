@@ -49,6 +49,7 @@ COMMIT_EVERY = 1000
 _T = TypeVar("_T")
 # Failures that concern one path (refused as unsafe, or the disk said no): reported, skipped.
 _PATH_ERRORS = (InvalidPathError, OSError)
+_UNCHECKED = object()
 
 
 class Fetcher(Protocol):
@@ -82,6 +83,10 @@ class PullReport:
     errors: list[str] = field(default_factory=list)  # paths refused or failed, with the reason
 
 
+class _ChangedMeanwhile(BackerError):
+    """The local file changed while its replacement was being assembled: keep the local one."""
+
+
 class _ChunkGone(BackerError):
     """A chunk the peer announced is no longer there: this file waits for the next pull."""
 
@@ -111,6 +116,7 @@ class _Pull:
         self.fetcher = fetcher
         self.report = PullReport()
         self.pending: list[Record] = []
+        self.rescan: list[str] = []
         self.window = asyncio.Semaphore(CHUNK_WINDOW)
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
 
@@ -127,6 +133,8 @@ class _Pull:
             await self._apply(entries)
         finally:
             await self._commit()
+            if self.rescan:
+                await self.replica.scan_locked(self.rescan)
             if self.replica.root != before:
                 self.replica.notify()
         return self.report
@@ -240,7 +248,7 @@ class _Pull:
             await self._symlink(result)
         else:
             await self.files.acquire()
-            files.create_task(self._file(result, result.path, remote))
+            files.create_task(self._file(result, result.path, remote, _expected(record)))
 
     def _failed(self, path: str, exc: BaseException) -> None:
         self.report.errors.append(f"{path}: {exc}")
@@ -269,7 +277,7 @@ class _Pull:
             await self._symlink(copy)
         elif copy.kind is Kind.FILE:
             await self.files.acquire()
-            files.create_task(self._file(copy, copy.path, remote))
+            files.create_task(self._file(copy, copy.path, remote, None))
 
     async def _symlink(self, entry: Entry) -> None:
         await asyncio.to_thread(self._archive, entry.path)
@@ -277,12 +285,18 @@ class _Pull:
         self._record(entry, LocalState())
         self.report.symlinks += 1
 
-    async def _file(self, entry: Entry, dest: str, source: Entry) -> None:
+    async def _file(
+        self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
+    ) -> None:
         """Assemble `source`'s content into `dest` and record it as `entry`."""
         try:
-            sig = await self._assemble(entry, dest, source)
+            sig = await self._assemble(entry, dest, source, expected)
         except _ChunkGone:
             self.report.skipped += 1
+            return
+        except _ChangedMeanwhile:
+            self.report.skipped += 1
+            self.rescan.append(dest)  # the local edit is indexed, and the next pull decides
             return
         except _PATH_ERRORS as exc:
             self._failed(dest, exc)
@@ -294,7 +308,9 @@ class _Pull:
         if len(self.pending) >= COMMIT_EVERY:
             await self._commit()
 
-    async def _assemble(self, entry: Entry, dest: str, source: Entry) -> StatSig:
+    async def _assemble(
+        self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
+    ) -> StatSig:
         key = entry.leaf_hash().hex()[:32]
         fd, temp = await asyncio.to_thread(self.disk.temp_file, key)
         try:
@@ -312,6 +328,12 @@ class _Pull:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
+        now = await asyncio.to_thread(self.disk.lstat, dest)
+        if expected is not _UNCHECKED and (sig_of(now) if now is not None else None) != expected:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise _ChangedMeanwhile(dest)
         await asyncio.to_thread(self._archive, dest)
         return await asyncio.to_thread(
             self.disk.install_file, fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns
@@ -377,7 +399,7 @@ class _Pull:
             await self._symlink(result)
         else:
             await self.files.acquire()
-            await self._file(result, result.path, remote)
+            await self._file(result, result.path, remote, None)
 
     def _archive(self, path: str) -> None:
         """Move what is at `path` (a file or symlink) into the versions area."""
@@ -391,6 +413,14 @@ class _Pull:
         if self.pending:
             batch, self.pending = self.pending, []
             await asyncio.to_thread(self.store.commit, batch)
+
+
+def _expected(record: Record | None) -> StatSig | object | None:
+    """What must still be at a record's path when it is replaced: the file's stat, nothing
+    (None), or _UNCHECKED for a symlink (checked against the index when the pull decided)."""
+    if record is None or record.entry.deleted:
+        return None
+    return record.local.stat if record.entry.kind is Kind.FILE else _UNCHECKED
 
 
 def _disk_matches(record: Record | None, st: os.stat_result | None) -> bool:
