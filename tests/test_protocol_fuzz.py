@@ -41,11 +41,11 @@ from backer.protocol.messages import (
 from backer.protocol.session import Event, ProtocolViolation, Session, State
 
 SEED = 20261101
-CODEC_INPUTS = 60_000
-SESSION_INPUTS = 45_000
+CODEC_INPUTS = 70_000
+SESSION_INPUTS = 30_000
 DEVICE, PEER, FOLDER = Hash(b"A" * 32), Hash(b"B" * 32), Hash(b"F" * 32)
 VV = VersionVector(((1, 7), (2, 3)))
-DATA = random.Random(SEED).randbytes(40_000)
+DATA = random.Random(SEED).randbytes(5_000)  # one chunk
 SMALL = Entry(
     path="d/small", kind=Kind.FILE, version=VV, modifier=2, size=len(DATA), chunks=chunk_bytes(DATA)
 )
@@ -61,6 +61,7 @@ TREE = build((e.path, e.leaf_hash()) for e in (SMALL, BIG))
 GROUP = chunk_groups(BIG.chunks)[0]
 CHUNK_HASH = SMALL.chunks[:32]
 CHUNK_DATA = DATA[: int.from_bytes(SMALL.chunks[32:36], "big")]
+WANTED = [(e.path, e.leaf_hash()) for e in (SMALL, BIG)]
 
 # Our side asks these (ids 1 to 4) once the peer said hello; ANSWERS answer them validly.
 ANSWERS: list[Message] = [
@@ -91,7 +92,7 @@ def asking_session() -> Session:
     session.receive_data(HELLO_FRAME)
     assert session.next_event() is not None
     session.request_nodes([TREE.root, EMPTY_ROOT])
-    session.request_entries([(e.path, e.leaf_hash()) for e in (SMALL, BIG)])
+    session.request_entries(WANTED)
     session.request_groups([group_hash(GROUP)])
     session.request_chunk(Hash(CHUNK_HASH), len(CHUNK_DATA))
     return session
