@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from backer.errors import DecodeError, LocalProtocolError, RemoteProtocolError
@@ -23,6 +22,23 @@ from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, group_hash
 from backer.index.merkle import decode_node, node_hash
 from backer.protocol.codec import FrameDecoder, answer_prefix, decode, frame
+from backer.protocol.events import (
+    ChunkReceived,
+    ChunkRequested,
+    ConnectionLost,
+    EntriesReceived,
+    EntriesRequested,
+    Event,
+    GroupsReceived,
+    GroupsRequested,
+    NodesReceived,
+    NodesRequested,
+    PeerClosed,
+    PeerError,
+    PeerHello,
+    PeerRoot,
+    ProtocolViolation,
+)
 from backer.protocol.messages import (
     MAX_TEXT,
     PROTOCOL_VERSION,
@@ -95,123 +111,6 @@ _SEND: dict[State, frozenset[type[Any]]] = {
 }
 
 
-# --- events (their values come from validated messages) ----------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerHello:
-    device: bytes
-    root: Hash
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerRoot:
-    root: Hash
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NodesRequested:
-    id: int
-    hashes: tuple[Hash, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EntriesRequested:
-    id: int
-    wanted: tuple[tuple[str, Hash], ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GroupsRequested:
-    id: int
-    hashes: tuple[Hash, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ChunkRequested:
-    id: int
-    hash: Hash
-    size: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NodesReceived:
-    """Verified nodes by hash; `missing`: the peer lacks them; `unanswered`: ask again."""
-
-    id: int
-    nodes: dict[Hash, bytes]
-    missing: tuple[Hash, ...]
-    unanswered: tuple[Hash, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EntriesReceived:
-    """Verified entries; `missing` paths no longer have that leaf there; `unanswered`: ask again."""
-
-    id: int
-    entries: tuple[RemoteEntry, ...]
-    missing: tuple[str, ...]
-    unanswered: tuple[tuple[str, Hash], ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GroupsReceived:
-    id: int
-    groups: dict[Hash, bytes]
-    missing: tuple[Hash, ...]
-    unanswered: tuple[Hash, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ChunkReceived:
-    """A verified chunk, or None: the peer does not have it."""
-
-    id: int
-    hash: Hash
-    data: bytes | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerError:
-    code: int
-    text: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerClosed:
-    reason: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProtocolViolation:
-    """The peer broke the protocol: CLOSED, an Error frame queued. Drop it and back off."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConnectionLost:
-    """The stream ended without Close or Error: CLOSED."""
-
-    reason: str
-
-
-Event = (
-    PeerHello
-    | PeerRoot
-    | NodesRequested
-    | EntriesRequested
-    | GroupsRequested
-    | ChunkRequested
-    | NodesReceived
-    | EntriesReceived
-    | GroupsReceived
-    | ChunkReceived
-    | PeerError
-    | PeerClosed
-    | ProtocolViolation
-    | ConnectionLost
-)
 _Request = GetNodes | GetEntries | GetGroups | GetChunk
 _Answer = Nodes | Entries | Groups | Chunk
 
