@@ -158,36 +158,10 @@ def leaf_hash_of(
     version: VersionVector,
     modifier: int,
 ) -> Hash:
-    """`Entry.leaf_hash` from the fields and the chunk-list root, without the chunk list itself."""
-    canonical = _canonical(
-        path=path,
-        kind=kind,
-        deleted=deleted,
-        size=size,
-        mtime_ns=mtime_ns,
-        mode=mode,
-        target=target,
-        chunks_root=chunks_root,
-        version=version,
-        modifier=modifier,
-    )
-    return hash_bytes("leaf", canonical)
-
-
-def _canonical(
-    *,
-    path: str,
-    kind: Kind,
-    deleted: bool,
-    size: int,
-    mtime_ns: int,
-    mode: int,
-    target: str,
-    chunks_root: bytes,
-    version: VersionVector,
-    modifier: int,
-) -> bytes:
-    packed: bytes = msgpack.packb(
+    """A leaf hash: BLAKE3 of the canonical msgpack list of every synced field, the version
+    vector included, with the chunk list stood in for by its root (so a peer can check an entry
+    from its group hashes, before it has the list)."""
+    canonical: bytes = msgpack.packb(
         [
             path,
             int(kind),
@@ -201,7 +175,7 @@ def _canonical(
             modifier,
         ]
     )
-    return packed
+    return hash_bytes("leaf", canonical)
 
 
 _EMPTY_CHUNKS_ROOT = chunk_list_root(b"")
@@ -248,10 +222,8 @@ class Entry:
     def chunk_count(self) -> int:
         return len(self.chunks) // CHUNK_RECORD
 
-    def canonical(self) -> bytes:
-        """The bytes a leaf hash covers: every synced field, the version vector included."""
-        chunks_root = _EMPTY_CHUNKS_ROOT if not self.chunks else chunk_list_root(self.chunks)
-        return _canonical(
+    def leaf_hash(self) -> Hash:
+        return leaf_hash_of(
             path=self.path,
             kind=self.kind,
             deleted=self.deleted,
@@ -259,13 +231,10 @@ class Entry:
             mtime_ns=self.mtime_ns,
             mode=self.mode,
             target=self.target,
-            chunks_root=chunks_root,
+            chunks_root=_EMPTY_CHUNKS_ROOT if not self.chunks else chunk_list_root(self.chunks),
             version=self.version,
             modifier=self.modifier,
         )
-
-    def leaf_hash(self) -> Hash:
-        return hash_bytes("leaf", self.canonical())
 
     def same_content(self, other: Entry) -> bool:
         """Equal in everything but version and modifier: a change that needs no new version."""
