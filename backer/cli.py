@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
     init.set_defaults(run=_cmd_init)
 
+    ident = commands.add_parser("id", help="print this device's ID (to compare with a peer's)")
+    ident.set_defaults(run=_cmd_id)
+
+    keys = commands.add_parser("keys", help="print the keys of a folder this device can give out")
+    keys.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
+    keys.set_defaults(run=_cmd_keys)
+
     scan_cmd = commands.add_parser("scan", help="index a folder and print a summary")
     scan_cmd.add_argument("dir", help="the folder")
     scan_cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -142,6 +149,26 @@ def _cmd_init(home: Home, args: argparse.Namespace) -> int:
     print("Give this key to another machine to let it join; anyone with it can change files:\n")
     print(f"  {key}\n")
     print(f"Read-only key (receives changes, never sends its own):\n\n  {key.read_only()}\n")
+    return EXIT_OK
+
+
+def _cmd_id(home: Home, args: argparse.Namespace) -> int:
+    print(home.device_id())
+    return EXIT_OK
+
+
+def _cmd_keys(home: Home, args: argparse.Namespace) -> int:
+    folder = Path(args.dir).resolve()
+    configured = home.load_config().folder_for(str(folder))
+    if configured is None:
+        raise BackerError(f"{folder} is not shared from this device; `backer init {args.dir}`")
+    for key in FolderKey.parse(configured.key).keys_to_give_out():
+        what = (
+            "read-write: may change files"
+            if key.can_write
+            else "read-only: receives, never sends its own changes"
+        )
+        print(f"{what}\n  {key}")
     return EXIT_OK
 
 

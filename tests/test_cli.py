@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backer.cli import main
+from backer.config import FolderConfig, Home
 from backer.keys import FolderKey
 
 
@@ -147,3 +148,27 @@ def test_serve_sync_versions_restore_conflicts(
     assert code == 0 and "no conflicts" in out
     code, _, err = run(capsys, home, "sync", str(client_dir), "127.0.0.1:1")
     assert code == 1 and "cannot reach" in err
+
+
+def test_id_and_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home, folder = tmp_path / "home", tmp_path / "f"
+    folder.mkdir()
+    code, out, _ = run(capsys, home, "id")
+    device = out.strip()
+    assert code == 0 and len(device) == 63 and device.count("-") == 7
+    assert run(capsys, home, "id")[1].strip() == device  # stable
+    code, _, err = run(capsys, home, "keys", str(folder))
+    assert code == 1 and "backer init" in err
+    run(capsys, home, "init", str(folder))
+    code, out, _ = run(capsys, home, "keys", str(folder))
+    printed = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert [FolderKey.parse(k).can_write for k in printed] == [True, False]
+    # A device that joined with the read-only key cannot give out the read-write one.
+    other = tmp_path / "other"
+    ro_home = Home(tmp_path / "ro-home")
+    ro_home.save_config(
+        ro_home.load_config().with_folder(FolderConfig(path=str(other), key=printed[1]))
+    )
+    other.mkdir()
+    code, out, _ = run(capsys, tmp_path / "ro-home", "keys", str(other))
+    assert code == 0 and printed[1] in out and printed[0] not in out
