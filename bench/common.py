@@ -1,0 +1,556 @@
+"""Shared pieces of the benchmarks in bench/: deterministic datasets, measured child processes,
+the machine description, result tables and the docs/benchmarks.md section writer.
+
+Every benchmark script (`scan_bench.py`; later sync against rsync and Syncthing) runs as
+`python bench/NAME.py`, so bench/ is on sys.path and this module imports as `common`. Nothing in
+backer imports it, and it imports nothing from backer: a benchmark drives the `backer` command
+like a user does.
+"""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "OLD_MTIME",
+    "BenchError",
+    "CpuMeter",
+    "Dataset",
+    "DatasetSpec",
+    "Measured",
+    "ProfileSummary",
+    "Row",
+    "backer_command",
+    "ensure_dataset",
+    "fresh_home",
+    "machine",
+    "markdown_table",
+    "median",
+    "run_measured",
+    "summarise_profile",
+    "text_table",
+    "tool_version",
+    "utc_date",
+    "wait_for_quiet",
+    "warm_page_cache",
+    "write_doc_section",
+]
+
+# Bump when the layout or content of generated data changes: cached datasets are then rebuilt.
+GENERATOR_VERSION = 1
+# Every generated file and directory gets this mtime (2020-09-13), far outside any "racy" window,
+# so a rescan measures the steady state and not files re-read because they looked too recent.
+OLD_MTIME = 1_600_000_000
+_WRITE_BLOCK = 4 * 1024 * 1024
+DOC_HEADER = """# Benchmarks
+
+Each family of benchmarks has its own section below, written by its script in `bench/` (which
+rewrites only its own section). Every figure stands beside a reference measured in the same run on
+the same machine; the ratio is backer / reference.
+"""
+
+
+class BenchError(Exception):
+    """A benchmark could not measure what it set out to (a command failed, a result is absurd)."""
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetSpec:
+    """A deterministic tree of files: the same spec always yields the same names and bytes.
+
+    Files are spread at random (seeded) over `dirs` leaf directories, grouped under about
+    sqrt(dirs) parents; `dirs=0` puts every file at the top. Sizes are uniform in
+    [min_size, max_size]; contents come from the same seeded generator.
+    """
+
+    name: str
+    files: int
+    min_size: int
+    max_size: int
+    dirs: int
+    seed: int
+
+    def layout(self) -> list[tuple[str, int]]:
+        """(relative path, size) of every file, in the order they are generated."""
+        rng = random.Random(f"{self.seed}:layout")
+        parents = max(1, round(self.dirs**0.5))
+        result = []
+        for index in range(self.files):
+            size = rng.randint(self.min_size, self.max_size)
+            if self.dirs:
+                leaf = rng.randrange(self.dirs)
+                result.append((f"p{leaf % parents:03d}/d{leaf:05d}/f{index:07d}.dat", size))
+            else:
+                result.append((f"f{index:07d}.dat", size))
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    spec: DatasetSpec
+    root: Path
+    files: tuple[tuple[str, int], ...]  # relative path, size
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def paths(self) -> list[Path]:
+        return [self.root / rel for rel, _ in self.files]
+
+
+def ensure_dataset(workdir: Path, spec: DatasetSpec, log: Callable[[str], None] = print) -> Dataset:
+    """The dataset for `spec` under `workdir/data/`, generated only if the cached one is missing,
+    was made from another spec or generator version, or no longer matches its manifest (a size
+    or an mtime differs)."""
+    data = workdir / "data"
+    root = data / spec.name
+    manifest = data / f"{spec.name}.json"
+    files = tuple(spec.layout())
+    dataset = Dataset(spec, root, files)
+    expected = {
+        "generator": GENERATOR_VERSION,
+        "spec": asdict(spec),
+        "files": len(files),
+        "bytes": dataset.total_bytes,
+        "mtime": OLD_MTIME,
+    }
+    try:
+        cached = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        cached = None
+    if cached == expected and _intact(dataset):
+        return dataset
+    log(f"generating dataset {spec.name}: {len(files):,} files, {_mb(dataset.total_bytes)} ...")
+    started = time.perf_counter()
+    manifest.unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    _generate(dataset)
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(expected, indent=1) + "\n")
+    tmp.replace(manifest)
+    log(f"  done in {time.perf_counter() - started:.1f} s")
+    return dataset
+
+
+def _generate(dataset: Dataset) -> None:
+    rng = random.Random(f"{dataset.spec.seed}:content")
+    dirs: set[Path] = {dataset.root}
+    dataset.root.mkdir(parents=True)
+    for rel, size in dataset.files:
+        path = dataset.root / rel
+        if path.parent not in dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dirs.update(path.parents)
+        with path.open("wb") as out:
+            left = size
+            while left:
+                block = min(left, _WRITE_BLOCK)
+                out.write(rng.randbytes(block))
+                left -= block
+        os.utime(path, (OLD_MTIME, OLD_MTIME))
+    for directory in sorted(d for d in dirs if d.is_relative_to(dataset.root)):
+        os.utime(directory, (OLD_MTIME, OLD_MTIME))
+
+
+def _intact(dataset: Dataset) -> bool:
+    mtime_ns = OLD_MTIME * 1_000_000_000
+    try:
+        for path, (_, size) in zip(dataset.paths(), dataset.files, strict=True):
+            st = os.stat(path)
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def warm_page_cache(paths: Sequence[Path]) -> None:
+    """Read every file once, so timed runs read from memory and compare computation."""
+    buffer = bytearray(_WRITE_BLOCK)
+    for path in paths:
+        with path.open("rb", buffering=0) as stream:
+            while stream.readinto(buffer):
+                pass
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """One finished child process: its wall time, peak RSS and output."""
+
+    argv: tuple[str, ...]
+    wall: float  # seconds, time.perf_counter around fork and reaping
+    max_rss: int  # bytes, ru_maxrss of the child from wait4
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+# The launcher between the benchmark and what it measures. Linux keeps the memory high-water mark
+# of a process across exec, and Python's subprocess starts children with vfork, so a child
+# spawned directly by the (large) benchmark process reports the benchmark's own peak RSS as its
+# ru_maxrss. This small interpreter forks the command afresh (its floor: about 5 MB), times it
+# with perf_counter from fork to reaping, and writes "wall maxrss_kib returncode" to a pipe.
+_LAUNCHER = """
+import os, sys, time
+report = int(sys.argv[1])
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.close(report)
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as exc:
+        os.write(2, f"cannot run {sys.argv[2]}: {exc}\\n".encode())
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+code = os.waitstatus_to_exitcode(status)
+os.write(report, f"{wall!r} {usage.ru_maxrss} {code}".encode())
+"""
+
+
+def run_measured(
+    argv: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    stdin: bytes | None = None,
+    stdout: Literal["capture", "discard"] = "capture",
+    check: bool = True,
+) -> Measured:
+    """Run `argv` to completion; its wall time and peak RSS come from `_LAUNCHER`.
+
+    Output goes to temporary files (never a pipe, so nothing can block on a full pipe and no
+    reader thread competes for the CPU); `stdout="discard"` sends it to /dev/null. `stdin`, if
+    given, is fed from a temporary file.
+    """
+    read_end, write_end = os.pipe()
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryFile() as feed,
+        os.fdopen(read_end, "rb") as report,
+    ):
+        if stdin is not None:
+            feed.write(stdin)
+            feed.seek(0)
+        try:
+            launcher = subprocess.Popen(
+                [sys.executable, "-S", "-I", "-c", _LAUNCHER, str(write_end), *argv],
+                cwd=cwd,
+                stdin=feed if stdin is not None else subprocess.DEVNULL,
+                stdout=out if stdout == "capture" else subprocess.DEVNULL,
+                stderr=err,
+                pass_fds=(write_end,),
+            )
+        finally:
+            os.close(write_end)
+        with launcher:
+            fields = report.read().split()
+            launcher.wait()
+        out.seek(0)
+        err.seek(0)
+        if launcher.returncode != 0 or len(fields) != 3:
+            raise BenchError(f"the launcher failed on {' '.join(argv)}: {err.read()!r}")
+        result = Measured(
+            argv=tuple(argv),
+            wall=float(fields[0]),
+            max_rss=int(fields[1]) * 1024,  # Linux reports KiB
+            returncode=int(fields[2]),
+            stdout=out.read(),
+            stderr=err.read(),
+        )
+    if check and result.returncode != 0:
+        tail = result.stderr.decode(errors="replace")[-2000:]
+        raise BenchError(f"{' '.join(argv)} exited {result.returncode}:\n{tail}")
+    return result
+
+
+def backer_command(home: Path, *args: str) -> list[str]:
+    """`backer --home HOME ARGS` with the interpreter running this benchmark."""
+    return [sys.executable, "-m", "backer", "--home", str(home), *args]
+
+
+@contextmanager
+def fresh_home(workdir: Path) -> Iterator[Path]:
+    """An empty node home (new device key, no shared folders), removed afterwards."""
+    parent = workdir / "homes"
+    parent.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(dir=parent))
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+# -- describing the run --------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """How busy the rest of the machine was while a benchmark ran: the CPU time of the whole
+    machine (from /proc/stat, steal included) less that of this process and its children, as an
+    average number of cores. Other work on a 2-core machine moves every figure."""
+
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+        self._machine = _machine_cpu()
+        self._own = _own_cpu()
+
+    def others(self) -> float:
+        elapsed = time.perf_counter() - self._started
+        other = (_machine_cpu() - self._machine) - (_own_cpu() - self._own)
+        return max(other, 0.0) / max(elapsed, 1e-9)
+
+
+def wait_for_quiet(
+    limit: float, *, busy: float = 0.2, probe: float = 2.0, log: Callable[[str], None] = print
+) -> float:
+    """Wait up to `limit` seconds until other processes use under `busy` cores over a `probe`
+    interval (the machine may be shared); return what they used in the last probe."""
+    deadline = time.monotonic() + limit
+    while True:
+        meter = CpuMeter()
+        time.sleep(probe)
+        others = meter.others()
+        if others < busy or time.monotonic() >= deadline:
+            if others >= busy:
+                log(f"WARNING the machine stays busy: other processes use {others:.2f} cores")
+            return others
+        log(f"waiting for the machine to go quiet (other processes use {others:.2f} cores)")
+
+
+def _machine_cpu() -> float:
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0.0
+    # cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy.
+    ticks = [int(f) for f in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def utc_date() -> str:
+    return subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"unavailable ({exc})"
+    return (done.stdout or done.stderr).strip().splitlines()[0]
+
+
+def machine() -> str:
+    """One line: CPU model, cores, RAM, kernel and Python."""
+    model = platform.processor() or "unknown CPU"
+    memory = "unknown RAM"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB RAM"
+                break
+    except OSError:
+        pass
+    return (
+        f"{model}, {os.cpu_count()} cores, {memory}; Linux {platform.release()}; "
+        f"Python {platform.python_version()}"
+    )
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    """One line of a results table: backer beside its reference."""
+
+    measure: str
+    backer: str
+    reference: str
+    ratio: str
+    target: str = "-"
+    met: str = "-"
+
+    HEADER = ("measure", "backer", "reference", "ratio", "target", "met")
+
+    def cells(self) -> tuple[str, ...]:
+        return (self.measure, self.backer, self.reference, self.ratio, self.target, self.met)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(Row.HEADER) + " |", "|" + "---|" * len(Row.HEADER)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(rows: Sequence[Row]) -> str:
+    table = [Row.HEADER, *(r.cells() for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(Row.HEADER))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in out)
+
+
+def write_doc_section(doc: Path, title: str, body: str) -> None:
+    """Replace the `## title` section of `doc` (up to the next `## ` heading) with `body`,
+    creating the file with a short header, or appending the section, where missing."""
+    text = doc.read_text() if doc.exists() else DOC_HEADER
+    lines = text.splitlines(keepends=True)
+    heading = f"## {title}\n"
+    section = [heading, "\n", body.rstrip("\n") + "\n"]
+    try:
+        start = lines.index(heading)
+    except ValueError:
+        if lines and lines[-1].strip():
+            lines.append("\n")
+        lines += section
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        tail = lines[end:]
+        lines[start:end] = [*section, *(["\n"] if tail else [])]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("".join(lines))
+
+
+# -- profiles ------------------------------------------------------------------------------------
+
+# Builtins in which a thread sits idle (a pool worker waiting for work, the event loop waiting for
+# the worker): counted apart so "busy" time is work.
+_WAITS = (
+    "<method 'acquire' of '_thread.",
+    "<method 'get' of '_queue.SimpleQueue'",
+    "<method 'poll' of 'select.",
+    "<built-in method time.sleep>",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSummary:
+    """A pstats file boiled down: busy time per owner (package or module) and the top functions."""
+
+    busy: float  # seconds of thread time spent working, all threads added up
+    waiting: float
+    owners: tuple[tuple[str, float], ...]  # (owner, seconds of own time), largest first
+    top: tuple[tuple[str, int, float, float], ...]  # (function, calls, own s, cumulative s)
+
+    def lead(self, count: int = 4) -> str:
+        """'A 41 %, B 22 %, ...': the owners of most busy time."""
+        return ", ".join(
+            f"{name} {100 * sec / self.busy:.0f} %" for name, sec in self.owners[:count]
+        )
+
+    def markdown(self, owners: int = 8, functions: int = 10) -> str:
+        lines = ["| where (own time) | seconds | share of busy |", "|---|---|---|"]
+        lines += [
+            f"| {name} | {sec:.2f} | {100 * sec / self.busy:.0f} % |"
+            for name, sec in self.owners[:owners]
+        ]
+        lines += ["", "| function | calls | own s | cumulative s |", "|---|---|---|---|"]
+        lines += [
+            f"| `{name}` | {calls:,} | {own:.2f} | {cum:.2f} |"
+            for name, calls, own, cum in self.top[:functions]
+        ]
+        return "\n".join(lines)
+
+
+def summarise_profile(path: Path, repo: Path) -> ProfileSummary:
+    """Read a pstats file (as written by `bench/threadprof.py` or `cProfile -o`)."""
+    raw = marshal.loads(path.read_bytes())
+    owners: dict[str, float] = {}
+    busy = waiting = 0.0
+    functions = []
+    for (filename, line, func), (_, calls, own, cum, _callers) in raw.items():
+        if filename == "~" and func.startswith(_WAITS):
+            waiting += own
+            continue
+        busy += own
+        owner = _owner(filename, func, repo)
+        owners[owner] = owners.get(owner, 0.0) + own
+        where = func if filename == "~" else f"{_short(filename, repo)}:{line}({func})"
+        functions.append((where, int(calls), float(own), float(cum)))
+    functions.sort(key=lambda f: f[2], reverse=True)
+    return ProfileSummary(
+        busy=max(busy, 1e-9),
+        waiting=waiting,
+        owners=tuple(sorted(owners.items(), key=lambda o: o[1], reverse=True)),
+        top=tuple(functions),
+    )
+
+
+def _owner(filename: str, func: str, repo: Path) -> str:
+    """Who owns a profiled function: a backer module, a package, a stdlib module, a builtin's
+    module (sqlite3, blake3, posix ...)."""
+    if filename == "~":
+        found = re.search(r"of '([\w.]+)' objects", func) or re.search(
+            r"<built-in method ([\w.]+)>", func
+        )
+        name = found.group(1) if found else func
+        return f"{name.partition('.')[0] if '.' in name else 'builtins'} (C)"
+    if filename.startswith("<frozen importlib"):
+        return "importing modules"
+    if filename.startswith("<"):
+        return filename.strip("<>")
+    path = Path(filename)
+    if path.is_relative_to(repo):
+        return ".".join(path.relative_to(repo).with_suffix("").parts)
+    parts = path.parts
+    if "site-packages" in parts:
+        return parts[parts.index("site-packages") + 1].removesuffix(".py")
+    return f"stdlib {path.stem}"
+
+
+def _short(filename: str, repo: Path) -> str:
+    path = Path(filename)
+    if path.is_relative_to(repo):
+        return str(path.relative_to(repo))
+    parts = path.parts
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") + 1 :])
+    return path.name
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:,.0f} MB"
