@@ -26,7 +26,7 @@ from backer.keys import FolderKey
 from backer.paths import RESERVED_DIR
 from backer.sync.merge import is_conflict_copy
 from backer.sync.peer import SessionResult
-from backer.sync.replica import Replica
+from backer.sync.replica import Replica, signer_for
 from backer.sync.replicate import PLAIN_FOLDER, sync_stream
 from backer.sync.versions import Versions
 
@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.set_defaults(run=_cmd_restore)
 
+    revert = commands.add_parser(
+        "revert", help="undo this read-only device's own changes (the mesh's versions return)"
+    )
+    revert.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
+    revert.set_defaults(run=_cmd_revert)
+
     conflicts = commands.add_parser("conflicts", help="list conflict copies in a folder")
     conflicts.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
     conflicts.set_defaults(run=_cmd_conflicts)
@@ -176,6 +182,8 @@ def _cmd_scan(home: Home, args: argparse.Namespace) -> int:
     folder = _folder(home, args.dir, create=True)
     device = home.device_id()
     with IndexStore.open(folder, create=False) as store:
+        store.signer = signer_for(_folder_key(home, folder))
+        store.sign_unsigned()
         with _progress_display(sys.stderr, enabled=not args.json) as show:
             report = asyncio.run(
                 scan(
@@ -251,7 +259,7 @@ def _cmd_sync(home: Home, args: argparse.Namespace) -> int:
     identity = _folder_identity(home, folder)
 
     async def go() -> SessionResult:
-        replica = await Replica.open(folder, device=device.short)
+        replica = await Replica.open(folder, device=device.short, key=_folder_key(home, folder))
         try:
             await replica.scan()
             try:
@@ -301,7 +309,7 @@ def _cmd_serve(home: Home, args: argparse.Namespace) -> int:
     identity = _folder_identity(home, folder)
 
     async def go() -> None:
-        replica = await Replica.open(folder, device=device.short)
+        replica = await Replica.open(folder, device=device.short, key=_folder_key(home, folder))
 
         async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = writer.get_extra_info("peername")
@@ -354,7 +362,7 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
     device = home.device_id()
 
     async def record() -> None:
-        replica = await Replica.open(folder, device=device.short)
+        replica = await Replica.open(folder, device=device.short, key=_folder_key(home, folder))
         try:
             await replica.scan([rel])
         finally:
@@ -362,6 +370,35 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
 
     asyncio.run(record())
     print(f"restored {rel} from {version.time:%Y%m%d-%H%M%S}; the replaced file was kept")
+    return EXIT_OK
+
+
+def _cmd_revert(home: Home, args: argparse.Namespace) -> int:
+    folder = _folder(home, args.dir, create=False)
+    key = _folder_key(home, folder)
+    if key is None or key.can_write:
+        raise BackerError(
+            f"{folder} is not a read-only share here: its changes are real changes, nothing to "
+            "revert (restore single files with `backer restore`)"
+        )
+    device = home.device_id()
+
+    async def go() -> list[str]:
+        replica = await Replica.open(folder, device=device.short, key=key)
+        try:
+            return await replica.revert()
+        finally:
+            await replica.close()
+
+    reverted = asyncio.run(go())
+    for path in reverted:
+        print(f"reverted {path}")
+    print(
+        f"{len(reverted)} local changes moved to the versions area; the next sync brings back "
+        "the shared versions"
+        if reverted
+        else "no local changes"
+    )
     return EXIT_OK
 
 
@@ -388,9 +425,14 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _folder_identity(home: Home, folder: Path) -> bytes:
+def _folder_key(home: Home, folder: Path) -> FolderKey | None:
     configured = home.load_config().folder_for(str(folder))
-    return FolderKey.parse(configured.key).discovery_id if configured else PLAIN_FOLDER
+    return FolderKey.parse(configured.key) if configured else None
+
+
+def _folder_identity(home: Home, folder: Path) -> bytes:
+    key = _folder_key(home, folder)
+    return key.discovery_id if key else PLAIN_FOLDER
 
 
 def _inside_folder(given: str) -> tuple[Path, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
@@ -30,6 +30,7 @@ __all__ = [
     "iter_chunks",
     "leaf_hash_of",
     "pack_chunks",
+    "signed_message",
 ]
 
 # One chunk in a chunk list: its BLAKE3 hash and its length (big-endian uint32).
@@ -42,6 +43,7 @@ CHUNK_RECORD = _CHUNK_STRUCT.size
 GROUP_MASK = 63
 GROUP_MAX = 256
 MAX_MODE = 0o7777
+SIGNATURE_SIZE = 64
 
 
 class Kind(enum.IntEnum):
@@ -178,6 +180,11 @@ def leaf_hash_of(
     return hash_bytes("leaf", canonical)
 
 
+def signed_message(leaf: bytes) -> bytes:
+    """What the folder's signing key signs for one version of one path."""
+    return b"backer entry v1\0" + leaf
+
+
 _EMPTY_CHUNKS_ROOT = chunk_list_root(b"")
 
 
@@ -195,6 +202,9 @@ class Entry:
     mode: int = 0
     target: str = ""  # symlink target, stored as text and never followed
     chunks: bytes = b""  # packed (hash, length) records, see pack_chunks
+    # Ed25519 signature by the folder's signing key over the leaf hash (see `signed_message`);
+    # empty when unsigned. Not part of the leaf: every read-write device signs alike.
+    signature: bytes = field(default=b"", compare=False)
 
     def __post_init__(self) -> None:
         check_path(self.path)
@@ -213,6 +223,8 @@ class Entry:
             raise ValueError("chunk lengths do not add up to the file size")
         if not self.version.counters:
             raise ValueError("an entry needs a version")
+        if len(self.signature) not in (0, SIGNATURE_SIZE):
+            raise ValueError(f"a signature is {SIGNATURE_SIZE} bytes")
 
     @property
     def name(self) -> str:
@@ -249,7 +261,7 @@ class Entry:
         )
 
     def with_version(self, version: VersionVector, modifier: int) -> Entry:
-        return replace(self, version=version, modifier=modifier)
+        return replace(self, version=version, modifier=modifier, signature=b"")
 
 
 assert len(_EMPTY_CHUNKS_ROOT) == HASH_SIZE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 INDEX_FILE = "index.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Superseded tree nodes stay readable for this many commits, so a peer descending an older root
 # mostly finds what it asks for (DESIGN.md section 3); older ones are purged.
 KEEP_GENERATIONS = 16
@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS entries(
     chunks BLOB NOT NULL,
     version BLOB NOT NULL,
     modifier INTEGER NOT NULL,
+    signature BLOB NOT NULL,
     leaf BLOB NOT NULL,
     st_size INTEGER,
     st_mtime_ns INTEGER,
@@ -82,7 +83,8 @@ CREATE INDEX IF NOT EXISTS nodes_retired ON nodes(retired) WHERE retired IS NOT 
 """
 
 _ENTRY_COLUMNS = (
-    "parent, name, kind, deleted, size, mtime_ns, mode, target, chunks, version, modifier"
+    "parent, name, kind, deleted, size, mtime_ns, mode, target, chunks, version, modifier, "
+    "signature"
 )
 _LOCAL_COLUMNS = "st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name"
 
@@ -170,6 +172,9 @@ class IndexStore:
         self.path = path
         self._root = Hash(self._meta("root", merkle.EMPTY_ROOT))
         self._generation = int.from_bytes(self._meta("generation", b"\0"), "big")
+        # Signs every entry committed without a signature (a read-write device's own versions,
+        # merged vectors, conflict copies); None on a read-only device or without a folder key.
+        self.signer: Callable[[bytes], bytes] | None = None
 
     @classmethod
     def open(cls, folder_root: Path, *, create: bool = False) -> IndexStore:
@@ -270,6 +275,31 @@ class IndexStore:
             for row in rows:
                 yield _entry(row[1:])
             last_id = rows[-1][0]
+
+    def unsigned(self) -> list[Entry]:
+        """Entries without a signature: on a read-only device, its own local changes."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE length(signature)=0"
+            ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def sign_unsigned(self) -> int:
+        """Sign every entry that has no signature yet (indexed before the folder had a key)."""
+        if self.signer is None:
+            return 0
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, leaf FROM entries WHERE length(signature)=0"
+            ).fetchall()
+            if rows:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "UPDATE entries SET signature=? WHERE id=?",
+                    ((self.signer(bytes(leaf)), row_id) for row_id, leaf in rows),
+                )
+                self._db.execute("COMMIT")
+        return len(rows)
 
     def read_node(self, node: Hash) -> bytes:
         """A tree node's bytes; KeyError if unknown or purged (merkle.NodeReader)."""
@@ -403,6 +433,7 @@ class IndexStore:
             entry.chunks,
             msgpack.packb(entry.version.counters),
             _signed(entry.modifier),
+            entry.signature or (self.signer(leaf) if self.signer else b""),
             leaf,
             *(
                 (stat.size, stat.mtime_ns, stat.ino, stat.ctime_ns)
@@ -415,7 +446,7 @@ class IndexStore:
         if old is None:
             cursor = self._db.execute(
                 f"INSERT INTO entries({_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}) "
-                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 values,
             )
             file_id = cursor.lastrowid
@@ -428,7 +459,7 @@ class IndexStore:
                 old_chunks = None
             self._db.execute(
                 f"UPDATE entries SET ({_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}) = "
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) WHERE id=?",
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) WHERE id=?",
                 (*values, file_id),
             )
             if old_chunks is None:
@@ -443,7 +474,20 @@ class IndexStore:
 
 
 def _entry(row: Sequence[Any]) -> Entry:
-    parent, name, kind, deleted, size, mtime_ns, mode, target, chunks, version, modifier = row[:11]
+    (
+        parent,
+        name,
+        kind,
+        deleted,
+        size,
+        mtime_ns,
+        mode,
+        target,
+        chunks,
+        version,
+        modifier,
+        signature,
+    ) = row[:12]
     try:
         counters = msgpack.unpackb(version)
         return Entry(
@@ -457,6 +501,7 @@ def _entry(row: Sequence[Any]) -> Entry:
             chunks=bytes(chunks),
             version=VersionVector(tuple((int(d), int(c)) for d, c in counters)),
             modifier=_unsigned(modifier),
+            signature=bytes(signature),
         )
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise IndexCorruptError(f"index entry {parent}/{name} does not decode: {exc}") from exc
@@ -469,4 +514,4 @@ def _local(columns: Sequence[Any]) -> LocalState:
 
 
 def _record(row: Sequence[Any]) -> Record:
-    return Record(_entry(row), _local(row[11:17]))
+    return Record(_entry(row), _local(row[12:18]))

@@ -19,7 +19,7 @@ import msgpack
 
 from backer.errors import LocalProtocolError, RemoteProtocolError
 from backer.ids import HASH_SIZE, Hash
-from backer.index.entry import Kind, VersionVector
+from backer.index.entry import SIGNATURE_SIZE, Kind, VersionVector
 from backer.paths import MAX_PATH_BYTES
 from backer.protocol.messages import (
     MAX_BATCH_ENTRIES,
@@ -203,6 +203,7 @@ _ENTRY_KEYS = {
     "target": "l",
     "groups": "g",
     "chunks": "c",
+    "signature": "z",
 }
 
 
@@ -421,6 +422,7 @@ _ENTRY_FIELDS: dict[str, Callable[[_Reader], Any]] = {
     "l": _text("target", MAX_PATH_BYTES),
     "g": _groups,
     "c": _optional_bin("inline chunks", MAX_INLINE_CHUNKS),
+    "z": _bin("signature", SIGNATURE_SIZE),
 }
 
 

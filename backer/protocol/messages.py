@@ -19,6 +19,7 @@ from backer.index.chunker import CHUNK_MAX
 from backer.index.entry import (
     CHUNK_RECORD,
     GROUP_MAX,
+    SIGNATURE_SIZE,
     Entry,
     Kind,
     VersionVector,
@@ -260,6 +261,7 @@ class RemoteEntry:
     target: str = ""
     groups: tuple[Hash, ...] = ()
     chunks: bytes | None = b""
+    signature: bytes = b""  # empty, or 64 bytes by the folder's signing key
 
     def __post_init__(self) -> None:
         check_text("path", self.path, MAX_PATH_BYTES)
@@ -282,6 +284,9 @@ class RemoteEntry:
             raise ValueError(f"groups is a tuple of at most {MAX_GROUPS_PER_ENTRY} hashes")
         for digest in self.groups:
             check_hash("group hash", digest)
+        check_bytes("signature", self.signature, 0, SIGNATURE_SIZE)
+        if len(self.signature) not in (0, SIGNATURE_SIZE):
+            raise ValueError(f"a signature is empty or {SIGNATURE_SIZE} bytes")
         if self.chunks is not None:
             check_bytes("inline chunks", self.chunks, 0, MAX_INLINE_CHUNKS)
         if self.deleted or self.kind is not Kind.FILE:
@@ -313,6 +318,7 @@ class RemoteEntry:
             target=entry.target,
             groups=_group_hashes(entry.chunks),
             chunks=entry.chunks if len(entry.chunks) <= MAX_INLINE_CHUNKS else None,
+            signature=entry.signature,
         )
 
     def leaf_hash(self) -> Hash:
@@ -354,6 +360,7 @@ class RemoteEntry:
                 mode=self.mode,
                 target=self.target,
                 chunks=chunks,
+                signature=self.signature,
             )
         except ValueError as exc:
             raise RemoteProtocolError(f"entry {self.path!r}: {exc}") from exc

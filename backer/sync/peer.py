@@ -54,10 +54,12 @@ async def run_session(
     device: bytes,
     folder: bytes,
     until_in_sync: bool = False,
+    stuck_after: float = STUCK_AFTER,
 ) -> SessionResult:
     """Run one session until the peer leaves, something fails, or (with `until_in_sync`) both
     sides hold the same root and nothing is in flight; then close the link."""
     peer = _Peer(replica, link, device=device, folder=folder, until_in_sync=until_in_sync)
+    peer.stuck_after = stuck_after
     try:
         await peer.run()
     finally:
@@ -84,6 +86,7 @@ class _Peer:
         self.write_lock = asyncio.Lock()
         self.answers = asyncio.Semaphore(ANSWERS_IN_FLIGHT)
         self.root_event = replica.watch_root()
+        self.stuck_after = STUCK_AFTER
 
     async def run(self) -> None:
         try:
@@ -221,7 +224,7 @@ class _Peer:
                 await self._send(self.session.close("in sync"))
                 self._end("in sync", clean=True)
             stuck = self.until_in_sync and fruitless == (target, local)
-            if not await self._wait(STUCK_AFTER if stuck else None) and stuck:
+            if not await self._wait(self.stuck_after if stuck else None) and stuck:
                 errors = [e for report in self.result.pulls for e in report.errors]
                 await self._send(self.session.close("not in sync"))
                 self._end(f"not in sync: no progress ({len(errors)} paths failed)", clean=False)

@@ -80,7 +80,12 @@ class PullReport:
     bytes_fetched: int = 0
     bytes_local: int = 0
     skipped: int = 0  # paths left for a later pull (content no longer on the peer)
+    refused: int = 0  # versions without a valid signature (made by a read-only device?)
     errors: list[str] = field(default_factory=list)  # paths refused or failed, with the reason
+
+
+class _UntrustedVersion(BackerError):
+    """A version not signed with the folder's signing key: a read-only device made it."""
 
 
 class _ChangedMeanwhile(BackerError):
@@ -224,6 +229,10 @@ class _Pull:
         deletions: list[tuple[Decision, Record | None]],
         blocked: list[tuple[Decision, Record | None, Entry]],
     ) -> None:
+        if not self.replica.trusted(remote):
+            self.report.refused += 1
+            self._failed(remote.path, _UntrustedVersion("not signed with the folder's key"))
+            return
         record = await self._current(remote.path)
         decision = decide(record.entry if record else None, remote)
         result = decision.result

@@ -9,25 +9,39 @@ worker threads. Imports index, protocol and sync modules below it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from backer.errors import InvalidPathError
 from backer.ids import Hash
 from backer.index.chunker import hash_chunk
-from backer.index.entry import chunk_groups, group_hash
+from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_message
 from backer.index.scan import ScanReport, scan
-from backer.index.store import IndexStore
+from backer.index.store import Forget, IndexStore
+from backer.keys import FolderKey
 from backer.protocol.messages import RemoteEntry
 from backer.sync.disk import FolderDisk
 from backer.sync.versions import Versions
 
-__all__ = ["Replica"]
+__all__ = ["Replica", "signer_for"]
 
 # Groups of chunk lists recently sent to peers, kept so that the peer's follow-up GET_GROUPS can
 # be answered without an index from group hash to file.
 GROUP_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def signer_for(key: FolderKey | None) -> Callable[[bytes], bytes] | None:
+    """What signs this device's versions of a folder: only a read-write key can."""
+    if key is None or not key.can_write:
+        return None
+    signing = key.signing_key
+    return lambda leaf: bytes(signing.sign(signed_message(leaf)).signature)
 
 
 class Replica:
@@ -40,14 +54,22 @@ class Replica:
         *,
         device: int,
         clock: Callable[[], float] = time.time,
+        key: FolderKey | None = None,
     ) -> None:
         self.folder = folder
+        self.key = key
+        store.signer = signer_for(key)
+        self._verify = VerifyKey(key.verify_key) if key is not None else None
         self.store = store
         self.device = device
         self.clock = clock
         self.disk = FolderDisk(folder)
         self.versions = Versions(folder)
         self.lock = asyncio.Lock()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self._listeners: set[asyncio.Event] = set()
         self._groups: OrderedDict[Hash, bytes] = OrderedDict()
         self._group_bytes = 0
@@ -60,9 +82,14 @@ class Replica:
         device: int,
         create: bool = False,
         clock: Callable[[], float] = time.time,
+        key: FolderKey | None = None,
     ) -> Replica:
+        """Open a folder's replica. With a folder key, every version this device makes is
+        signed (read-write key) and every version from a peer must carry a valid signature."""
         store = await asyncio.to_thread(IndexStore.open, folder, create=create)
-        return cls(folder, store, device=device, clock=clock)
+        replica = cls(folder, store, device=device, clock=clock, key=key)
+        await asyncio.to_thread(store.sign_unsigned)
+        return replica
 
     async def close(self) -> None:
         await asyncio.to_thread(self.store.close)
@@ -87,6 +114,34 @@ class Replica:
             self.notify()
         return report
 
+    async def revert(self) -> list[str]:
+        """Undo this read-only device's own changes: what it added or edited goes to the
+        versions area, and its index forgets them, so the next sync brings back the mesh's
+        versions (Syncthing's "Revert Local Changes"). Returns the paths reverted."""
+        async with self.lock:
+            await self.scan_locked()
+            return await asyncio.to_thread(self._revert)
+
+    def _revert(self) -> list[str]:
+        local = sorted(self.store.unsigned(), key=lambda e: e.path, reverse=True)  # deepest first
+        for entry in local:
+            if entry.deleted:
+                continue
+            if entry.kind is Kind.DIR:
+                with contextlib.suppress(OSError, InvalidPathError):
+                    self.disk.remove_dir(entry.path)
+            else:
+                self.versions.archive(entry.path, self.clock())
+        self.store.commit([Forget(entry.path) for entry in local])
+        if local:
+            self.notify_threadsafe()
+        return [entry.path for entry in reversed(local)]
+
+    def notify_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.notify)
+
     def watch_root(self) -> asyncio.Event:
         """An event set whenever the local root changes (clear it after reading)."""
         event = asyncio.Event()
@@ -99,6 +154,17 @@ class Replica:
     def notify(self) -> None:
         for event in self._listeners:
             event.set()
+
+    def trusted(self, entry: Entry) -> bool:
+        """Whether a peer's version may be accepted: signed with the folder's key, when the
+        folder has one (a read-only device cannot sign, so its versions are refused)."""
+        if self._verify is None:
+            return True
+        try:
+            self._verify.verify(signed_message(entry.leaf_hash()), entry.signature)
+        except (BadSignatureError, ValueError):
+            return False
+        return True
 
     # -- answering peers (call from worker threads) ------------------------------------------
 

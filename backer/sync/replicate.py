@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backer.ids import Hash
+from backer.keys import FolderKey
 from backer.sync.link import StreamLink, memory_pipe
-from backer.sync.peer import SessionResult, run_session
+from backer.sync.peer import STUCK_AFTER, SessionResult, run_session
 from backer.sync.replica import Replica
 
 __all__ = ["PLAIN_FOLDER", "ReplicateResult", "replicate", "sync_stream"]
@@ -35,24 +36,44 @@ class ReplicateResult:
         return self.root_a == self.root_b
 
 
-async def replicate(folder_a: Path, folder_b: Path, *, create: bool = True) -> ReplicateResult:
+async def replicate(
+    folder_a: Path,
+    folder_b: Path,
+    *,
+    create: bool = True,
+    key_a: FolderKey | None = None,
+    key_b: FolderKey | None = None,
+    stuck_after: float = STUCK_AFTER,
+) -> ReplicateResult:
     """Scan both folders, then reconcile them both ways over an in-memory pipe until their
-    roots are equal. Each folder acts as its own device (its ID kept in its index)."""
-    a = await Replica.open(folder_a, device=0, create=create)
-    b = await Replica.open(folder_b, device=0, create=create)
+    roots are equal (or no progress is possible). Each folder acts as its own device (its ID
+    kept in its index). With folder keys, versions are signed and checked (`Replica.open`)."""
+    a = await Replica.open(folder_a, device=0, create=create, key=key_a)
+    b = await Replica.open(folder_b, device=0, create=create, key=key_b)
     try:
         for replica in (a, b):
             replica.device = await asyncio.to_thread(replica.store.local_device)
             await replica.scan()
         end_a, end_b = memory_pipe()
         result_a, result_b = await asyncio.gather(
-            run_session(a, end_a, device=_device_bytes(a), folder=PLAIN_FOLDER, until_in_sync=True),
-            run_session(b, end_b, device=_device_bytes(b), folder=PLAIN_FOLDER),
+            run_session(
+                a,
+                end_a,
+                device=_device_bytes(a),
+                folder=_folder_id(key_a),
+                until_in_sync=True,
+                stuck_after=stuck_after,
+            ),
+            run_session(b, end_b, device=_device_bytes(b), folder=_folder_id(key_b)),
         )
         return ReplicateResult(a.root, b.root, result_a, result_b)
     finally:
         await a.close()
         await b.close()
+
+
+def _folder_id(key: FolderKey | None) -> bytes:
+    return key.discovery_id if key is not None else PLAIN_FOLDER
 
 
 async def sync_stream(
