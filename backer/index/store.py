@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,8 @@ _ENTRY_COLUMNS = (
     "signature"
 )
 _LOCAL_COLUMNS = "st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name"
+_ALL_COLUMNS = f"{_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}"
+_LOOKUP_BATCH = 400  # (parent, name) pairs per lookup query
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,19 +348,15 @@ class IndexStore:
     # -- writes --------------------------------------------------------------------------------
 
     def commit(self, changes: Sequence[Record | Forget]) -> Hash:
-        """Apply records and forgets in one transaction, update the tree, return the new root."""
+        """Apply records and forgets in one transaction, update the tree, return the new root.
+        When a path appears more than once, its last change counts."""
         if not changes:
             return self._root
-        leaf_changes: dict[str, Hash | None] = {}
+        latest = {(c.path if isinstance(c, Forget) else c.entry.path): c for c in changes}
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                for change in changes:
-                    if isinstance(change, Forget):
-                        self._delete_row(change.path)
-                        leaf_changes[change.path] = None
-                    else:
-                        leaf_changes[change.entry.path] = self._upsert(change)
+                leaf_changes = self._write_entries(latest)
                 tree = merkle.update(self.read_node, self._root, leaf_changes)
                 self._generation += 1
                 self._db.executemany(
@@ -385,45 +383,68 @@ class IndexStore:
         self._root = tree.root
         return tree.root
 
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _meta(self, key: str, default: bytes) -> bytes:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return default if row is None else bytes(row[0])
-
-    def _set_meta(self, key: str, value: bytes) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
-
-    def _delete_row(self, path: str) -> None:
-        parent, name = parent_of(path), path.rpartition("/")[2]
-        row = self._db.execute(
-            "SELECT id, chunks FROM entries WHERE parent=? AND name=?", (parent, name)
-        ).fetchone()
-        if row is not None:
-            self._drop_chunk_refs(row[0], row[1])
-            self._db.execute("DELETE FROM entries WHERE id=?", (row[0],))
-
-    def _drop_chunk_refs(self, file_id: int, chunks: bytes) -> None:
-        offset = 0
-        refs = []
-        for digest, length in iter_chunks(chunks):
-            refs.append((_chunk_prefix(digest), file_id, offset))
-            offset += length
+    def _write_entries(self, changes: dict[str, Record | Forget]) -> dict[str, Hash | None]:
+        """Write rows and chunk references with one statement per kind of write, not per row
+        (a first scan commits thousands of records at a time)."""
+        existing = self._existing(changes.keys())
+        next_id: int = self._db.execute("SELECT coalesce(max(id), 0) FROM entries").fetchone()[0]
+        inserts, updates, deletes = [], [], []
+        drop_refs: list[tuple[int, int, int]] = []
+        add_refs: list[tuple[int, int, int, int]] = []
+        leaves: dict[str, Hash | None] = {}
+        for path, change in changes.items():
+            old = existing.get(path)
+            if isinstance(change, Forget):
+                leaves[path] = None
+                if old is not None:
+                    deletes.append((old[0],))
+                    drop_refs.extend(_refs(old[0], old[1]))
+                continue
+            entry = change.entry
+            leaf = leaves[path] = entry.leaf_hash()
+            values = self._row(change, leaf)
+            if old is None:
+                next_id += 1
+                inserts.append((next_id, *values))
+                add_refs.extend(_refs(next_id, entry.chunks, sized=True))
+            else:
+                updates.append((*values, old[0]))
+                if old[1] != entry.chunks:
+                    drop_refs.extend(_refs(old[0], old[1]))
+                    add_refs.extend(_refs(old[0], entry.chunks, sized=True))
+        marks = ",".join("?" * (_ALL_COLUMNS.count(",") + 2))  # the columns and the row id
+        self._db.executemany(f"INSERT INTO entries(id, {_ALL_COLUMNS}) VALUES({marks})", inserts)
         self._db.executemany(
-            "DELETE FROM chunk_refs WHERE prefix=? AND file_id=? AND offset=?", refs
+            f"UPDATE entries SET ({_ALL_COLUMNS}) = ({marks[2:]}) WHERE id=?", updates
         )
+        self._db.executemany("DELETE FROM entries WHERE id=?", deletes)
+        self._db.executemany(
+            "DELETE FROM chunk_refs WHERE prefix=? AND file_id=? AND offset=?",
+            (ref[:3] for ref in drop_refs),
+        )
+        self._db.executemany("INSERT OR REPLACE INTO chunk_refs VALUES(?,?,?,?)", add_refs)
+        return leaves
 
-    def _upsert(self, record: Record) -> Hash:
-        entry, local = record.entry, record.local
-        leaf = entry.leaf_hash()
-        parent, name = parent_of(entry.path), entry.name
-        old = self._db.execute(
-            "SELECT id, chunks FROM entries WHERE parent=? AND name=?", (parent, name)
-        ).fetchone()
-        stat = local.stat
-        values = (
-            parent,
-            name,
+    def _existing(self, paths: Iterable[str]) -> dict[str, tuple[int, bytes]]:
+        """(row id, chunk list) of each of `paths` the index already holds."""
+        pairs = [(parent_of(p), p.rpartition("/")[2]) for p in paths]
+        found: dict[str, tuple[int, bytes]] = {}
+        for start in range(0, len(pairs), _LOOKUP_BATCH):
+            part = pairs[start : start + _LOOKUP_BATCH]
+            rows = self._db.execute(
+                "SELECT parent, name, id, chunks FROM entries WHERE (parent, name) IN "
+                f"(VALUES {','.join(['(?,?)'] * len(part))})",
+                [value for pair in part for value in pair],
+            ).fetchall()
+            for parent, name, row_id, chunks in rows:
+                found[join(parent, name)] = (row_id, chunks)
+        return found
+
+    def _row(self, record: Record, leaf: Hash) -> tuple[Any, ...]:
+        entry, local, stat = record.entry, record.local, record.local.stat
+        return (
+            parent_of(entry.path),
+            entry.name,
             int(entry.kind),
             int(entry.deleted),
             entry.size,
@@ -435,42 +456,30 @@ class IndexStore:
             _signed(entry.modifier),
             entry.signature or (self.signer(leaf) if self.signer else b""),
             leaf,
-            *(
-                (stat.size, stat.mtime_ns, stat.ino, stat.ctime_ns)
-                if stat
-                else (None, None, None, None)
-            ),
+            *((stat.size, stat.mtime_ns, stat.ino, stat.ctime_ns) if stat else (None,) * 4),
             int(local.racy),
             local.disk_name,
         )
-        if old is None:
-            cursor = self._db.execute(
-                f"INSERT INTO entries({_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}) "
-                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                values,
-            )
-            file_id = cursor.lastrowid
-            assert file_id is not None
-        else:
-            file_id, old_chunks = old
-            if old_chunks != entry.chunks:
-                self._drop_chunk_refs(file_id, old_chunks)
-            else:
-                old_chunks = None
-            self._db.execute(
-                f"UPDATE entries SET ({_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}) = "
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) WHERE id=?",
-                (*values, file_id),
-            )
-            if old_chunks is None:
-                return leaf
-        offset = 0
-        refs = []
-        for digest, length in iter_chunks(entry.chunks):
-            refs.append((_chunk_prefix(digest), file_id, offset, length))
-            offset += length
-        self._db.executemany("INSERT OR REPLACE INTO chunk_refs VALUES(?,?,?,?)", refs)
-        return leaf
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _meta(self, key: str, default: bytes) -> bytes:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else bytes(row[0])
+
+    def _set_meta(self, key: str, value: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+
+
+def _refs(file_id: int, chunks: bytes, *, sized: bool = False) -> list[Any]:
+    """chunk_refs rows (prefix, file, offset[, size]) of a file's chunk list."""
+    refs = []
+    offset = 0
+    for digest, length in iter_chunks(chunks):
+        ref = (_chunk_prefix(digest), file_id, offset)
+        refs.append((*ref, length) if sized else ref)
+        offset += length
+    return refs
 
 
 def _entry(row: Sequence[Any]) -> Entry:
