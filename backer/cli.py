@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
     init.set_defaults(run=_cmd_init)
 
+    join = commands.add_parser("join", help="add a folder shared with you by its key")
+    join.add_argument("key", help="the folder key another device printed (bkw1... or bkr1...)")
+    join.add_argument("dir", help="where the folder goes on this machine (created if missing)")
+    join.set_defaults(run=_cmd_join)
+
     ident = commands.add_parser("id", help="print this device's ID (to compare with a peer's)")
     ident.set_defaults(run=_cmd_id)
 
@@ -155,6 +160,24 @@ def _cmd_init(home: Home, args: argparse.Namespace) -> int:
     print("Give this key to another machine to let it join; anyone with it can change files:\n")
     print(f"  {key}\n")
     print(f"Read-only key (receives changes, never sends its own):\n\n  {key.read_only()}\n")
+    return EXIT_OK
+
+
+def _cmd_join(home: Home, args: argparse.Namespace) -> int:
+    key = FolderKey.parse(args.key)
+    folder = Path(args.dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = home.load_config()
+    existing = config.folder_for(str(folder))
+    if existing is not None:
+        if FolderKey.parse(existing.key).discovery_id != key.discovery_id:
+            raise BackerError(f"{folder} is already shared as another folder")
+        print(f"{folder} already joined folder {key.folder_id}")
+        return EXIT_OK
+    IndexStore.open(folder, create=True).close()
+    home.save_config(config.with_folder(FolderConfig(path=str(folder), key=str(key))))
+    tier = "read-write" if key.can_write else "read-only: it receives changes, never sends its own"
+    print(f"Joined folder {key.folder_id} at {folder} ({tier}).")
     return EXIT_OK
 
 

@@ -172,3 +172,17 @@ def test_id_and_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     other.mkdir()
     code, out, _ = run(capsys, tmp_path / "ro-home", "keys", str(other))
     assert code == 0 and printed[1] in out and printed[0] not in out
+
+
+def test_join_with_a_printed_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    origin, copy = tmp_path / "origin", tmp_path / "elsewhere" / "copy"
+    origin.mkdir()
+    _, out, _ = run(capsys, tmp_path / "h1", "init", str(origin))
+    keys = [line.strip() for line in out.splitlines() if line.strip().startswith("bk")]
+    code, out, _ = run(capsys, tmp_path / "h2", "join", keys[1], str(copy))
+    assert code == 0 and "read-only" in out and (copy / ".backer").is_dir()
+    code, out, _ = run(capsys, tmp_path / "h2", "join", keys[1], str(copy))
+    assert code == 0 and "already" in out
+    typo = keys[0][:-1] + ("q" if keys[0][-1] != "q" else "p")
+    code, _, err = run(capsys, tmp_path / "h2", "join", typo, str(copy))
+    assert code == 1 and "typo" in err
