@@ -36,6 +36,8 @@ PURE = (
     "backer.index.chunker",
     "backer.protocol",
     "backer.sync.merge",
+    "backer.mesh.noise",
+    "backer.mesh.channel",
 )
 IO_MODULES = {"asyncio", "socket", "sqlite3", "threading", "selectors", "subprocess"}
 # Siblings that must not know each other.
