@@ -23,7 +23,9 @@ from backer.errors import BackerError
 from backer.index.scan import ScanProgress, ScanReport, scan
 from backer.index.store import INDEX_FILE, IndexStore
 from backer.keys import FolderKey
+from backer.mesh.session import secure_session
 from backer.paths import RESERVED_DIR
+from backer.sync.link import StreamLink
 from backer.sync.merge import is_conflict_copy
 from backer.sync.peer import SessionResult
 from backer.sync.replica import Replica, signer_for
@@ -279,10 +281,11 @@ def _cmd_sync(home: Home, args: argparse.Namespace) -> int:
     folder = _folder(home, args.dir, create=True)
     host, port = _address(args.peer)
     device = home.device_id()
-    identity = _folder_identity(home, folder)
+    key = _folder_key(home, folder)
+    _warn_if_plaintext(key, folder)
 
     async def go() -> SessionResult:
-        replica = await Replica.open(folder, device=device.short, key=_folder_key(home, folder))
+        replica = await Replica.open(folder, device=device.short, key=key)
         try:
             await replica.scan()
             try:
@@ -292,7 +295,7 @@ def _cmd_sync(home: Home, args: argparse.Namespace) -> int:
                     f"cannot reach {args.peer}: {exc.strerror or exc}; is `backer serve` "
                     "running there?"
                 ) from exc
-            return await sync_stream(replica, reader, writer, device=device.raw, folder=identity)
+            return await _session(home, replica, key, reader, writer, initiator=True)
         finally:
             await replica.close()
 
@@ -329,17 +332,16 @@ def _cmd_serve(home: Home, args: argparse.Namespace) -> int:
     folder = _folder(home, args.dir, create=True)
     host, port = _address(args.listen)
     device = home.device_id()
-    identity = _folder_identity(home, folder)
+    key = _folder_key(home, folder)
+    _warn_if_plaintext(key, folder)
 
     async def go() -> None:
-        replica = await Replica.open(folder, device=device.short, key=_folder_key(home, folder))
+        replica = await Replica.open(folder, device=device.short, key=key)
 
         async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = writer.get_extra_info("peername")
             await replica.scan()  # only what changed since the last scan is read
-            result = await sync_stream(
-                replica, reader, writer, device=device.raw, folder=identity, until_in_sync=False
-            )
+            result = await _session(home, replica, key, reader, writer, initiator=False)
             print(f"{peer[0]}:{peer[1]}: {result.reason}", flush=True)
 
         try:
@@ -453,9 +455,42 @@ def _folder_key(home: Home, folder: Path) -> FolderKey | None:
     return FolderKey.parse(configured.key) if configured else None
 
 
-def _folder_identity(home: Home, folder: Path) -> bytes:
-    key = _folder_key(home, folder)
-    return key.discovery_id if key else PLAIN_FOLDER
+async def _session(
+    home: Home,
+    replica: Replica,
+    key: FolderKey | None,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    initiator: bool,
+) -> SessionResult:
+    """An encrypted session when the folder is shared with a key, a plaintext one otherwise."""
+    if key is None:
+        return await sync_stream(
+            replica,
+            reader,
+            writer,
+            device=home.device_id().raw,
+            folder=PLAIN_FOLDER,
+            until_in_sync=initiator,
+        )
+    return await secure_session(
+        replica,
+        StreamLink(reader, writer),
+        initiator=initiator,
+        device_key=home.device_key(),
+        key=key,
+        until_in_sync=initiator,
+    )
+
+
+def _warn_if_plaintext(key: FolderKey | None, folder: Path) -> None:
+    if key is None:
+        print(
+            f"backer: warning: {folder} has no folder key, so this connection is neither "
+            "encrypted nor authenticated; `backer init` (or `backer join KEY`) shares it securely",
+            file=sys.stderr,
+        )
 
 
 def _inside_folder(given: str) -> tuple[Path, str]:

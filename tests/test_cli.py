@@ -186,3 +186,45 @@ def test_join_with_a_printed_key(tmp_path: Path, capsys: pytest.CaptureFixture[s
     typo = keys[0][:-1] + ("q" if keys[0][-1] != "q" else "p")
     code, _, err = run(capsys, tmp_path / "h2", "join", typo, str(copy))
     assert code == 1 and "typo" in err
+
+
+def test_encrypted_sync_with_folder_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server_dir, client_dir, stranger_dir = (tmp_path / n for n in ("srv", "cli", "stranger"))
+    server_dir.mkdir()
+    (server_dir / "secret.txt").write_text("for key holders only")
+    _, out, _ = run(capsys, tmp_path / "h1", "init", str(server_dir))
+    key = next(line.strip() for line in out.splitlines() if line.strip().startswith("bkw1"))
+    assert run(capsys, tmp_path / "h2", "join", key, str(client_dir))[0] == 0
+    other = str(FolderKey.generate())
+    assert run(capsys, tmp_path / "h3", "join", other, str(stranger_dir))[0] == 0
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backer",
+            "--home",
+            str(tmp_path / "h1"),
+            "serve",
+            str(server_dir),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        address = server.stdout.readline().split(" on ")[1].strip()
+        code, out, err = run(capsys, tmp_path / "h2", "sync", str(client_dir), address)
+        assert code == 0 and "in sync" in out, err
+        assert "warning" not in err
+        assert (client_dir / "secret.txt").read_text() == "for key holders only"
+        code, out, err = run(capsys, tmp_path / "h3", "sync", str(stranger_dir), address)
+        assert code == 1 and "handshake failed" in out
+        assert not (stranger_dir / "secret.txt").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backer.errors import RemoteProtocolError
-from backer.ids import Hash
+from backer.ids import DeviceId, Hash
 from backer.protocol import session as proto
 from backer.protocol.messages import RemoteEntry
 from backer.sync.link import Link
@@ -37,6 +37,7 @@ class SessionResult:
     pulls: list[PullReport] = field(default_factory=list)
     local_root: Hash | None = None
     peer_root: Hash | None = None
+    peer_device: DeviceId | None = None  # proved by the encrypted channel, when there is one
 
     @property
     def in_sync(self) -> bool:
