@@ -34,6 +34,7 @@ __all__ = [
     "LocalState",
     "Record",
     "StatSig",
+    "chunk_key",
 ]
 
 INDEX_FILE = "index.db"
@@ -159,6 +160,11 @@ def _signed(value: int) -> int:
 
 def _unsigned(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
+
+
+def chunk_key(digest: bytes) -> int:
+    """The key `find_chunks` files a chunk's places under."""
+    return _chunk_prefix(digest)
 
 
 def _chunk_prefix(digest: bytes) -> int:
@@ -316,14 +322,26 @@ class IndexStore:
 
     def find_chunk(self, digest: bytes) -> Iterator[ChunkLocation]:
         """Where a chunk with this hash may be found locally: a hint, verify before use."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT e.parent, e.name, e.disk_name, c.offset, c.size FROM chunk_refs c "
-                "JOIN entries e ON e.id = c.file_id WHERE c.prefix=?",
-                (_chunk_prefix(digest),),
-            ).fetchall()
-        for parent, name, disk_name, offset, size in rows:
-            yield ChunkLocation(join(parent, disk_name or name), offset, size)
+        return iter(self.find_chunks([digest]).get(_chunk_prefix(digest), []))
+
+    def find_chunks(self, digests: Iterable[bytes]) -> dict[int, list[ChunkLocation]]:
+        """Places of many chunks in a few queries, keyed by `chunk_key(digest)`; hints only."""
+        prefixes = list({_chunk_prefix(d) for d in digests})
+        found: dict[int, list[ChunkLocation]] = {}
+        for start in range(0, len(prefixes), _LOOKUP_BATCH):
+            part = prefixes[start : start + _LOOKUP_BATCH]
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT c.prefix, e.parent, e.name, e.disk_name, c.offset, c.size "
+                    "FROM chunk_refs c JOIN entries e ON e.id = c.file_id "
+                    f"WHERE c.prefix IN ({','.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+            for prefix, parent, name, disk_name, offset, size in rows:
+                found.setdefault(prefix, []).append(
+                    ChunkLocation(join(parent, disk_name or name), offset, size)
+                )
+        return found
 
     def stats(self) -> IndexStats:
         with self._lock:

@@ -86,6 +86,7 @@ class _Peer:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.write_lock = asyncio.Lock()
         self.answers = asyncio.Semaphore(ANSWERS_IN_FLIGHT)
+        self.chunk_asks: list[tuple[int, Hash, int]] = []
         self.root_event = replica.watch_root()
         self.stuck_after = STUCK_AFTER
 
@@ -117,6 +118,10 @@ class _Peer:
                 self.session.receive_data(data)
             while (event := self.session.next_event()) is not None:
                 await self._handle(event)
+            if self.chunk_asks:
+                asks, self.chunk_asks = self.chunk_asks, []
+                await self.answers.acquire()
+                self.tasks.create_task(self._answer_chunks(asks))
             await self._flush()
             if not data:
                 self._end(
@@ -139,8 +144,7 @@ class _Peer:
                     rid, self.replica.read_groups, hashes, self.session.answer_groups
                 )
             case proto.ChunkRequested(id=rid, hash=digest, size=size):
-                await self.answers.acquire()
-                self.tasks.create_task(self._answer_chunk(rid, digest, size))
+                self.chunk_asks.append((rid, digest, size))  # answered in batches, see _read
             case (
                 proto.NodesReceived(id=rid)
                 | proto.EntriesReceived(id=rid)
@@ -179,11 +183,19 @@ class _Peer:
 
         self.tasks.create_task(answer())
 
-    async def _answer_chunk(self, rid: int, digest: Hash, size: int) -> None:
+    async def _answer_chunks(self, asks: list[tuple[int, Hash, int]]) -> None:
+        """Read every chunk asked in one arrival of bytes with one hop to a worker thread."""
         try:
-            data = await asyncio.to_thread(self.replica.read_chunk, digest, size)
+            found = await asyncio.to_thread(
+                self.replica.read_chunks, [(digest, size) for _, digest, size in asks]
+            )
             if self.session.state is proto.State.OPEN:
-                await self._send(self.session.answer_chunk(rid, data))
+                await self._send(
+                    b"".join(
+                        self.session.answer_chunk(rid, data)
+                        for (rid, _, _), data in zip(asks, found, strict=True)
+                    )
+                )
         finally:
             self.answers.release()
 

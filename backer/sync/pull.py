@@ -362,8 +362,8 @@ class _Pull:
         """Write every chunk this folder already holds; return (offset, hash, size) of the rest."""
         missing = []
         offset = 0
-        for digest, size in iter_chunks(chunks):
-            data = self.replica.read_chunk(digest, size)
+        records = list(iter_chunks(chunks))
+        for (digest, size), data in zip(records, self.replica.read_chunks(records), strict=True):
             if data is not None:
                 os.pwrite(fd, data, offset)
                 self.report.bytes_local += size

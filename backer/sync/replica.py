@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -23,7 +23,7 @@ from backer.ids import Hash
 from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_message
 from backer.index.scan import ScanReport, scan
-from backer.index.store import Forget, IndexStore
+from backer.index.store import Forget, IndexStore, chunk_key
 from backer.keys import FolderKey
 from backer.protocol.messages import RemoteEntry
 from backer.sync.disk import FolderDisk
@@ -195,13 +195,22 @@ class Replica:
 
     def read_chunk(self, digest: Hash, size: int) -> bytes | None:
         """The chunk's bytes from wherever the folder holds them, verified; None if nowhere."""
-        for place in self.store.find_chunk(digest):
-            if place.size != size:
-                continue
-            data = self.disk.read_at(place.path, place.offset, size)
-            if data is not None and hash_chunk(data) == digest:
-                return data
-        return None
+        return self.read_chunks([(digest, size)])[0]
+
+    def read_chunks(self, wanted: Sequence[tuple[Hash, int]]) -> list[bytes | None]:
+        """Many chunks, looked up in a few queries, each read and verified; None where absent."""
+        places = self.store.find_chunks(digest for digest, _ in wanted)
+        found: list[bytes | None] = []
+        for digest, size in wanted:
+            data = None
+            for place in places.get(chunk_key(digest), ()):
+                if place.size == size:
+                    data = self.disk.read_at(place.path, place.offset, size)
+                    if data is not None and hash_chunk(data) == digest:
+                        break
+                    data = None
+            found.append(data)
+        return found
 
     def _remember_groups(self, chunks: bytes) -> None:
         for group in chunk_groups(chunks):
