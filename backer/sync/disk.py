@@ -101,8 +101,12 @@ class FolderDisk:
         )
         return fd, path
 
-    def install_file(self, fd: int, temp: Path, rel: str, *, mode: int, mtime_ns: int) -> StatSig:
-        """Seal the temp file (fsync, mode, mtime) and rename it to `rel`; returns its stat."""
+    def install_file(
+        self, fd: int, temp: Path, rel: str, *, mode: int, mtime_ns: int, sync_dir: bool = True
+    ) -> StatSig:
+        """Seal the temp file (fsync, mode, mtime) and rename it to `rel`; returns its stat.
+        With `sync_dir=False` the caller fsyncs the directory later (`sync_dirs`), once for
+        many files, before it records them anywhere."""
         check_path(rel)
         try:
             os.fsync(fd)
@@ -113,9 +117,19 @@ class FolderDisk:
         with self.directory(parent_of(rel), create=True) as dir_fd:
             self._clear_for(dir_fd, rel)
             os.rename(temp, _name(rel), dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
+            if sync_dir:
+                os.fsync(dir_fd)
             # The rename changed the ctime on some filesystems: record what is there now.
             return sig_of(os.stat(_name(rel), dir_fd=dir_fd, follow_symlinks=False))
+
+    def sync_dirs(self, rel_dirs: set[str]) -> None:
+        """fsync directories, so the renames into them survive a power cut."""
+        for rel_dir in rel_dirs:
+            with (
+                contextlib.suppress(FileNotFoundError, InvalidPathError),
+                self.directory(rel_dir) as dir_fd,
+            ):
+                os.fsync(dir_fd)
 
     def install_symlink(self, rel: str, target: str) -> None:
         check_path(rel)

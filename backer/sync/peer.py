@@ -25,6 +25,12 @@ from backer.sync.replica import Replica
 __all__ = ["SessionResult", "run_session"]
 
 ANSWERS_IN_FLIGHT = 64
+_PEER_WORKING = (
+    proto.NodesRequested,
+    proto.EntriesRequested,
+    proto.GroupsRequested,
+    proto.ChunkRequested,
+)
 # A one-shot session whose pulls stop making progress gives up after this many quiet seconds
 # (a path the peer has that cannot be applied here, for instance), instead of waiting forever.
 STUCK_AFTER = 5.0
@@ -129,6 +135,8 @@ class _Peer:
                 )
 
     async def _handle(self, event: proto.Event) -> None:
+        if isinstance(event, _PEER_WORKING):
+            self.wake.set()  # the peer is pulling from us: a one-shot session is not stuck
         match event:
             case proto.PeerHello(root=root) | proto.PeerRoot(root=root):
                 self.peer_root = root

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat as stat_mod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from backer.errors import (
@@ -32,7 +34,7 @@ from backer.ids import Hash
 from backer.index import merkle
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, iter_chunks
 from backer.index.store import LocalState, Record, StatSig
-from backer.paths import RESERVED_DIR
+from backer.paths import RESERVED_DIR, parent_of
 from backer.protocol.messages import RemoteEntry
 from backer.sync.disk import sig_of
 from backer.sync.merge import Action, Decision, decide, keep_directory
@@ -122,6 +124,7 @@ class _Pull:
         self.report = PullReport()
         self.pending: list[Record] = []
         self.rescan: list[str] = []
+        self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
         self.window = asyncio.Semaphore(CHUNK_WINDOW)
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
 
@@ -264,8 +267,7 @@ class _Pull:
 
     async def _current(self, path: str) -> Record | None:
         """The local record of `path`, rescanned first if the disk moved since it was indexed."""
-        record = await asyncio.to_thread(self.store.get, path)
-        st = await asyncio.to_thread(self.disk.lstat, path)
+        record, st = await asyncio.to_thread(lambda: (self.store.get(path), self.disk.lstat(path)))
         if not _disk_matches(record, st):
             await self._commit()
             await self.replica.scan_locked([path])
@@ -320,10 +322,8 @@ class _Pull:
     async def _assemble(
         self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
     ) -> StatSig:
-        key = entry.leaf_hash().hex()[:32]
-        fd, temp = await asyncio.to_thread(self.disk.temp_file, key)
+        fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
         try:
-            missing = await asyncio.to_thread(self._copy_local, fd, source.chunks)
             try:
                 async with asyncio.TaskGroup() as fetches:
                     for offset, digest, size in missing:
@@ -331,21 +331,49 @@ class _Pull:
                         fetches.create_task(self._fetch_into(fd, offset, digest, size))
             except* _ChunkGone as gone:
                 raise gone.exceptions[0] from None
-            os.ftruncate(fd, source.size)
         except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                temp.unlink()
+            _discard(fd, temp)
             raise
-        now = await asyncio.to_thread(self.disk.lstat, dest)
-        if expected is not _UNCHECKED and (sig_of(now) if now is not None else None) != expected:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise _ChangedMeanwhile(dest)
-        await asyncio.to_thread(self._archive, dest)
         return await asyncio.to_thread(
-            self.disk.install_file, fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns
+            functools.partial(
+                self._finish, fd, temp, entry, dest=dest, size=source.size, expected=expected
+            )
+        )
+
+    def _prepare(
+        self, entry: Entry, source: Entry
+    ) -> tuple[int, Path, list[tuple[int, Hash, int]]]:
+        """A temp file holding every chunk this folder already has; what is still missing."""
+        fd, temp = self.disk.temp_file(entry.leaf_hash().hex()[:32])
+        try:
+            return fd, temp, self._copy_local(fd, source.chunks)
+        except BaseException:
+            _discard(fd, temp)
+            raise
+
+    def _finish(
+        self,
+        fd: int,
+        temp: Path,
+        entry: Entry,
+        *,
+        dest: str,
+        size: int,
+        expected: StatSig | object | None,
+    ) -> StatSig:
+        """Seal the temp file into `dest`, unless `dest` changed since the pull decided."""
+        try:
+            os.ftruncate(fd, size)
+            now = self.disk.lstat(dest)
+            if expected is not _UNCHECKED and (sig_of(now) if now else None) != expected:
+                raise _ChangedMeanwhile(dest)
+            self._archive(dest)
+        except BaseException:
+            _discard(fd, temp)
+            raise
+        self.dirty_dirs.add(parent_of(dest))
+        return self.disk.install_file(
+            fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns, sync_dir=False
         )
 
     async def _fetch_into(self, fd: int, offset: int, digest: Hash, size: int) -> None:
@@ -421,7 +449,19 @@ class _Pull:
     async def _commit(self) -> None:
         if self.pending:
             batch, self.pending = self.pending, []
-            await asyncio.to_thread(self.store.commit, batch)
+            dirs, self.dirty_dirs = self.dirty_dirs, set()
+            await asyncio.to_thread(self._durable_commit, batch, dirs)
+
+    def _durable_commit(self, batch: list[Record], dirs: set[str]) -> None:
+        self.disk.sync_dirs(dirs)  # the renames are on disk before the index says they happened
+        self.store.commit(batch)
+
+
+def _discard(fd: int, temp: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        temp.unlink()
 
 
 def _expected(record: Record | None) -> StatSig | object | None:
