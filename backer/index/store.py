@@ -320,10 +320,6 @@ class IndexStore:
         data: bytes = row[0]
         return data
 
-    def find_chunk(self, digest: bytes) -> Iterator[ChunkLocation]:
-        """Where a chunk with this hash may be found locally: a hint, verify before use."""
-        return iter(self.find_chunks([digest]).get(_chunk_prefix(digest), []))
-
     def find_chunks(self, digests: Iterable[bytes]) -> dict[int, list[ChunkLocation]]:
         """Places of many chunks in a few queries, keyed by `chunk_key(digest)`; hints only."""
         prefixes = list({_chunk_prefix(d) for d in digests})

@@ -193,10 +193,6 @@ class Replica:
     def read_groups(self, hashes: Iterable[Hash]) -> list[bytes | None]:
         return [self._groups.get(h) for h in hashes]
 
-    def read_chunk(self, digest: Hash, size: int) -> bytes | None:
-        """The chunk's bytes from wherever the folder holds them, verified; None if nowhere."""
-        return self.read_chunks([(digest, size)])[0]
-
     def read_chunks(self, wanted: Sequence[tuple[Hash, int]]) -> list[bytes | None]:
         """Many chunks, looked up in a few queries, each read and verified; None where absent."""
         places = self.store.find_chunks(digest for digest, _ in wanted)
