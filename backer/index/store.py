@@ -246,6 +246,23 @@ class IndexStore:
             ).fetchone()
         return None if row is None else _record(row)
 
+    def get_many(self, paths: Iterable[str]) -> dict[str, Record]:
+        """The records of those of `paths` the index holds, 400 paths per query."""
+        pairs = [(parent_of(p), p.rpartition("/")[2]) for p in paths]
+        found: dict[str, Record] = {}
+        for start in range(0, len(pairs), _LOOKUP_BATCH):
+            part = pairs[start : start + _LOOKUP_BATCH]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {_ENTRY_COLUMNS}, {_LOCAL_COLUMNS} FROM entries WHERE (parent, name) "
+                    f"IN (VALUES {','.join(['(?,?)'] * len(part))})",
+                    [value for pair in part for value in pair],
+                ).fetchall()
+            for row in rows:
+                record = _record(row)
+                found[record.entry.path] = record
+        return found
+
     def children(self, parent: str) -> dict[str, Known]:
         """What is known of every path directly inside directory `parent` ("" is the root)."""
         with self._lock:

@@ -125,6 +125,7 @@ class _Pull:
         self.pending: list[Record] = []
         self.rescan: list[str] = []
         self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
+        self.current: dict[str, Record] = {}  # local records of the pulled paths, read first
         self.window = asyncio.Semaphore(CHUNK_WINDOW)
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
 
@@ -207,6 +208,7 @@ class _Pull:
     async def _apply(self, entries: list[Entry]) -> None:
         deletions: list[tuple[Decision, Record | None]] = []
         blocked: list[tuple[Decision, Record | None, Entry]] = []
+        self.current = await self._currents([e.path for e in entries])
         async with asyncio.TaskGroup() as files:
             for remote in sorted(entries, key=lambda e: e.path.split("/")):
                 try:
@@ -236,7 +238,7 @@ class _Pull:
             self.report.refused += 1
             self._failed(remote.path, _UntrustedVersion("not signed with the folder's key"))
             return
-        record = await self._current(remote.path)
+        record = self.current.get(remote.path)
         decision = decide(record.entry if record else None, remote)
         result = decision.result
         if decision.conflict_copy is not None:
@@ -265,14 +267,27 @@ class _Pull:
     def _failed(self, path: str, exc: BaseException) -> None:
         self.report.errors.append(f"{path}: {exc}")
 
-    async def _current(self, path: str) -> Record | None:
-        """The local record of `path`, rescanned first if the disk moved since it was indexed."""
-        record, st = await asyncio.to_thread(lambda: (self.store.get(path), self.disk.lstat(path)))
-        if not _disk_matches(record, st):
-            await self._commit()
-            await self.replica.scan_locked([path])
-            record = await asyncio.to_thread(self.store.get, path)
-        return record
+    async def _currents(self, paths: list[str]) -> dict[str, Record]:
+        """The local records of `paths`, read at once before anything is applied (a pull holds
+        the folder's lock, so only the pull itself changes them afterwards); paths whose disk
+        moved since they were indexed are rescanned first, so a local edit becomes a conflict
+        rather than being overwritten."""
+
+        def read() -> tuple[dict[str, Record], list[str]]:
+            records = self.store.get_many(paths)
+            moved = [p for p in paths if not _disk_matches(records.get(p), self.disk.lstat(p))]
+            return records, moved
+
+        records, moved = await asyncio.to_thread(read)
+        if moved:
+            await self.replica.scan_locked(moved)
+            fresh = await asyncio.to_thread(self.store.get_many, moved)
+            for path in moved:
+                if path in fresh:
+                    records[path] = fresh[path]
+                else:
+                    records.pop(path, None)
+        return records
 
     async def _conflict_copy(
         self, decision: Decision, record: Record | None, remote: Entry, files: asyncio.TaskGroup
