@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,8 @@ from backer.sync.replica import Replica
 
 __all__ = ["SessionResult", "run_session"]
 
-ANSWERS_IN_FLIGHT = 64
+ANSWERS_IN_FLIGHT = 64  # answers being read from disk at once
+BATCHES_IN_FLIGHT = 16  # our batch requests open at once (+ the pull's chunk window of 64)
 _PEER_WORKING = (
     proto.NodesRequested,
     proto.EntriesRequested,
@@ -92,6 +94,7 @@ class _Peer:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.write_lock = asyncio.Lock()
         self.answers = asyncio.Semaphore(ANSWERS_IN_FLIGHT)
+        self.batches = asyncio.Semaphore(BATCHES_IN_FLIGHT)
         self.chunk_asks: list[tuple[int, Hash, int]] = []
         self.root_event = replica.watch_root()
         self.stuck_after = STUCK_AFTER
@@ -126,7 +129,6 @@ class _Peer:
                 await self._handle(event)
             if self.chunk_asks:
                 asks, self.chunk_asks = self.chunk_asks, []
-                await self.answers.acquire()
                 self.tasks.create_task(self._answer_chunks(asks))
             await self._flush()
             if not data:
@@ -179,21 +181,20 @@ class _Peer:
         wanted: Any,
         encode: Callable[[int, Any], bytes],
     ) -> None:
-        await self.answers.acquire()
-
         async def answer() -> None:
-            try:
+            async with self.answers:
                 values = await asyncio.to_thread(read, wanted)
                 if self.session.state is proto.State.OPEN:  # else the peer left meanwhile
                     await self._send(encode(rid, values))
-            finally:
-                self.answers.release()
 
+        # The reader never waits for an answer to be sent: when both peers answer each other
+        # and neither reads, TCP buffers fill and both stall. The Session caps how many
+        # requests a peer may leave unanswered, which bounds these tasks.
         self.tasks.create_task(answer())
 
     async def _answer_chunks(self, asks: list[tuple[int, Hash, int]]) -> None:
         """Read every chunk asked in one arrival of bytes with one hop to a worker thread."""
-        try:
+        async with self.answers:
             found = await asyncio.to_thread(
                 self.replica.read_chunks, [(digest, size) for _, digest, size in asks]
             )
@@ -204,8 +205,6 @@ class _Peer:
                         for (rid, _, _), data in zip(asks, found, strict=True)
                     )
                 )
-        finally:
-            self.answers.release()
 
     async def _send(self, data: bytes) -> None:
         if data:
@@ -268,6 +267,12 @@ class _Peer:
 
     # -- pull.Fetcher --------------------------------------------------------------------------
 
+    async def _batch(self, make: Callable[[], tuple[int, bytes]]) -> Any:
+        """A batch request, at most BATCHES_IN_FLIGHT at a time: a pull of a large tree must
+        not leave more requests open than the peer's session allows."""
+        async with self.batches:
+            return await self._request(make())
+
     async def _request(self, request: tuple[int, bytes]) -> Any:
         """Send a request made by the session and wait for its verified answer event."""
         rid, data = request
@@ -280,7 +285,7 @@ class _Peer:
         found: dict[Hash, bytes] = {}
         todo = list(hashes)
         while todo:
-            event = await self._request(self.session.request_nodes(todo))
+            event = await self._batch(functools.partial(self.session.request_nodes, todo))
             found.update(event.nodes)
             todo = list(event.unanswered)
         return found
@@ -289,7 +294,7 @@ class _Peer:
         found: list[RemoteEntry] = []
         todo = list(wanted)
         while todo:
-            event = await self._request(self.session.request_entries(todo))
+            event = await self._batch(functools.partial(self.session.request_entries, todo))
             found.extend(event.entries)
             todo = list(event.unanswered)
         return found
@@ -298,7 +303,7 @@ class _Peer:
         found: dict[Hash, bytes] = {}
         todo = list(hashes)
         while todo:
-            event = await self._request(self.session.request_groups(todo))
+            event = await self._batch(functools.partial(self.session.request_groups, todo))
             found.update(event.groups)
             todo = list(event.unanswered)
         return found

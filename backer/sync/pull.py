@@ -382,7 +382,8 @@ class _Pull:
             now = self.disk.lstat(dest)
             if expected is not _UNCHECKED and (sig_of(now) if now else None) != expected:
                 raise _ChangedMeanwhile(dest)
-            self._archive(dest)
+            if now is not None:  # a new path has nothing to keep
+                self._archive(dest)
         except BaseException:
             _discard(fd, temp)
             raise
