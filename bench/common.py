@@ -105,6 +105,36 @@ class DatasetSpec:
         return result
 
 
+KIB = 1024
+MIB = 1024 * KIB
+# The datasets every benchmark shares (and caches in its workdir): one definition, so that the
+# scan, sync and encryption figures are always about the same bytes.
+LARGE = DatasetSpec(name="large", files=4, min_size=256 * MIB, max_size=256 * MIB, dirs=0, seed=1)
+SMALL = DatasetSpec(name="small", files=20_000, min_size=KIB, max_size=64 * KIB, dirs=1000, seed=2)
+MANY = DatasetSpec(name="many", files=100_000, min_size=0, max_size=2 * KIB, dirs=1000, seed=3)
+QUICK_LARGE = DatasetSpec(
+    name="quick-large", files=2, min_size=8 * MIB, max_size=8 * MIB, dirs=0, seed=1
+)
+QUICK_SMALL = DatasetSpec(
+    name="quick-small", files=300, min_size=KIB, max_size=64 * KIB, dirs=10, seed=2
+)
+QUICK_MANY = DatasetSpec(
+    name="quick-many", files=2000, min_size=0, max_size=2 * KIB, dirs=20, seed=3
+)
+
+
+def describe(spec: DatasetSpec, *, short: bool = False) -> str:
+    """A dataset in words, for tables and reports."""
+    if spec.min_size == spec.max_size:
+        sizes = f"{spec.min_size / MIB:g} MiB"
+    else:
+        sizes = f"{spec.min_size / KIB:g}-{spec.max_size / KIB:g} KiB"
+    where = f" in {spec.dirs:,} directories" if spec.dirs else ""
+    if short:
+        return f"{spec.files:,} x {sizes}"
+    return f"`{spec.name}`: {spec.files:,} files of {sizes}{where}"
+
+
 @dataclass(frozen=True, slots=True)
 class Dataset:
     spec: DatasetSpec

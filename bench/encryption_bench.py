@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
+    LARGE,
+    QUICK_LARGE,
     DatasetSpec,
     Row,
     backer_command,
@@ -43,7 +45,6 @@ from crypto_bench import handshake_time
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
 COMMAND = "python bench/encryption_bench.py"
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +55,12 @@ class Plan:
 
 
 FULL = Plan(
-    DatasetSpec(name="large", files=4, min_size=256 * MIB, max_size=256 * MIB, dirs=0, seed=1),
+    LARGE,
     runs=3,
     quiet_wait=30,
 )
 QUICK = Plan(
-    DatasetSpec(name="quick-large", files=2, min_size=8 * MIB, max_size=8 * MIB, dirs=0, seed=1),
+    QUICK_LARGE,
     runs=1,
     quiet_wait=0,
 )

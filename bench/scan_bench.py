@@ -40,7 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    LARGE,
+    MANY,
     OLD_MTIME,
+    QUICK_LARGE,
+    QUICK_MANY,
+    QUICK_SMALL,
+    SMALL,
     BenchError,
     CpuMeter,
     Dataset,
@@ -49,6 +55,7 @@ from common import (
     ProfileSummary,
     Row,
     backer_command,
+    describe,
     ensure_dataset,
     fresh_home,
     machine,
@@ -68,8 +75,6 @@ __all__ = ["main"]
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
-KIB = 1024
-MIB = 1024 * KIB
 
 # Targets from the issue.
 TARGET_THROUGHPUT_RATIO = 0.5  # of b3sum's
@@ -89,24 +94,16 @@ class Plan:
 
 
 FULL = Plan(
-    large=DatasetSpec(
-        name="large", files=4, min_size=256 * MIB, max_size=256 * MIB, dirs=0, seed=1
-    ),
-    small=DatasetSpec(
-        name="small", files=20_000, min_size=KIB, max_size=64 * KIB, dirs=1000, seed=2
-    ),
-    many=DatasetSpec(name="many", files=100_000, min_size=0, max_size=2 * KIB, dirs=1000, seed=3),
+    large=LARGE,
+    small=SMALL,
+    many=MANY,
     runs=3,
     quiet_wait=30,
 )
 QUICK = Plan(
-    large=DatasetSpec(
-        name="quick-large", files=2, min_size=8 * MIB, max_size=8 * MIB, dirs=0, seed=1
-    ),
-    small=DatasetSpec(
-        name="quick-small", files=300, min_size=KIB, max_size=64 * KIB, dirs=10, seed=2
-    ),
-    many=DatasetSpec(name="quick-many", files=2000, min_size=0, max_size=2 * KIB, dirs=20, seed=3),
+    large=QUICK_LARGE,
+    small=QUICK_SMALL,
+    many=QUICK_MANY,
     runs=1,
     quiet_wait=0,
 )
@@ -209,7 +206,7 @@ class Report:
             "`find DIR -printf '%s %T@\\n' > /dev/null`.",
             "",
             f"Datasets (seeded random bytes, every mtime {OLD_MTIME} so no file is racy): "
-            f"{_describe(plan.large)}; {_describe(plan.small)}; {_describe(plan.many)}. "
+            f"{describe(plan.large)}; {describe(plan.small)}; {describe(plan.many)}. "
             f"Page cache warm for every timed run; each figure is the median of {plan.runs} "
             "runs; GB and MB are 10^9 and 10^6 bytes; ratio is backer / "
             "reference. *wall* is the `backer` process from start to exit (interpreter start-up "
@@ -304,7 +301,7 @@ class ScanBench:
     def first_scan(self, dataset: Dataset) -> None:
         scans, references = self.first_scans(dataset)
         ref_seconds = median([r.wall for r in references])
-        what = f"first scan `{dataset.spec.name}` ({_describe(dataset.spec, short=True)})"
+        what = f"first scan `{dataset.spec.name}` ({describe(dataset.spec, short=True)})"
         for label, seconds in _wall_and_scan(scans):
             ratio = ref_seconds / seconds
             self.report.rows.append(
@@ -341,7 +338,7 @@ class ScanBench:
         rss = max(r.max_rss for r in firsts)
         rows.append(
             Row(
-                measure=f"first scan `{name}` ({_describe(dataset.spec, short=True)}), wall",
+                measure=f"first scan `{name}` ({describe(dataset.spec, short=True)}), wall",
                 backer=f"{count / seconds:,.0f} files/s ({seconds:.2f} s)",
                 reference=f"b3sum {count / ref_seconds:,.0f} files/s ({ref_seconds:.2f} s)",
                 ratio=f"{ref_seconds / seconds:.2f}x",
@@ -534,17 +531,6 @@ def _rate(dataset: Dataset, seconds: float) -> str:
 
 def _list(values: Iterable[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
-
-
-def _describe(spec: DatasetSpec, *, short: bool = False) -> str:
-    if spec.min_size == spec.max_size:
-        sizes = f"{spec.min_size / MIB:g} MiB"
-    else:
-        sizes = f"{spec.min_size / KIB:g}-{spec.max_size / KIB:g} KiB"
-    where = f" in {spec.dirs:,} directories" if spec.dirs else ""
-    if short:
-        return f"{spec.files:,} x {sizes}"
-    return f"`{spec.name}`: {spec.files:,} files of {sizes}{where}"
 
 
 if __name__ == "__main__":

@@ -61,7 +61,15 @@ from typing import Any, TypeVar
 
 import blake3
 from common import (
+    KIB,
+    LARGE,
+    MANY,
+    MIB,
     OLD_MTIME,
+    QUICK_LARGE,
+    QUICK_MANY,
+    QUICK_SMALL,
+    SMALL,
     BenchError,
     CpuMeter,
     Dataset,
@@ -70,6 +78,7 @@ from common import (
     ProfileSummary,
     Row,
     backer_command,
+    describe,
     ensure_dataset,
     fresh_home,
     machine,
@@ -95,8 +104,6 @@ __all__ = ["main"]
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
 THREADPROF = REPO / "bench" / "threadprof.py"
-KIB = 1024
-MIB = 1024 * KIB
 HEADER = ("measure", "backer", "rsync", "ratio", "target", "met")
 
 # Targets from the issue.
@@ -130,25 +137,17 @@ class Plan:
 
 # The scan benchmark's datasets (same specs, so the cached data is shared).
 FULL = Plan(
-    large=DatasetSpec(
-        name="large", files=4, min_size=256 * MIB, max_size=256 * MIB, dirs=0, seed=1
-    ),
-    small=DatasetSpec(
-        name="small", files=20_000, min_size=KIB, max_size=64 * KIB, dirs=1000, seed=2
-    ),
-    many=DatasetSpec(name="many", files=100_000, min_size=0, max_size=2 * KIB, dirs=1000, seed=3),
+    large=LARGE,
+    small=SMALL,
+    many=MANY,
     runs=3,
     quiet_wait=15,
     full=True,
 )
 QUICK = Plan(
-    large=DatasetSpec(
-        name="quick-large", files=2, min_size=8 * MIB, max_size=8 * MIB, dirs=0, seed=1
-    ),
-    small=DatasetSpec(
-        name="quick-small", files=300, min_size=KIB, max_size=64 * KIB, dirs=10, seed=2
-    ),
-    many=DatasetSpec(name="quick-many", files=2000, min_size=0, max_size=2 * KIB, dirs=20, seed=3),
+    large=QUICK_LARGE,
+    small=QUICK_SMALL,
+    many=QUICK_MANY,
     runs=1,
     quiet_wait=0,
     full=False,
@@ -372,8 +371,8 @@ class Report:
             "scanning, so only the protocol and the pull are timed. Page cache warm; each "
             f"figure is the median of {plan.runs} runs; ratio is backer / rsync.",
             "",
-            f"Datasets: {_describe(plan.small)}; {_describe(plan.large)}; "
-            f"{_describe(plan.many)} (seeded random bytes, mtimes {OLD_MTIME}).",
+            f"Datasets: {describe(plan.small)}; {describe(plan.large)}; "
+            f"{describe(plan.many)} (seeded random bytes, mtimes {OLD_MTIME}).",
             "",
             _markdown_table(self.rows),
             "",
@@ -488,7 +487,7 @@ class SyncBench:
         seconds = median([r.seconds for r in backers])
         reference = median([r.seconds for r in rsyncs])
         ratio = seconds / reference
-        what = f"initial sync `{name}` ({_describe(dataset.spec, short=True)})"
+        what = f"initial sync `{name}` ({describe(dataset.spec, short=True)})"
         self.report.add(
             ("initial", name),
             Row(
@@ -1512,17 +1511,6 @@ def _rate(dataset: Dataset, seconds: float) -> str:
     if len(dataset.files) <= 16:
         return f"{seconds:.2f} s ({size / seconds / 1e6:,.0f} MB/s)"
     return f"{seconds:.2f} s ({len(dataset.files) / seconds:,.0f} files/s)"
-
-
-def _describe(spec: DatasetSpec, *, short: bool = False) -> str:
-    if spec.min_size == spec.max_size:
-        sizes = f"{spec.min_size / MIB:g} MiB"
-    else:
-        sizes = f"{spec.min_size / KIB:g}-{spec.max_size / KIB:g} KiB"
-    where = f" in {spec.dirs:,} directories" if spec.dirs else ""
-    if short:
-        return f"{spec.files:,} x {sizes}"
-    return f"`{spec.name}`: {spec.files:,} files of {sizes}{where}"
 
 
 def _text_table(rows: Sequence[Row]) -> str:
