@@ -23,7 +23,8 @@ import nacl.signing
 import platformdirs
 import tomli_w
 
-from backer.errors import ConfigError, InvalidKeyError
+from backer.addresses import parse_address
+from backer.errors import ConfigError, InvalidAddressError, InvalidKeyError
 from backer.ids import DeviceId
 from backer.keys import FolderKey
 
@@ -287,13 +288,12 @@ def _check_address(name: str, value: object) -> None:
     """`host:port` or `[v6addr]:port`, port 0-65535."""
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a 'host:port' string, got {_type_name(value)}")
-    host, colon, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""  # an IPv6 address without brackets: the port is ambiguous
-    if not colon or not host or not port.isdigit() or not port.isascii() or int(port) > 65535:
-        raise ConfigError(f"{name} must look like 'host:port' or '[v6addr]:port', got {value!r}")
+    try:
+        parse_address(value)
+    except InvalidAddressError:
+        raise ConfigError(
+            f"{name} must look like 'host:port' or '[v6addr]:port', got {value!r}"
+        ) from None
 
 
 def _refuse_unknown(

@@ -11,6 +11,7 @@ __all__ = [
     "DecodeError",
     "FolderMissingError",
     "IndexCorruptError",
+    "InvalidAddressError",
     "InvalidKeyError",
     "InvalidPathError",
     "LocalProtocolError",
@@ -25,6 +26,10 @@ class BackerError(Exception):
 
 class InvalidPathError(BackerError, ValueError):
     """A path is not a valid folder-relative path (absolute, `..`, NUL, backslash, not NFC...)."""
+
+
+class InvalidAddressError(BackerError, ValueError):
+    """A network address is not `host:port` (`[v6addr]:port` for IPv6) with a port 0-65535."""
 
 
 class InvalidKeyError(BackerError, ValueError):

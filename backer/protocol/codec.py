@@ -6,7 +6,7 @@ can neither smuggle in types nor make us build large nested containers (at most 
 per wire byte, bounded by the batch limits). Every failure is a RemoteProtocolError with a short
 reason; msgpack's own exceptions are caught around each call and translated.
 
-Pure: imports only errors, ids, paths, index and `protocol.messages`; no I/O.
+Pure: imports only errors, ids, paths, addresses, index and `protocol.messages`; no I/O.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import Any
 
 import msgpack
 
+from backer.addresses import MAX_ADDRESS_BYTES
 from backer.errors import LocalProtocolError, RemoteProtocolError
 from backer.ids import HASH_SIZE, Hash
 from backer.index.entry import SIGNATURE_SIZE, Kind, VersionVector
 from backer.paths import MAX_PATH_BYTES
 from backer.protocol.messages import (
+    MAX_ADDRESSES_PER_PEER,
     MAX_BATCH_ENTRIES,
     MAX_BATCH_GROUPS,
     MAX_BATCH_NODES,
@@ -30,6 +32,7 @@ from backer.protocol.messages import (
     MAX_GROUPS_PER_ENTRY,
     MAX_INLINE_CHUNKS,
     MAX_NODE_BYTES,
+    MAX_PEERS_LISTED,
     MAX_TEXT,
     MAX_VECTOR,
     Chunk,
@@ -44,6 +47,7 @@ from backer.protocol.messages import (
     Hello,
     Message,
     Nodes,
+    Peers,
     RemoteEntry,
     Root,
 )
@@ -187,6 +191,7 @@ _SCHEMAS: dict[int, tuple[type[Any], dict[str, str]]] = {
     10: (Chunk, {"i": "id", "c": "data"}),
     11: (Error, {"x": "code", "m": "text"}),
     12: (Close, {"m": "reason"}),
+    13: (Peers, {"a": "peers"}),
 }
 _SCHEMA_OF = {cls: (tag, fields) for tag, (cls, fields) in _SCHEMAS.items()}
 
@@ -384,6 +389,13 @@ def _wanted(r: _Reader) -> tuple[str, Hash]:
     return _text("path", MAX_PATH_BYTES)(r), _hash("leaf hash")(r)
 
 
+def _peer(r: _Reader) -> tuple[Hash, tuple[str, ...]]:
+    r.array("peer", 2, 2)
+    device = _hash("peer device")(r)
+    addresses = _list("peer addresses", MAX_ADDRESSES_PER_PEER, _text("address", MAX_ADDRESS_BYTES))
+    return device, addresses(r)
+
+
 def _version(r: _Reader) -> VersionVector:
     counters = []
     for _ in range(r.array("version", 0, MAX_VECTOR)):
@@ -458,4 +470,5 @@ _MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
     "c": _optional_bin("chunk", MAX_CHUNK),
     "x": _int("code"),
     "m": _text("text", MAX_TEXT),
+    "a": _list("peers", MAX_PEERS_LISTED, _peer),
 }

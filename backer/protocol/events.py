@@ -26,6 +26,7 @@ __all__ = [
     "PeerError",
     "PeerHello",
     "PeerRoot",
+    "PeersAnnounced",
     "ProtocolViolation",
 ]
 
@@ -39,6 +40,13 @@ class PeerHello:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerRoot:
     root: Hash
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeersAnnounced:
+    """Devices of this folder the peer can reach, with addresses (`:port` = the peer's host)."""
+
+    peers: tuple[tuple[bytes, tuple[str, ...]], ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +139,7 @@ class ConnectionLost:
 Event = (
     PeerHello
     | PeerRoot
+    | PeersAnnounced
     | NodesRequested
     | EntriesRequested
     | GroupsRequested

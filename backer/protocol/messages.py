@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backer.errors import RemoteProtocolError
+from backer.addresses import parse_address
+from backer.errors import InvalidAddressError, RemoteProtocolError
 from backer.ids import HASH_SIZE, Hash
 from backer.index.chunker import CHUNK_MAX
 from backer.index.entry import (
@@ -32,6 +33,7 @@ from backer.index.entry import (
 from backer.paths import MAX_PATH_BYTES, check_path
 
 __all__ = [
+    "MAX_ADDRESSES_PER_PEER",
     "MAX_BATCH_ENTRIES",
     "MAX_BATCH_GROUPS",
     "MAX_BATCH_NODES",
@@ -41,6 +43,7 @@ __all__ = [
     "MAX_ID",
     "MAX_INLINE_CHUNKS",
     "MAX_NODE_BYTES",
+    "MAX_PEERS_LISTED",
     "MAX_TEXT",
     "MAX_VECTOR",
     "PROTOCOL_VERSION",
@@ -57,6 +60,7 @@ __all__ = [
     "Hello",
     "Message",
     "Nodes",
+    "Peers",
     "RemoteEntry",
     "Root",
 ]
@@ -73,6 +77,8 @@ MAX_NODE_BYTES = 16 * 1024  # larger than any valid tree node (merkle refuses mo
 MAX_GROUP_BYTES = GROUP_MAX * CHUNK_RECORD  # one chunk-list group: at most 256 records
 MAX_VECTOR = 1024  # devices in one version vector
 MAX_ID = 2**63 - 1  # request ids
+MAX_PEERS_LISTED = 64  # devices in one Peers message
+MAX_ADDRESSES_PER_PEER = 8
 MAX_VERSION = 2**32 - 1
 MAX_CODE = 2**16 - 1
 _MAX_UINT64 = 2**64 - 1
@@ -116,6 +122,28 @@ class Root:
 
     def __post_init__(self) -> None:
         check_hash("root", self.root)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Peers:
+    """Other devices of this folder the sender can reach, each with addresses to dial it at.
+    An address with an empty host (`:port`) means "the host this connection comes from"."""
+
+    peers: tuple[tuple[bytes, tuple[str, ...]], ...]
+
+    def __post_init__(self) -> None:
+        check_batch("peers", self.peers, MAX_PEERS_LISTED, low=0)
+        for item in self.peers:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise ValueError("a peer is a (device, addresses) pair")
+            device, addresses = item
+            check_hash("peer device", device)
+            check_batch("peer addresses", addresses, MAX_ADDRESSES_PER_PEER)
+            for address in addresses:
+                try:
+                    parse_address(address, allow_any_host=True)
+                except InvalidAddressError as exc:
+                    raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -391,6 +419,7 @@ class Entries:
 Message = (
     Hello
     | Root
+    | Peers
     | GetNodes
     | Nodes
     | GetEntries
@@ -442,9 +471,9 @@ def check_text(name: str, value: object, max_bytes: int) -> None:
         raise ValueError(f"{name} longer than {max_bytes} bytes")
 
 
-def check_batch(name: str, value: object, limit: int) -> None:
-    if type(value) is not tuple or not 1 <= len(value) <= limit:
-        raise ValueError(f"{name} must be a tuple of 1 to {limit} items")
+def check_batch(name: str, value: object, limit: int, *, low: int = 1) -> None:
+    if type(value) is not tuple or not low <= len(value) <= limit:
+        raise ValueError(f"{name} must be a tuple of {low} to {limit} items")
 
 
 def check_hashes(name: str, value: object, limit: int) -> None:

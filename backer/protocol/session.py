@@ -37,6 +37,7 @@ from backer.protocol.events import (
     PeerError,
     PeerHello,
     PeerRoot,
+    PeersAnnounced,
     ProtocolViolation,
 )
 from backer.protocol.messages import (
@@ -55,6 +56,7 @@ from backer.protocol.messages import (
     Hello,
     Message,
     Nodes,
+    Peers,
     RemoteEntry,
     Root,
     check_hash,
@@ -76,6 +78,7 @@ __all__ = [
     "PeerError",
     "PeerHello",
     "PeerRoot",
+    "PeersAnnounced",
     "ProtocolViolation",
     "Session",
     "State",
@@ -100,13 +103,13 @@ _ENDINGS = (Error, Close)
 # (anything else is a LocalProtocolError); our Hello is `start()`, once, before anything else.
 _RECEIVE: dict[State, dict[type[Any], State]] = {
     State.AWAIT_HELLO: {Hello: State.OPEN} | dict.fromkeys(_ENDINGS, State.CLOSED),
-    State.OPEN: dict.fromkeys((Root, *_REQUESTS, *_ANSWERS), State.OPEN)
+    State.OPEN: dict.fromkeys((Root, Peers, *_REQUESTS, *_ANSWERS), State.OPEN)
     | dict.fromkeys(_ENDINGS, State.CLOSED),
     State.CLOSED: {},
 }
 _SEND: dict[State, frozenset[type[Any]]] = {
     State.AWAIT_HELLO: frozenset(_ENDINGS),
-    State.OPEN: frozenset((Root, *_REQUESTS, *_ANSWERS, *_ENDINGS)),
+    State.OPEN: frozenset((Root, Peers, *_REQUESTS, *_ANSWERS, *_ENDINGS)),
     State.CLOSED: frozenset(),
 }
 
@@ -234,6 +237,12 @@ class Session:
         self._root = root
         return data
 
+    def announce_peers(self, peers: Iterable[tuple[bytes, Iterable[str]]]) -> bytes:
+        """Tell the peer about other devices of the folder and where to dial them."""
+        return self._send(
+            lambda: Peers(peers=tuple((device, tuple(addrs)) for device, addrs in peers))
+        )
+
     def close(self, reason: str = "") -> bytes:
         data = self._send(lambda: Close(reason=reason))
         self._shut()
@@ -299,6 +308,8 @@ class Session:
             case Root(root=root):
                 self.peer_root = root
                 event = PeerRoot(root=root)
+            case Peers(peers=peers):
+                event = PeersAnnounced(peers=peers)
             case GetNodes() | GetEntries() | GetGroups() | GetChunk():
                 event = self._on_request(message)
             case Nodes() | Groups():
