@@ -14,13 +14,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "backer"
 
 # Lowest first. A module may import from its own layer or lower ones.
 LAYERS: list[tuple[str, ...]] = [
-    ("backer", "backer.errors", "backer.ids", "backer.paths"),
+    ("backer", "backer.errors", "backer.ids", "backer.paths", "backer.addresses"),
+    ("backer.events",),
     ("backer.keys", "backer.config"),
     ("backer.index",),
     ("backer.protocol",),
     ("backer.sync",),
     ("backer.mesh", "backer.discovery"),
-    ("backer.watch", "backer.events"),
+    ("backer.watch",),
     ("backer.node",),
     ("backer.cli", "backer.web", "backer.__main__"),
 ]
@@ -29,6 +30,8 @@ PURE = (
     "backer.errors",
     "backer.ids",
     "backer.paths",
+    "backer.addresses",
+    "backer.events",
     "backer.keys",
     "backer.index.entry",
     "backer.index.merkle",

@@ -92,14 +92,25 @@ class FolderDisk:
 
     # -- temp files and installing -----------------------------------------------------------
 
-    def temp_file(self, key: str) -> tuple[int, Path]:
-        """A fresh temp file named after `key` (truncated if it existed), open for writing."""
+    def temp_file(self, key: str, *, resume: bool = False) -> tuple[int, Path]:
+        """A temp file named after `key`, open for reading and writing: emptied, or with
+        `resume` as an earlier, abandoned attempt left it (its bytes are checked before use)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         path = self.tmp / f"{key}.part"
-        fd = os.open(
-            path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path, flags if resume else flags | os.O_TRUNC, 0o600)
         return fd, path
+
+    def prune_temp(self, older_than: float, now: float) -> int:
+        """Delete temp files of abandoned transfers not touched for `older_than` seconds."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for item in self.tmp.iterdir():
+                with contextlib.suppress(OSError):
+                    if item.lstat().st_mtime < now - older_than:
+                        item.unlink()
+                        removed += 1
+        return removed
 
     def install_file(
         self, fd: int, temp: Path, rel: str, *, mode: int, mtime_ns: int, sync_dir: bool = True

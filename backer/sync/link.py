@@ -51,6 +51,11 @@ class StreamLink:
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
 
+    def remote(self) -> tuple[str, int] | None:
+        """(host, port) of the far end, for a socket."""
+        info = self._writer.get_extra_info("peername")
+        return (str(info[0]), int(info[1])) if info else None
+
 
 class _Direction:
     """One direction of a pipe: a bounded queue of writes that can be closed."""

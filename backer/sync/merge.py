@@ -101,7 +101,7 @@ def decide(local: Entry | None, remote: Entry) -> Decision:
     action = Action.WRITE_REMOTE if remote_won else Action.KEEP_LOCAL_DISK
     if loser.kind is Kind.DIR:  # two directories: only their metadata differ
         return Decision(action=action, result=result)
-    copy = replace(loser, path=conflict_path(loser))
+    copy = replace(loser, path=conflict_path(loser), signature=b"")  # signed anew when stored
     side: Side = "local" if remote_won else "remote"
     return Decision(action=action, result=result, conflict_copy=copy, copy_from=side)
 

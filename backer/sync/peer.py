@@ -1,9 +1,11 @@
-"""A peer session over any Link: answers the peer's requests and pulls what it has newer.
+"""A session with one peer over any Link: answers the peer's requests, gossips our root, and
+fetches for pulls.
 
 The pump is short and makes no protocol decisions (STYLE.md 1): bytes from the link go into the
 sans-IO `protocol.session.Session`; its events become answers (read from the replica in worker
-threads), resolved request futures (for the puller), or the end of the session. It implements
-`pull.Fetcher` for the pulls it starts. Imports protocol and sync.
+threads), resolved request futures, or the end of the session. `PeerSession` implements
+`pull.Fetcher`; *when* to pull is its owner's decision: `run_session` pulls from this one peer,
+the node's folder puller (`sync.swarm`) pulls from many at once. Imports protocol and sync.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backer.errors import RemoteProtocolError
+from backer.errors import BackerError, RemoteProtocolError
 from backer.ids import DeviceId, Hash
 from backer.protocol import session as proto
 from backer.protocol.messages import RemoteEntry
@@ -23,10 +25,11 @@ from backer.sync.link import Link
 from backer.sync.pull import PeerMovedOn, PullReport, pull
 from backer.sync.replica import Replica
 
-__all__ = ["SessionResult", "run_session"]
+__all__ = ["GOSSIP_EVERY", "PeerGone", "PeerSession", "SessionResult", "run_session"]
 
 ANSWERS_IN_FLIGHT = 64  # answers being read from disk at once
 BATCHES_IN_FLIGHT = 16  # our batch requests open at once (+ the pull's chunk window of 64)
+GOSSIP_EVERY = 30.0  # seconds between re-announcements of an unchanged root (also a keepalive)
 _PEER_WORKING = (
     proto.NodesRequested,
     proto.EntriesRequested,
@@ -36,6 +39,10 @@ _PEER_WORKING = (
 # A one-shot session whose pulls stop making progress gives up after this many quiet seconds
 # (a path the peer has that cannot be applied here, for instance), instead of waiting forever.
 STUCK_AFTER = 5.0
+
+
+class PeerGone(BackerError):
+    """The session ended while a request to its peer was open: ask someone else."""
 
 
 @dataclass(slots=True)
@@ -56,6 +63,9 @@ class _Ended(Exception):
     """Unwinds the session's task group once the session is over."""
 
 
+Steer = Callable[["PeerSession"], Coroutine[Any, Any, None]]
+
+
 async def run_session(
     replica: Replica,
     link: Link,
@@ -65,56 +75,115 @@ async def run_session(
     until_in_sync: bool = False,
     stuck_after: float = STUCK_AFTER,
 ) -> SessionResult:
-    """Run one session until the peer leaves, something fails, or (with `until_in_sync`) both
-    sides hold the same root and nothing is in flight; then close the link."""
-    peer = _Peer(replica, link, device=device, folder=folder, until_in_sync=until_in_sync)
-    peer.stuck_after = stuck_after
-    try:
-        await peer.run()
-    finally:
-        with contextlib.suppress(OSError, ConnectionError):
-            await link.close()
-    peer.result.local_root = replica.root
-    peer.result.peer_root = peer.peer_root
-    return peer.result
+    """Run one session, pulling from this peer whenever its root differs from ours, until the
+    peer leaves, something fails, or (with `until_in_sync`) both sides hold the same root and
+    nothing is in flight; then close the link."""
+    peer = PeerSession(replica, link, device=device, folder=folder)
+    steer = functools.partial(_pull_from_one, until_in_sync=until_in_sync, stuck_after=stuck_after)
+    return await peer.run(steer)
 
 
-class _Peer:
+class PeerSession:
+    """One session's pump. `await run()` until it ends; meanwhile the owner may fetch through it
+    (`nodes`, `entries`, `groups`, `chunk`), read `peer_root`, and is called back with
+    `on_change(self)` whenever the peer's root changes or the session ends."""
+
     def __init__(
-        self, replica: Replica, link: Link, *, device: bytes, folder: bytes, until_in_sync: bool
+        self,
+        replica: Replica,
+        link: Link,
+        *,
+        device: bytes,
+        folder: bytes,
+        on_change: Callable[[PeerSession], None] | None = None,
+        on_peers: Callable[[tuple[tuple[bytes, tuple[str, ...]], ...]], None] | None = None,
+        gossip_every: float | None = None,
     ) -> None:
         self.replica = replica
         self.link = link
-        self.until_in_sync = until_in_sync
         self.session = proto.Session(device=device, folder=folder, root=replica.root)
         self.result = SessionResult()
         self.peer_root: Hash | None = None
-        self.wake = asyncio.Event()  # the peer's root, our root or a pull's state changed
-        self.pulling = False
+        self.peer_device: bytes | None = None  # as the peer's Hello says
+        self.on_change = on_change
+        self.on_peers = on_peers
+        self.gossip_every = gossip_every
+        self.wake = asyncio.Event()  # the peer's root changed, or it asked us for something
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.write_lock = asyncio.Lock()
         self.answers = asyncio.Semaphore(ANSWERS_IN_FLIGHT)
         self.batches = asyncio.Semaphore(BATCHES_IN_FLIGHT)
         self.chunk_asks: list[tuple[int, Hash, int]] = []
-        self.root_event = replica.watch_root()
-        self.stuck_after = STUCK_AFTER
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._root_event = replica.watch_root()
+        self._ended = False
+        self.announced = replica.root  # the root our Hello carries
 
-    async def run(self) -> None:
+    @property
+    def open(self) -> bool:
+        return not self._ended and self.session.state is proto.State.OPEN
+
+    @property
+    def load(self) -> int:
+        """Our requests this peer has not answered yet."""
+        return len(self.pending)
+
+    async def run(self, steer: Steer | None = None) -> SessionResult:
+        """Pump until the session ends (with `steer(self)` running beside, if given); close the
+        link; return how it went."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 self.tasks = tasks
                 await self._send(self.session.start())
                 tasks.create_task(self._read())
-                tasks.create_task(self._steer())
+                tasks.create_task(self._gossip())
+                if steer is not None:
+                    tasks.create_task(steer(self))
         except* _Ended:
             pass
         except* (RemoteProtocolError, ConnectionError, OSError) as group:
             if not self.result.reason:
                 self.result.reason, self.result.clean = str(group.exceptions[0]), False
         finally:
-            self.replica.unwatch_root(self.root_event)
+            self._ended = True
+            self.replica.unwatch_root(self._root_event)
+            gone = PeerGone(self.result.reason or "the session ended")
             for future in self.pending.values():
-                future.cancel()
+                if not future.done():
+                    future.set_exception(gone)
+                    future.exception()  # retrieved here: nobody may be waiting any more
+            self.pending.clear()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self.link.close()
+            if self.on_change is not None:
+                self.on_change(self)
+        self.result.local_root = self.replica.root
+        self.result.peer_root = self.peer_root
+        return self.result
+
+    async def close(self, reason: str) -> None:
+        """Say goodbye and end the session (from outside `run`)."""
+        if self.open:
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._send(self.session.close(reason))
+        if not self.result.reason:
+            self.result.reason, self.result.clean = reason, True
+        with contextlib.suppress(OSError, ConnectionError):
+            await self.link.close()
+
+    def end(self, reason: str, *, clean: bool) -> None:
+        """End the session from a task running inside `run` (a steer)."""
+        if not self.result.reason:
+            self.result.reason, self.result.clean = reason, clean
+        raise _Ended
+
+    async def send_close(self, reason: str) -> None:
+        await self._send(self.session.close(reason))
+
+    async def announce_peers(self, peers: Iterable[tuple[bytes, Iterable[str]]]) -> None:
+        if self.open:
+            await self._send(self.session.announce_peers(peers))
 
     # -- the pump ------------------------------------------------------------------------------
 
@@ -124,6 +193,7 @@ class _Peer:
             if not data:
                 self.session.receive_eof()
             else:
+                self.bytes_received += len(data)
                 self.session.receive_data(data)
             while (event := self.session.next_event()) is not None:
                 await self._handle(event)
@@ -132,17 +202,20 @@ class _Peer:
                 self.tasks.create_task(self._answer_chunks(asks))
             await self._flush()
             if not data:
-                self._end(
-                    self.result.reason or "the peer went away", clean=bool(self.result.reason)
-                )
+                self.end(self.result.reason or "the peer went away", clean=bool(self.result.reason))
 
     async def _handle(self, event: proto.Event) -> None:
         if isinstance(event, _PEER_WORKING):
             self.wake.set()  # the peer is pulling from us: a one-shot session is not stuck
         match event:
-            case proto.PeerHello(root=root) | proto.PeerRoot(root=root):
-                self.peer_root = root
-                self.wake.set()
+            case proto.PeerHello(root=root, device=device):
+                self.peer_device = device
+                self._peer_root_is(root)
+            case proto.PeerRoot(root=root):
+                self._peer_root_is(root)
+            case proto.PeersAnnounced(peers=peers):
+                if self.on_peers is not None:
+                    self.on_peers(peers)
             case proto.NodesRequested(id=rid, hashes=hashes):
                 await self._answer(rid, self.replica.read_nodes, hashes, self.session.answer_nodes)
             case proto.EntriesRequested(id=rid, wanted=wanted):
@@ -165,14 +238,21 @@ class _Peer:
                 if future is not None and not future.done():
                     future.set_result(event)
             case proto.ConnectionLost(reason=reason):
-                self._end(self.result.reason or f"the connection ended: {reason}", clean=False)
+                self.end(self.result.reason or f"the connection ended: {reason}", clean=False)
             case proto.PeerClosed(reason=reason):
-                self._end(f"the peer closed the session: {reason}", clean=True)
+                self.end(f"the peer closed the session: {reason}", clean=True)
             case proto.PeerError(code=code, text=text):
-                self._end(f"the peer reported error {code}: {text}", clean=False)
+                self.end(f"the peer reported error {code}: {text}", clean=False)
             case proto.ProtocolViolation(reason=reason):
                 await self._flush()  # the session queued an Error frame for the peer
-                self._end(f"protocol violation by the peer: {reason}", clean=False)
+                self.end(f"protocol violation by the peer: {reason}", clean=False)
+
+    def _peer_root_is(self, root: Hash) -> None:
+        changed = root != self.peer_root
+        self.peer_root = root
+        self.wake.set()
+        if changed and self.on_change is not None:
+            self.on_change(self)
 
     async def _answer(
         self,
@@ -206,64 +286,35 @@ class _Peer:
                     )
                 )
 
+    async def _gossip(self) -> None:
+        """Announce our root when it changes, and every `gossip_every` seconds regardless: a
+        peer that missed a change (or restarted its view of us) catches up, and the
+        announcement doubles as the keepalive of an idle session."""
+        while True:
+            if self.gossip_every is None:
+                await self._root_event.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.gossip_every):
+                        await self._root_event.wait()
+            self._root_event.clear()
+            await self.announce_root(again=self.gossip_every is not None)
+
+    async def announce_root(self, *, again: bool = False) -> None:
+        """Send our root if the peer has not heard it yet (or `again`)."""
+        root = self.replica.root
+        if (root != self.announced or again) and self.session.state is proto.State.OPEN:
+            self.announced = root
+            await self._send(self.session.announce_root(root))
+
     async def _send(self, data: bytes) -> None:
         if data:
             async with self.write_lock:
                 await self.link.write(data)
+                self.bytes_sent += len(data)
 
     async def _flush(self) -> None:
         await self._send(self.session.data_to_send())
-
-    def _end(self, reason: str, *, clean: bool) -> None:
-        if not self.result.reason:
-            self.result.reason, self.result.clean = reason, clean
-        raise _Ended
-
-    # -- steering: when to pull, when to announce, when to stop --------------------------------
-
-    async def _steer(self) -> None:
-        announced = self.replica.root
-        fruitless: tuple[Hash, Hash] | None = None  # (peer root, our root) a pull could not move
-        while True:
-            if self.root_event.is_set():
-                self.root_event.clear()
-                if self.replica.root != announced:
-                    announced = self.replica.root
-                    await self._send(self.session.announce_root(announced))
-            target, local = self.peer_root, self.replica.root
-            if target is not None and target != local and (target, local) != fruitless:
-                try:
-                    self.result.pulls.append(await pull(self.replica, self, target))
-                except PeerMovedOn:
-                    fruitless = (target, local)  # wait for the peer's next root
-                else:
-                    if self.replica.root == local:
-                        fruitless = (target, local)
-                continue
-            if self.until_in_sync and target is not None and target == local:
-                await self._send(self.session.close("in sync"))
-                self._end("in sync", clean=True)
-            stuck = self.until_in_sync and fruitless == (target, local)
-            if not await self._wait(self.stuck_after if stuck else None) and stuck:
-                errors = [e for report in self.result.pulls for e in report.errors]
-                await self._send(self.session.close("not in sync"))
-                self._end(f"not in sync: no progress ({len(errors)} paths failed)", clean=False)
-
-    async def _wait(self, timeout: float | None) -> bool:
-        """Wait until the peer's root, ours, or a pull changes; False if `timeout` passed."""
-        waits = [
-            asyncio.ensure_future(self.wake.wait()),
-            asyncio.ensure_future(self.root_event.wait()),
-        ]
-        try:
-            done, _ = await asyncio.wait(
-                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiting in waits:
-                waiting.cancel()
-        self.wake.clear()
-        return bool(done)
 
     # -- pull.Fetcher --------------------------------------------------------------------------
 
@@ -271,11 +322,13 @@ class _Peer:
         """A batch request, at most BATCHES_IN_FLIGHT at a time: a pull of a large tree must
         not leave more requests open than the peer's session allows."""
         async with self.batches:
-            return await self._request(make())
+            return await self._request(make)
 
-    async def _request(self, request: tuple[int, bytes]) -> Any:
+    async def _request(self, make: Callable[[], tuple[int, bytes]]) -> Any:
         """Send a request made by the session and wait for its verified answer event."""
-        rid, data = request
+        if not self.open:
+            raise PeerGone(self.result.reason or "the session is not open")
+        rid, data = make()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[rid] = future
         await self._send(data)
@@ -309,6 +362,51 @@ class _Peer:
         return found
 
     async def chunk(self, digest: Hash, size: int) -> bytes | None:
-        event = await self._request(self.session.request_chunk(digest, size))
+        event = await self._request(functools.partial(self.session.request_chunk, digest, size))
         data: bytes | None = event.data
         return data
+
+
+# -- one peer: pull whenever its root differs --------------------------------------------------
+
+
+async def _pull_from_one(peer: PeerSession, *, until_in_sync: bool, stuck_after: float) -> None:
+    replica = peer.replica
+    changed = replica.watch_root()
+    fruitless: tuple[Hash, Hash] | None = None  # (peer root, our root) a pull could not move
+    try:
+        while True:
+            changed.clear()
+            target, local = peer.peer_root, replica.root
+            if target is not None and target != local and (target, local) != fruitless:
+                try:
+                    peer.result.pulls.append(await pull(replica, peer, target))
+                except PeerMovedOn:
+                    fruitless = (target, local)  # wait for the peer's next root
+                else:
+                    if replica.root == local:
+                        fruitless = (target, local)
+                continue
+            if until_in_sync and target is not None and target == local:
+                await peer.announce_root()  # the peer's last view of us is this root
+                await peer.send_close("in sync")
+                peer.end("in sync", clean=True)
+            stuck = until_in_sync and fruitless == (target, local)
+            if not await _wait(peer.wake, changed, stuck_after if stuck else None) and stuck:
+                errors = [e for report in peer.result.pulls for e in report.errors]
+                await peer.send_close("not in sync")
+                peer.end(f"not in sync: no progress ({len(errors)} paths failed)", clean=False)
+    finally:
+        replica.unwatch_root(changed)
+
+
+async def _wait(wake: asyncio.Event, changed: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until the peer's root, ours, or a pull changes; False if `timeout` passed."""
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(changed.wait())]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    wake.clear()
+    return bool(done)

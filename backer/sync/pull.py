@@ -30,8 +30,10 @@ from backer.errors import (
     InvalidPathError,
     RemoteProtocolError,
 )
+from backer.events import ConflictFound, Emit, FileProgress, FileUpdated, ignore
 from backer.ids import Hash
 from backer.index import merkle
+from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, iter_chunks
 from backer.index.store import LocalState, Record, StatSig
 from backer.paths import RESERVED_DIR, parent_of
@@ -48,6 +50,8 @@ GROUP_BATCH = 256
 CHUNK_WINDOW = 64  # chunks in flight (about 3 MiB at the 48 KiB mean chunk)
 FILES_IN_FLIGHT = 16
 COMMIT_EVERY = 1000
+PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
+PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
 _T = TypeVar("_T")
 # Failures that concern one path (refused as unsafe, or the disk said no): reported, skipped.
 _PATH_ERRORS = (InvalidPathError, OSError)
@@ -98,12 +102,15 @@ class _ChunkGone(BackerError):
     """A chunk the peer announced is no longer there: this file waits for the next pull."""
 
 
-async def pull(replica: Replica, fetcher: Fetcher, remote_root: Hash) -> PullReport:
-    """Pull everything `remote_root` has that this replica lacks or has older. Raises the
-    first failure plainly (RemoteProtocolError, PeerMovedOn...), never an exception group."""
+async def pull(
+    replica: Replica, fetcher: Fetcher, remote_root: Hash, *, emit: Emit = ignore
+) -> PullReport:
+    """Pull everything `remote_root` has that this replica lacks or has older, telling `emit`
+    about each path written, each conflict and the progress of large files. Raises the first
+    failure plainly (RemoteProtocolError, PeerMovedOn...), never an exception group."""
     async with replica.lock:
         try:
-            return await _Pull(replica, fetcher).run(remote_root)
+            return await _Pull(replica, fetcher, emit).run(remote_root)
         except BaseExceptionGroup as group:
             raise _first(group) from None
 
@@ -116,8 +123,10 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class _Pull:
-    def __init__(self, replica: Replica, fetcher: Fetcher) -> None:
+    def __init__(self, replica: Replica, fetcher: Fetcher, emit: Emit) -> None:
         self.replica = replica
+        self.emit = emit
+        self.label = str(replica.folder)
         self.store = replica.store
         self.disk = replica.disk
         self.fetcher = fetcher
@@ -243,6 +252,9 @@ class _Pull:
         result = decision.result
         if decision.conflict_copy is not None:
             self.report.conflicts += 1
+            self.emit(
+                ConflictFound(folder=self.label, path=remote.path, copy=decision.conflict_copy.path)
+            )
             await self._conflict_copy(decision, record, remote, files)
         if result is None:
             return
@@ -256,6 +268,7 @@ class _Pull:
             await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
             self._record(result, LocalState())
             self.report.dirs += 1
+            self._updated(result.path, "dir")
         elif record and not record.entry.deleted and record.entry.kind is Kind.DIR:
             blocked.append((decision, record, remote))  # a directory must go first
         elif result.kind is Kind.SYMLINK:
@@ -263,6 +276,9 @@ class _Pull:
         else:
             await self.files.acquire()
             files.create_task(self._file(result, result.path, remote, _expected(record)))
+
+    def _updated(self, path: str, action: str) -> None:
+        self.emit(FileUpdated(folder=self.label, path=path, action=action))
 
     def _failed(self, path: str, exc: BaseException) -> None:
         self.report.errors.append(f"{path}: {exc}")
@@ -310,6 +326,7 @@ class _Pull:
         await asyncio.to_thread(self.disk.install_symlink, entry.path, entry.target)
         self._record(entry, LocalState())
         self.report.symlinks += 1
+        self._updated(entry.path, "symlink")
 
     async def _file(
         self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
@@ -331,6 +348,7 @@ class _Pull:
             self.files.release()
         self._record(entry, LocalState(stat=sig))
         self.report.files += 1
+        self._updated(dest, "file")
         if len(self.pending) >= COMMIT_EVERY:
             await self._commit()
 
@@ -338,16 +356,21 @@ class _Pull:
         self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
     ) -> StatSig:
         fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
+        progress = _Progress(self, dest, source.size, missing)
         try:
             try:
                 async with asyncio.TaskGroup() as fetches:
                     for offset, digest, size in missing:
                         await self.window.acquire()
-                        fetches.create_task(self._fetch_into(fd, offset, digest, size))
+                        fetches.create_task(self._fetch_into(fd, offset, digest, size, progress))
             except* _ChunkGone as gone:
                 raise gone.exceptions[0] from None
-        except BaseException:
-            _discard(fd, temp)
+        except BaseException as exc:
+            if _worth_keeping(exc):
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # the verified chunks in it serve the next attempt
+            else:
+                _discard(fd, temp)
             raise
         return await asyncio.to_thread(
             functools.partial(
@@ -358,8 +381,9 @@ class _Pull:
     def _prepare(
         self, entry: Entry, source: Entry
     ) -> tuple[int, Path, list[tuple[int, Hash, int]]]:
-        """A temp file holding every chunk this folder already has; what is still missing."""
-        fd, temp = self.disk.temp_file(entry.leaf_hash().hex()[:32])
+        """A temp file holding every chunk this folder (or an abandoned attempt at this very
+        version) already has; what is still missing."""
+        fd, temp = self.disk.temp_file(entry.leaf_hash().hex()[:32], resume=True)
         try:
             return fd, temp, self._copy_local(fd, source.chunks)
         except BaseException:
@@ -392,7 +416,9 @@ class _Pull:
             fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns, sync_dir=False
         )
 
-    async def _fetch_into(self, fd: int, offset: int, digest: Hash, size: int) -> None:
+    async def _fetch_into(
+        self, fd: int, offset: int, digest: Hash, size: int, progress: _Progress
+    ) -> None:
         try:
             data = await self.fetcher.chunk(digest, size)
         finally:
@@ -401,15 +427,20 @@ class _Pull:
             raise _ChunkGone(digest.hex())
         os.pwrite(fd, data, offset)
         self.report.bytes_fetched += size
+        progress.add(size)
 
     def _copy_local(self, fd: int, chunks: bytes) -> list[tuple[int, Hash, int]]:
-        """Write every chunk this folder already holds; return (offset, hash, size) of the rest."""
+        """Write every chunk this folder already holds; return (offset, hash, size) of the rest.
+        A chunk already in place (left by an abandoned attempt) is kept if it hashes right."""
         missing = []
         offset = 0
+        resumable = os.fstat(fd).st_size
         records = list(iter_chunks(chunks))
         for (digest, size), data in zip(records, self.replica.read_chunks(records), strict=True):
             if data is not None:
                 os.pwrite(fd, data, offset)
+                self.report.bytes_local += size
+            elif offset + size <= resumable and hash_chunk(os.pread(fd, size, offset)) == digest:
                 self.report.bytes_local += size
             else:
                 missing.append((offset, digest, size))
@@ -434,6 +465,7 @@ class _Pull:
             await asyncio.to_thread(self._archive, result.path)
         self._record(result, LocalState())
         self.report.deleted += 1
+        self._updated(result.path, "deleted")
 
     async def _replace_kind(self, decision: Decision, record: Record | None, remote: Entry) -> None:
         """A path changes between directory and file/symlink: the old one must go first."""
@@ -471,6 +503,36 @@ class _Pull:
     def _durable_commit(self, batch: list[Record], dirs: set[str]) -> None:
         self.disk.sync_dirs(dirs)  # the renames are on disk before the index says they happened
         self.store.commit(batch)
+
+
+class _Progress:
+    """FileProgress events for one large file: one per PROGRESS_STEP bytes fetched."""
+
+    def __init__(
+        self, job: _Pull, path: str, total: int, missing: list[tuple[int, Hash, int]]
+    ) -> None:
+        self.job, self.path, self.total = job, path, total
+        self.done = total - sum(size for _, _, size in missing)
+        self.told = self.done
+        self.enabled = total >= PROGRESS_FROM
+
+    def add(self, size: int) -> None:
+        self.done += size
+        if self.enabled and (self.done - self.told >= PROGRESS_STEP or self.done == self.total):
+            self.told = self.done
+            self.job.emit(
+                FileProgress(
+                    folder=self.job.label, path=self.path, done=self.done, total=self.total
+                )
+            )
+
+
+def _worth_keeping(exc: BaseException) -> bool:
+    """Whether a temp file abandoned by `exc` may serve a later attempt: yes when the transfer
+    was cut (cancelled, a peer gone), no when the disk failed (it may be full)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_worth_keeping(inner) for inner in exc.exceptions)
+    return not isinstance(exc, OSError)
 
 
 def _discard(fd: int, temp: Path) -> None:

@@ -1,0 +1,127 @@
+"""The swarm fetcher against fake peers: spreading, moving requests off vanished or slow peers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from backer.ids import Hash
+from backer.protocol.messages import RemoteEntry
+from backer.sync.peer import PeerGone
+from backer.sync.swarm import Swarm
+
+ROOT = Hash(b"r" * 32)
+OTHER_ROOT = Hash(b"o" * 32)
+
+
+class FakePeer:
+    def __init__(
+        self,
+        name: bytes,
+        *,
+        root: Hash = ROOT,
+        chunks: dict[Hash, bytes] | None = None,
+        stall: bool = False,
+        gone: bool = False,
+    ) -> None:
+        self.peer_device = name * 32
+        self.peer_root: Hash | None = root
+        self.open = True
+        self.load = 0
+        self.chunks = chunks or {}
+        self.stall = stall
+        self.gone = gone
+        self.asked: list[Hash] = []
+
+    async def _serve(self) -> None:
+        if self.gone:
+            raise PeerGone("vanished")
+        if self.stall:
+            await asyncio.Event().wait()
+
+    async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
+        await self._serve()
+        return {h: self.chunks[h] for h in hashes if h in self.chunks}
+
+    async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
+        return await self.nodes(hashes)
+
+    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+        await self._serve()
+        return []
+
+    async def chunk(self, digest: Hash, size: int) -> bytes | None:
+        self.asked.append(digest)
+        self.load += 1
+        try:
+            await self._serve()
+            return self.chunks.get(digest)
+        finally:
+            self.load -= 1
+
+
+def digest(n: int) -> Hash:
+    return Hash(bytes([n]) * 32)
+
+
+async def test_chunks_spread_over_the_peers_that_hold_the_root() -> None:
+    held = {digest(n): bytes([n]) * 10 for n in range(40)}
+    peers = [FakePeer(b"a", chunks=held), FakePeer(b"b", chunks=held)]
+    swarm = Swarm(lambda: peers, ROOT)
+    got = await asyncio.gather(*(swarm.chunk(d, 10) for d in held))
+    assert got == list(held.values())
+    assert all(peer.asked for peer in peers)  # both served some
+    assert sum(len(peer.asked) for peer in peers) == len(held)  # each chunk asked once
+
+
+async def test_a_peer_with_the_announced_root_is_asked_first() -> None:
+    held = {digest(1): b"x" * 10}
+    moved_on, current = FakePeer(b"a", root=OTHER_ROOT, chunks=held), FakePeer(b"b", chunks=held)
+    swarm = Swarm(lambda: [moved_on, current], ROOT)
+    assert await swarm.chunk(digest(1), 10) == b"x" * 10
+    assert current.asked and not moved_on.asked
+
+
+async def test_a_vanished_peer_s_request_moves_to_another_at_once() -> None:
+    held = {digest(1): b"x" * 10}
+    gone, alive = FakePeer(b"a", gone=True), FakePeer(b"b", chunks=held)
+    gone.load, alive.load = 0, 5  # the vanished one looks best
+    swarm = Swarm(lambda: [gone, alive], ROOT, hedge_after=60)
+    assert await asyncio.wait_for(swarm.chunk(digest(1), 10), 5) == b"x" * 10
+    assert swarm.stats.moved == 1 and swarm.stats.hedged == 0
+
+
+async def test_a_slow_peer_s_request_is_also_asked_of_another() -> None:
+    held = {digest(1): b"x" * 10}
+    slow, fast = FakePeer(b"a", chunks=held, stall=True), FakePeer(b"b", chunks=held)
+    fast.load = 5  # the stalled one looks best
+    swarm = Swarm(lambda: [slow, fast], ROOT, hedge_after=0.05)
+    assert await asyncio.wait_for(swarm.chunk(digest(1), 10), 5) == b"x" * 10
+    assert swarm.stats.hedged == 1
+
+
+async def test_a_chunk_nobody_has_is_none_after_asking_everyone() -> None:
+    peers = [FakePeer(b"a"), FakePeer(b"b"), FakePeer(b"c", root=OTHER_ROOT)]
+    swarm = Swarm(lambda: peers, ROOT)
+    assert await swarm.chunk(digest(9), 10) is None
+    assert all(peer.asked == [digest(9)] for peer in peers)
+
+
+async def test_batch_items_one_peer_lacks_are_asked_of_the_next() -> None:
+    a = FakePeer(b"a", chunks={digest(1): b"one"})
+    b = FakePeer(b"b", chunks={digest(2): b"two"})
+    swarm = Swarm(lambda: [a, b], ROOT)
+    assert await swarm.nodes([digest(1), digest(2), digest(3)]) == {
+        digest(1): b"one",
+        digest(2): b"two",
+    }
+
+
+@pytest.mark.parametrize("gone", [True, False])
+async def test_no_open_peer_means_nothing_found(gone: bool) -> None:
+    peer = FakePeer(b"a", chunks={digest(1): b"one"}, gone=gone)
+    peer.open = not gone
+    swarm = Swarm(lambda: [peer], ROOT)
+    assert await swarm.nodes([digest(1)]) == ({} if gone else {digest(1): b"one"})
