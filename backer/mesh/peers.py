@@ -1,0 +1,368 @@
+"""The mesh of one folder: encrypted sessions with up to `max_peers` devices, one per device.
+
+Dials the addresses it knows (static ones, those peers tell it about, those discovery finds),
+with exponential backoff and jitter after each failure; accepts the connections the listener
+hands it; resolves a double connection between two devices the same way on both ends (the one
+dialled by the smaller device ID stays; between two dialled by the same device, the newer); and
+tells every peer the addresses of the others, so the mesh fills in by itself. Each session feeds
+the folder's puller (`sync.swarm.FolderPuller`).
+
+Imports sync and mesh; never discovery (the node passes discovered addresses to `learn`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nacl.signing
+
+from backer.addresses import format_address, parse_address
+from backer.errors import InvalidAddressError
+from backer.events import Emit, PeerConnected, PeerDisconnected, ignore
+from backer.ids import DeviceId
+from backer.keys import FolderKey
+from backer.mesh.channel import ChannelError
+from backer.mesh.secure import SecureLink, secure
+from backer.mesh.transport import dial
+from backer.protocol.messages import MAX_ADDRESSES_PER_PEER, MAX_PEERS_LISTED
+from backer.sync.link import Link
+from backer.sync.peer import GOSSIP_EVERY, PeerSession
+from backer.sync.replica import Replica
+from backer.sync.swarm import FolderPuller
+
+__all__ = ["Connection", "FolderMesh", "Known"]
+
+BACKOFF_FIRST = 0.5  # seconds before the first retry of an address...
+BACKOFF_MAX = 60.0  # ...doubling up to this, each delay jittered by +-50 %
+STABLE_AFTER = 10.0  # a session that lasted this long resets its address's backoff
+KEEPALIVE = 45.0  # the channel's own keepalive: rarely needed, the root gossip comes first
+IDLE_TIMEOUT = 100.0  # a peer silent this long (three gossip rounds) is gone
+MAX_KNOWN = 512  # addresses remembered per folder
+
+Dial = Callable[[str, bytes], Awaitable[Link]]
+
+
+@dataclass(slots=True)
+class Known:
+    """An address this folder's mesh may dial."""
+
+    address: str
+    source: str  # "static", "peer", or a discovery method
+    device: bytes | None = None  # who we expect there, once known
+    failures: int = 0
+    next_try: float = 0.0
+    dialing: bool = False
+    ourselves: bool = False  # it turned out to be this very node
+
+
+@dataclass(slots=True)
+class Connection:
+    session: PeerSession
+    device: bytes
+    address: str  # the far end of the connection
+    outgoing: bool
+    since: float
+    known: Known | None = None  # the address we dialled, for an outgoing connection
+    advertised: tuple[str, ...] = field(default=())  # where the peer says it can be dialled
+
+    @property
+    def dialable(self) -> tuple[str, ...]:
+        own = (self.known.address,) if self.known is not None else ()
+        return tuple(dict.fromkeys(own + self.advertised))[:MAX_ADDRESSES_PER_PEER]
+
+
+class FolderMesh:
+    """One folder's sessions. `await run()` dials for the folder's lifetime; `accept()` runs an
+    inbound connection's session to its end; `learn()` adds an address to dial."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        key: FolderKey,
+        *,
+        device_key: nacl.signing.SigningKey,
+        puller: FolderPuller,
+        emit: Emit = ignore,
+        max_peers: int = 16,
+        advertise: tuple[str, ...] = (),
+        share_addresses: bool = True,
+        gossip_every: float | None = GOSSIP_EVERY,
+        backoff_first: float = BACKOFF_FIRST,
+        backoff_max: float = BACKOFF_MAX,
+        dialer: Dial = dial,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.replica = replica
+        self.key = key
+        self.device_key = device_key
+        self.own = DeviceId.from_public_key(bytes(device_key.verify_key)).raw
+        self.puller = puller
+        self.emit = emit
+        self.max_peers = max_peers
+        self.advertise = advertise
+        self.share_addresses = share_addresses
+        self.gossip_every = gossip_every
+        self.backoff_first = backoff_first
+        self.backoff_max = backoff_max
+        self.dialer = dialer
+        self.clock = clock
+        self.connections: dict[bytes, Connection] = {}
+        self.known: dict[str, Known] = {}
+        self.label = str(replica.folder)
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._tasks: asyncio.TaskGroup | None = None
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def learn(self, address: str, *, source: str, device: bytes | None = None) -> None:
+        """Remember an address to dial (a static peer, a peer's tip, a discovery result)."""
+        try:
+            parse_address(address)
+        except InvalidAddressError:
+            return
+        known = self.known.get(address)
+        if known is None:
+            if len(self.known) >= MAX_KNOWN:
+                self._forget_one()
+            known = self.known[address] = Known(address=address, source=source)
+        elif source == "static":
+            known.source = source
+        if device is not None and device != self.own:
+            known.device = device
+        self._wake.set()
+
+    def _forget_one(self) -> None:
+        for address, known in self.known.items():
+            if known.source != "static" and not known.dialing:
+                del self.known[address]
+                return
+
+    # -- dialling ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dial what is worth dialling, for as long as the folder runs."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            while not self._closing:
+                self._wake.clear()
+                wait = self._dial_due(tasks)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+
+    def _dial_due(self, tasks: asyncio.TaskGroup) -> float | None:
+        """Start the dials that are due; how long until the next one is."""
+        now = self.clock()
+        busy = len(self.connections) + sum(k.dialing for k in self.known.values())
+        dialled = {c.known.address for c in self.connections.values() if c.known is not None}
+        soonest: float | None = None
+        for known in list(self.known.values()):
+            if known.dialing or known.ourselves or known.address in dialled:
+                continue
+            if known.device is not None and known.device in self.connections:
+                continue
+            if known.next_try > now:
+                wait = known.next_try - now
+                soonest = wait if soonest is None else min(soonest, wait)
+                continue
+            if busy >= self.max_peers:
+                break
+            known.dialing = True
+            busy += 1
+            tasks.create_task(self._dial(known))
+        return soonest
+
+    async def _dial(self, known: Known) -> None:
+        try:
+            link = await self.dialer(known.address, self.key.discovery_id)
+        except (OSError, TimeoutError):
+            known.dialing = False
+            self._failed(known)
+            return
+        try:
+            await self._connect(link, outgoing=True, address=known.address, known=known)
+        finally:
+            known.dialing = False
+            self._wake.set()
+
+    def _failed(self, known: Known) -> None:
+        delay = min(self.backoff_first * 2**known.failures, self.backoff_max)
+        known.failures += 1
+        known.next_try = self.clock() + delay * (0.5 + random.random())
+        self._wake.set()
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def accept(self, link: Link, address: str) -> None:
+        """Run a connection a peer opened to us (its preface named this folder)."""
+        await self._connect(link, outgoing=False, address=address, known=None)
+
+    async def _connect(
+        self, link: Link, *, outgoing: bool, address: str, known: Known | None
+    ) -> None:
+        try:
+            secured = await secure(
+                link,
+                initiator=outgoing,
+                device_key=self.device_key,
+                folder=self.key,
+                keepalive=KEEPALIVE,
+                idle=IDLE_TIMEOUT,
+            )
+        except ChannelError as exc:
+            if known is not None:
+                self._failed(known)
+            self.emit(
+                PeerDisconnected(
+                    folder=self.label,
+                    device="",
+                    address=address,
+                    reason=f"handshake failed: {exc}",
+                    clean=False,
+                )
+            )
+            return
+        device = secured.peer_device.raw
+        if known is not None:
+            known.dialing = False  # dialled: from here on it is a session (or a refusal)
+            known.device = device if device != self.own else None
+        refusal = self._refusal(device, outgoing)
+        if refusal:
+            if known is not None and device == self.own:
+                known.ourselves = True
+            await secured.close()
+            return
+        await self._run_session(secured, device, outgoing=outgoing, address=address, known=known)
+
+    def _refusal(self, device: bytes, outgoing: bool) -> str:
+        """Why a new connection to `device` must not stay ("" if it may)."""
+        if device == self.own:
+            return "that is this node"
+        if self._closing:
+            return "shutting down"
+        existing = self.connections.get(device)
+        if existing is None:
+            return "too many peers" if len(self.connections) >= self.max_peers else ""
+        # Both ends see both connections and must keep the same one.
+        old = self.own if existing.outgoing else device
+        new = self.own if outgoing else device
+        if old != new and old < new:
+            return "a connection to that device exists"
+        return ""
+
+    async def _run_session(
+        self,
+        secured: SecureLink,
+        device: bytes,
+        *,
+        outgoing: bool,
+        address: str,
+        known: Known | None,
+    ) -> None:
+        replaced = self.connections.get(device)
+        session = PeerSession(
+            self.replica,
+            secured,
+            device=self.own,
+            folder=self.key.discovery_id,
+            on_change=self.puller.poke,
+            gossip_every=self.gossip_every,
+        )
+        connection = Connection(
+            session=session,
+            device=device,
+            address=address,
+            outgoing=outgoing,
+            since=self.clock(),
+            known=known,
+        )
+        session.on_peers = lambda peers: self._told(connection, peers)
+        self.connections[device] = connection
+        if replaced is not None:
+            await replaced.session.close("replaced by a newer connection")
+        self.puller.add(session)
+        name = str(DeviceId(device))
+        self.emit(PeerConnected(folder=self.label, device=name, address=address, outgoing=outgoing))
+        if self._tasks is not None:
+            self._tasks.create_task(self._share())
+        try:
+            result = await session.run()
+        finally:
+            self.puller.discard(session)
+            if self.connections.get(device) is connection:
+                del self.connections[device]
+            if known is not None:
+                if self.clock() - connection.since >= STABLE_AFTER:
+                    known.failures = 0
+                self._failed(known)  # dial again, after a (short, if it was stable) pause
+        self.emit(
+            PeerDisconnected(
+                folder=self.label,
+                device=name,
+                address=address,
+                reason=result.reason,
+                clean=result.clean,
+            )
+        )
+
+    async def close(self, reason: str = "shutting down") -> None:
+        """Say goodbye to every peer; dial no more."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.gather(
+            *(c.session.close(reason) for c in list(self.connections.values())),
+            return_exceptions=True,
+        )
+
+    # -- address exchange ---------------------------------------------------------------------
+
+    async def _share(self) -> None:
+        """Tell every peer where this node and its other peers can be dialled."""
+        if not self.share_addresses:
+            return
+        for connection in list(self.connections.values()):
+            listing = [(self.own, self.advertise)] if self.advertise else []
+            listing += [
+                (other.device, other.dialable)
+                for other in self.connections.values()
+                if other is not connection and other.dialable
+            ]
+            with contextlib.suppress(ConnectionError, OSError, ChannelError):
+                await connection.session.announce_peers(listing[:MAX_PEERS_LISTED])
+
+    def _told(
+        self, connection: Connection, peers: tuple[tuple[bytes, tuple[str, ...]], ...]
+    ) -> None:
+        if not self.share_addresses:
+            return
+        host = _host_of(connection.address)
+        for device, addresses in peers:
+            resolved = tuple(a for a in (_resolve(a, host) for a in addresses) if a)
+            if device == connection.device and resolved != connection.advertised:
+                connection.advertised = resolved  # the others learn where to dial it
+                if self._tasks is not None:
+                    self._tasks.create_task(self._share())
+            if device == self.own:
+                continue
+            for address in resolved:
+                self.learn(address, source="peer", device=device)
+
+
+def _host_of(address: str) -> str:
+    try:
+        return parse_address(address)[0]
+    except InvalidAddressError:
+        return ""
+
+
+def _resolve(address: str, host: str) -> str:
+    """`:port` means the host the connection came from."""
+    if not address.startswith(":"):
+        return address
+    return format_address(host, int(address[1:])) if host else ""

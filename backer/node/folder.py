@@ -1,0 +1,212 @@
+"""One hosted folder at run time: its replica, its watcher and scans, its puller and its mesh.
+
+Local changes come from the filesystem watcher (debounced, only the changed paths are scanned)
+and from a periodic full rescan that catches what the watcher missed (often, when the watcher
+covers only part of the tree). A folder whose disk vanished, or most of whose files vanished at
+once, pauses: nothing is pulled or deleted until a scan finds it whole again. Imports sync,
+mesh, watch and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.signing
+
+from backer.errors import BackerError, FolderMissingError, MassDeletionError
+from backer.events import (
+    Emit,
+    ErrorOccurred,
+    FolderPaused,
+    FolderScanned,
+    WatchIncomplete,
+)
+from backer.ids import DeviceId
+from backer.keys import FolderKey
+from backer.mesh.peers import FolderMesh
+from backer.sync.replica import Replica
+from backer.sync.swarm import FolderPuller
+from backer.watch import Watcher, WatchError
+
+__all__ = ["FolderOptions", "FolderRunner"]
+
+TEMP_KEPT_FOR = 24 * 3600.0  # an abandoned transfer's temp file serves a restart this long
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FolderOptions:
+    watch: bool = True
+    debounce: float = 0.05  # seconds of quiet before changed paths are scanned
+    max_delay: float = 1.0  # ...but no later than this after the first change
+    rescan_every: float = 3600.0  # full rescans with a complete watcher
+    rescan_unwatched: float = 60.0  # full rescans without one (or with a partial one)
+    max_peers: int = 16
+    share_addresses: bool = True
+    gossip_every: float | None = 30.0
+    backoff_first: float = 0.5
+    backoff_max: float = 60.0
+    hedge_after: float = 2.0
+
+
+class FolderRunner:
+    """`await FolderRunner.open(...)`, then `await run()` for the folder's lifetime."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        key: FolderKey,
+        *,
+        device_key: nacl.signing.SigningKey,
+        emit: Emit,
+        options: FolderOptions,
+        advertise: tuple[str, ...],
+    ) -> None:
+        self.replica = replica
+        self.key = key
+        self.emit = emit
+        self.options = options
+        self.label = str(replica.folder)
+        self.puller = FolderPuller(replica, emit=emit, hedge_after=options.hedge_after)
+        self.mesh = FolderMesh(
+            replica,
+            key,
+            device_key=device_key,
+            puller=self.puller,
+            emit=emit,
+            max_peers=options.max_peers,
+            advertise=advertise,
+            share_addresses=options.share_addresses,
+            gossip_every=options.gossip_every,
+            backoff_first=options.backoff_first,
+            backoff_max=options.backoff_max,
+        )
+        self.watcher: Watcher | None = None
+        self.watch_complete = False
+        self._coverage_checked = False
+        self._rescan_now = asyncio.Event()
+        self.ready = asyncio.Event()  # watching, and the first scan is done
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        key: FolderKey,
+        *,
+        device_key: nacl.signing.SigningKey,
+        emit: Emit,
+        options: FolderOptions,
+        advertise: tuple[str, ...] = (),
+    ) -> FolderRunner:
+        device = DeviceId.from_public_key(bytes(device_key.verify_key))
+        replica = await Replica.open(path, device=device.short, key=key)
+        await asyncio.to_thread(replica.disk.prune_temp, TEMP_KEPT_FOR, time.time())
+        return cls(
+            replica, key, device_key=device_key, emit=emit, options=options, advertise=advertise
+        )
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        await self.replica.close()
+
+    async def run(self) -> None:
+        # The watcher starts first, so that nothing changed during the first scan is missed.
+        if self.options.watch:
+            await self._start_watcher()
+        await self._scan(None)
+        self.ready.set()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.mesh.run())
+            tasks.create_task(self.puller.run())
+            tasks.create_task(self._rescans())
+            if self.watcher is not None:
+                tasks.create_task(self._watch())
+
+    # -- local changes -----------------------------------------------------------------------
+
+    async def _start_watcher(self) -> None:
+        watcher = Watcher(
+            self.replica.folder, debounce=self.options.debounce, max_delay=self.options.max_delay
+        )
+        try:
+            await watcher.start()
+        except WatchError as exc:
+            self.emit(ErrorOccurred(folder=self.label, message=f"{exc}; scanning periodically"))
+            return
+        self.watcher = watcher
+        await self._check_coverage()
+
+    async def _check_coverage(self) -> None:
+        if self.watcher is None:
+            return
+        coverage = await asyncio.to_thread(self.watcher.coverage)
+        complete = coverage.complete
+        if not complete and (self.watch_complete or not self._coverage_checked):
+            self.emit(
+                WatchIncomplete(
+                    folder=self.label,
+                    watched_dirs=coverage.watched_dirs,
+                    total_dirs=coverage.total_dirs,
+                    fix=(
+                        "raise the limit, e.g. `sysctl fs.inotify.max_user_watches=524288`; "
+                        f"until then the folder is rescanned every "
+                        f"{self.options.rescan_unwatched:g} s"
+                    ),
+                )
+            )
+        self.watch_complete = complete
+        self._coverage_checked = True
+
+    async def _watch(self) -> None:
+        assert self.watcher is not None
+        while True:
+            paths = await self.watcher.changes()
+            if self.watcher.overflowed or "" in paths:
+                await self._scan(None)
+            else:
+                await self._scan(sorted(paths))
+
+    async def _rescans(self) -> None:
+        while True:
+            every = (
+                self.options.rescan_every
+                if self.watcher is not None and self.watch_complete
+                else self.options.rescan_unwatched
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._rescan_now.wait()
+            self._rescan_now.clear()
+            await self._scan(None)
+            await self._check_coverage()
+
+    def rescan(self) -> None:
+        """Ask for a full rescan now."""
+        self._rescan_now.set()
+
+    async def _scan(self, paths: list[str] | None) -> None:
+        try:
+            report = await self.replica.scan(paths)
+        except (FolderMissingError, MassDeletionError) as exc:
+            if not self.puller.paused:
+                self.puller.paused = str(exc)
+                self.emit(FolderPaused(folder=self.label, reason=str(exc)))
+            return
+        except (BackerError, OSError) as exc:
+            self.emit(ErrorOccurred(folder=self.label, message=f"scan failed: {exc}"))
+            return
+        if self.puller.paused and paths is None:
+            self.puller.resume()  # a full scan found the folder whole again
+        if report.updated:
+            self.emit(
+                FolderScanned(
+                    folder=self.label,
+                    changed=report.updated,
+                    deleted=report.deleted,
+                    root=report.root.hex(),
+                )
+            )

@@ -1,0 +1,221 @@
+"""The node: composes the folders of one config, one listener for all of them, the static
+peers, and the event stream.
+
+    async with Node(home) as node:          # starts everything; leaves cleanly
+        node.listen_address                  # where it accepts connections
+        async for event in node.bus.subscribe(): ...
+
+Owns only the composition (STYLE.md: no god object): each folder's work is its FolderRunner's,
+each connection's its mesh's. Imports config, events, mesh, sync, watch and node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from backer.addresses import format_address, parse_address
+from backer.config import Home, NodeConfig
+from backer.errors import BackerError
+from backer.events import ErrorOccurred, NodeStarted, NodeStopping
+from backer.ids import DeviceId
+from backer.mesh.transport import Listener
+from backer.node.bus import EventBus
+from backer.node.folder import FolderOptions, FolderRunner
+from backer.sync.link import Link
+
+__all__ = ["Node", "NodeOptions"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeOptions:
+    folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)
+    listen: bool = True  # False: dial only (tests of one-way meshes)
+
+
+class Node:
+    def __init__(
+        self,
+        home: Home,
+        config: NodeConfig | None = None,
+        *,
+        options: NodeOptions | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.options = options or NodeOptions()
+        self.bus = bus or EventBus()
+        self.folders: dict[bytes, FolderRunner] = {}  # by discovery ID
+        self.device: DeviceId | None = None
+        self.listener: Listener | None = None
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def listen_address(self) -> str:
+        return self.listener.bound if self.listener is not None else ""
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self.run())
+        started = asyncio.ensure_future(self._started.wait())
+        await asyncio.wait([started, self._task], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if self._task.done():
+            await self._task  # raises why it could not start
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._task is not None and not self._task.cancelled():
+            await self._task
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask the node to leave: goodbyes sent, transfers abandoned (their temp data kept)."""
+        self._stop_reason = reason
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until `stop()`. Raises BackerError if a folder or the listener cannot start."""
+        config = self.config if self.config is not None else self.home.load_config()
+        device_key = self.home.device_key()
+        self.device = DeviceId.from_public_key(bytes(device_key.verify_key))
+        try:
+            if self.options.listen:
+                self.listener = Listener(config.listen, lambda: list(self.folders), self._accept)
+                try:
+                    await self.listener.start()
+                except OSError as exc:
+                    raise BackerError(
+                        f"cannot listen on {config.listen}: {exc.strerror or exc}; is another "
+                        "backer running? Change `listen` in the config or pass --listen"
+                    ) from exc
+            advertise = _advertised(self.listen_address) if self.listener else ()
+            for folder in config.folders:
+                key = folder.folder_key
+                runner = await FolderRunner.open(
+                    Path(folder.path),
+                    key,
+                    device_key=device_key,
+                    emit=self.bus.emit,
+                    options=self.options.folder,
+                    advertise=advertise,
+                )
+                self.folders[key.discovery_id] = runner
+                for address in config.peers:
+                    if address not in advertise:
+                        runner.mesh.learn(address, source="static")
+            self.bus.emit(
+                NodeStarted(
+                    device=str(self.device),
+                    listen=self.listen_address,
+                    folders=tuple(runner.label for runner in self.folders.values()),
+                )
+            )
+            await self._run_folders()
+        finally:
+            await self._shutdown()
+
+    async def _run_folders(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            runs = [tasks.create_task(runner.run()) for runner in self.folders.values()]
+            stop = tasks.create_task(self._stop.wait())
+            ready = tasks.create_task(_all_set([r.ready for r in self.folders.values()]))
+            await asyncio.wait([stop, ready, *runs], return_when=asyncio.FIRST_COMPLETED)
+            self._started.set()
+            await asyncio.wait([stop, *runs], return_when=asyncio.FIRST_COMPLETED)
+            reason = getattr(self, "_stop_reason", "stopped")
+            self.bus.emit(NodeStopping(reason=reason))
+            await asyncio.gather(
+                *(runner.mesh.close() for runner in self.folders.values()),
+                return_exceptions=True,
+            )
+            if self.listener is not None:
+                await self.listener.stop()
+            for task in [*runs, stop, ready]:
+                task.cancel()
+
+    async def _shutdown(self) -> None:
+        if self.listener is not None:
+            with contextlib.suppress(Exception):
+                await self.listener.stop()
+        for runner in self.folders.values():
+            try:
+                await runner.close()
+            except (BackerError, OSError) as exc:
+                self.bus.emit(ErrorOccurred(folder=runner.label, message=f"closing: {exc}"))
+        self.bus.close()
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def _accept(self, discovery_id: bytes, link: Link, address: str) -> None:
+        runner = self.folders.get(discovery_id)
+        if runner is None:
+            with contextlib.suppress(ConnectionError, OSError):
+                await link.close()
+            return
+        await runner.mesh.accept(link, address)
+
+    async def accept_link(self, discovery_id: bytes, link: Link, address: str = "") -> None:
+        """Run a connection from any transport (an in-memory pipe...) for one folder."""
+        await self._accept(discovery_id, link, address)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What `backer status` shows: per folder, its root, state and peers."""
+        folders = []
+        for runner in self.folders.values():
+            root = runner.replica.root
+            peers = [
+                {
+                    "device": str(DeviceId(c.device)),
+                    "address": c.address,
+                    "outgoing": c.outgoing,
+                    "in_sync": c.session.peer_root == root,
+                }
+                for c in runner.mesh.connections.values()
+            ]
+            folders.append(
+                {
+                    "path": runner.label,
+                    "root": root.hex(),
+                    "state": "paused: " + runner.puller.paused if runner.puller.paused else "ok",
+                    "watching": runner.watcher is not None,
+                    "watch_complete": runner.watch_complete,
+                    "peers": peers,
+                }
+            )
+        return {
+            "device": str(self.device) if self.device else "",
+            "listen": self.listen_address,
+            "folders": folders,
+        }
+
+
+async def _all_set(events: list[asyncio.Event]) -> None:
+    for event in events:
+        await event.wait()
+
+
+def _advertised(bound: str) -> tuple[str, ...]:
+    """What peers should dial: the bound address, or `:port` (the host they see us from) when
+    listening on every interface."""
+    host, port = parse_address(bound)
+    if host in ("0.0.0.0", "::", ""):
+        return (f":{port}",)
+    return (format_address(host, port),)

@@ -1,0 +1,101 @@
+"""Whole nodes in one process on loopback: the mesh, gossip, the watcher and the puller."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from nodes import FAST, Member, cluster, converged, eventually, file_is
+
+from backer.events import FileUpdated, PullFinished, to_json
+from backer.keys import FolderKey
+from backer.mesh.peers import FolderMesh
+
+
+async def test_two_nodes_sync_a_new_file_by_themselves(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as (a, b):
+        data = os.urandom(100_000)
+        (a.folder / "hello.bin").write_bytes(data)
+        await eventually(file_is(b.folder / "hello.bin", data), what="the file reaches b")
+        await eventually(converged([a, b]), what="equal roots")
+
+
+async def test_five_nodes_in_a_line_pass_a_change_end_to_end(tmp_path: Path) -> None:
+    line = dataclasses.replace(FAST, share_addresses=False)  # stay a line: no address tips
+    async with cluster(tmp_path, 5, options=line) as members:
+        data = os.urandom(50_000)
+        (members[0].folder / "far.bin").write_bytes(data)
+        await eventually(file_is(members[4].folder / "far.bin", data), what="the far end")
+        await eventually(converged(members), what="equal roots")
+        # The line stayed a line: the ends never met.
+        first, last = _mesh(members[0]), _mesh(members[4])
+        assert last.own not in first.connections and first.own not in last.connections
+        (members[4].folder / "back.txt").write_bytes(b"and back")
+        await eventually(file_is(members[0].folder / "back.txt", b"and back"), what="the way back")
+
+
+async def test_ten_nodes_converge_after_concurrent_edits(tmp_path: Path) -> None:
+    everyone = lambda i, up: up  # noqa: E731 - each node dials all that started before it
+    async with cluster(tmp_path, 10, peers_of=everyone) as members:
+        await eventually(lambda: all(len(_mesh(m).connections) == 9 for m in members))
+        for i, member in enumerate(members[:6]):
+            (member.folder / f"from-{i}.txt").write_bytes(f"node {i}".encode() * 1000)
+        (members[7].folder / "same.txt").write_bytes(b"seven's edit")
+        (members[8].folder / "same.txt").write_bytes(b"eight's edit")
+        everywhere = [m.folder / f"from-{i}.txt" for m in members for i in range(6)]
+        await eventually(lambda: all(p.exists() for p in everywhere), deadline=60)
+        await eventually(converged(members), deadline=60, what="equal roots")
+        for member in members:
+            for i in range(6):
+                assert (member.folder / f"from-{i}.txt").read_bytes() == f"node {i}".encode() * 1000
+            kept = {(member.folder / "same.txt").read_bytes()}
+            kept |= {p.read_bytes() for p in member.folder.glob("same.sync-conflict-*")}
+            assert kept == {b"seven's edit", b"eight's edit"}, kept
+
+
+async def test_a_double_connection_is_resolved_the_same_way_on_both_ends(tmp_path: Path) -> None:
+    # Both dial each other at once: each ends with exactly one session, and it is the same one.
+    key = FolderKey.generate()
+    async with cluster(tmp_path, 2, key=key) as (a, b):
+        await eventually(lambda: len(_mesh(a).connections) == 1 == len(_mesh(b).connections))
+        _mesh(b).learn(a.node.listen_address, source="static")
+        _mesh(a).learn(b.node.listen_address, source="static")
+        await eventually(lambda: _dialled_everything(a) and _dialled_everything(b))
+        (a.folder / "x").write_bytes(b"x")
+        await eventually(file_is(b.folder / "x", b"x"))
+        assert len(_mesh(a).connections) == 1 == len(_mesh(b).connections)
+        kept_a = next(iter(_mesh(a).connections.values()))
+        kept_b = next(iter(_mesh(b).connections.values()))
+        assert kept_a.outgoing != kept_b.outgoing  # the two ends of one connection
+
+
+async def test_peers_tell_each_other_addresses_and_the_mesh_fills_in(tmp_path: Path) -> None:
+    # A line by configuration; address exchange turns it into a full mesh.
+    async with cluster(tmp_path, 4) as members:
+        await eventually(lambda: all(len(_mesh(m).connections) == 3 for m in members))
+
+
+async def test_events_tell_the_story_of_a_sync(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as (a, b):
+        events = b.node.bus.subscribe()
+        await eventually(lambda: bool(_mesh(b).connections))
+        (a.folder / "story.txt").write_bytes(b"once upon a time")
+        updated = await asyncio.wait_for(
+            events.next_of(FileUpdated, lambda e: e.path == "story.txt"), 20
+        )
+        assert updated == FileUpdated(folder=str(b.folder), path="story.txt", action="file")
+        finished = await asyncio.wait_for(events.next_of(PullFinished), 20)
+        assert finished.files >= 1 and not finished.errors
+        assert json.loads(json.dumps(to_json(finished)))["type"] == "pull_finished"
+
+
+def _mesh(member: Member) -> FolderMesh:
+    return next(iter(member.node.folders.values())).mesh
+
+
+def _dialled_everything(member: Member) -> bool:
+    mesh = _mesh(member)
+    return all(not k.dialing for k in mesh.known.values())
