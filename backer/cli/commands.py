@@ -11,32 +11,33 @@ import asyncio
 import json
 import sys
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
 from backer import __version__
+from backer.cli.common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    folder_key,
+    folder_path,
+    human,
+    inside_folder,
+)
+from backer.cli.oneshot import cmd_serve, cmd_sync
 from backer.config import FolderConfig, Home
 from backer.errors import BackerError
 from backer.index.scan import ScanProgress, ScanReport, scan
 from backer.index.store import INDEX_FILE, IndexStore
 from backer.keys import FolderKey
-from backer.mesh.session import secure_session
 from backer.paths import RESERVED_DIR
-from backer.sync.link import StreamLink
 from backer.sync.merge import is_conflict_copy
-from backer.sync.peer import SessionResult
 from backer.sync.replica import Replica, signer_for
-from backer.sync.replicate import PLAIN_FOLDER, sync_stream
 from backer.sync.versions import Versions
 
 __all__ = ["main"]
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("dir", help="the folder")
     sync.add_argument("peer", metavar="HOST:PORT", help="address of the peer")
     sync.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    sync.set_defaults(run=_cmd_sync)
+    sync.set_defaults(run=cmd_sync)
 
     serve = commands.add_parser("serve", help="let peers sync a folder with this machine")
     serve.add_argument("dir", help="the folder")
@@ -115,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:22000)",
     )
-    serve.set_defaults(run=_cmd_serve)
+    serve.set_defaults(run=cmd_serve)
 
     versions = commands.add_parser("versions", help="list the kept versions of a file")
     versions.add_argument("path", help="a file inside a folder")
@@ -204,10 +205,10 @@ def _cmd_keys(home: Home, args: argparse.Namespace) -> int:
 
 
 def _cmd_scan(home: Home, args: argparse.Namespace) -> int:
-    folder = _folder(home, args.dir, create=True)
+    folder = folder_path(home, args.dir, create=True)
     device = home.device_id()
     with IndexStore.open(folder, create=False) as store:
-        store.signer = signer_for(_folder_key(home, folder))
+        store.signer = signer_for(folder_key(home, folder))
         store.sign_unsigned()
         with _progress_display(sys.stderr, enabled=not args.json) as show:
             report = asyncio.run(
@@ -246,7 +247,7 @@ def _cmd_scan(home: Home, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(home: Home, args: argparse.Namespace) -> int:
-    folder = _folder(home, args.dir, create=False)
+    folder = folder_path(home, args.dir, create=False)
     configured = home.load_config().folder_for(str(folder))
     with IndexStore.open(folder) as store:
         stats = store.stats()
@@ -272,108 +273,24 @@ def _cmd_status(home: Home, args: argparse.Namespace) -> int:
     print(f"root     {root.hex()}")
     print(
         f"index    {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks, "
-        f"{stats.deleted} tombstones; {_human(stats.bytes)} in {stats.chunks} chunks"
+        f"{stats.deleted} tombstones; {human(stats.bytes)} in {stats.chunks} chunks"
     )
     return EXIT_OK
 
 
-def _cmd_sync(home: Home, args: argparse.Namespace) -> int:
-    folder = _folder(home, args.dir, create=True)
-    host, port = _address(args.peer)
-    device = home.device_id()
-    key = _folder_key(home, folder)
-    _warn_if_plaintext(key, folder)
-
-    async def go() -> SessionResult:
-        replica = await Replica.open(folder, device=device.short, key=key)
-        try:
-            await replica.scan()
-            try:
-                reader, writer = await asyncio.open_connection(host, port)
-            except OSError as exc:
-                raise BackerError(
-                    f"cannot reach {args.peer}: {exc.strerror or exc}; is `backer serve` "
-                    "running there?"
-                ) from exc
-            return await _session(home, replica, key, reader, writer, initiator=True)
-        finally:
-            await replica.close()
-
-    result = asyncio.run(go())
-    pulled = result.pulls
-    errors = [error for report in pulled for error in report.errors]
-    summary = {
-        "in_sync": result.in_sync,
-        "reason": result.reason,
-        "root": result.local_root.hex() if result.local_root else None,
-        "files": sum(p.files for p in pulled),
-        "deleted": sum(p.deleted for p in pulled),
-        "conflicts": sum(p.conflicts for p in pulled),
-        "bytes_fetched": sum(p.bytes_fetched for p in pulled),
-        "bytes_local": sum(p.bytes_local for p in pulled),
-        "errors": errors,
-    }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        state = "in sync" if result.in_sync else f"NOT in sync: {result.reason}"
-        print(f"{folder}: {state}")
-        print(
-            f"received {summary['files']} files ({_human(sum(p.bytes_fetched for p in pulled))} "
-            f"over the wire, {_human(sum(p.bytes_local for p in pulled))} reused locally), "
-            f"{summary['deleted']} deleted, {summary['conflicts']} conflicts"
-        )
-        for error in errors:
-            print(f"refused  {error}", file=sys.stderr)
-    return EXIT_OK if result.in_sync else EXIT_ERROR
-
-
-def _cmd_serve(home: Home, args: argparse.Namespace) -> int:
-    folder = _folder(home, args.dir, create=True)
-    host, port = _address(args.listen)
-    device = home.device_id()
-    key = _folder_key(home, folder)
-    _warn_if_plaintext(key, folder)
-
-    async def go() -> None:
-        replica = await Replica.open(folder, device=device.short, key=key)
-
-        async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peer = writer.get_extra_info("peername")
-            await replica.scan()  # only what changed since the last scan is read
-            result = await _session(home, replica, key, reader, writer, initiator=False)
-            print(f"{peer[0]}:{peer[1]}: {result.reason}", flush=True)
-
-        try:
-            await replica.scan()
-            server = await asyncio.start_server(session, host, port)
-            bound = server.sockets[0].getsockname()
-            print(f"serving {folder} on {bound[0]}:{bound[1]}", flush=True)
-            async with server:
-                await server.serve_forever()
-        finally:
-            await replica.close()
-
-    try:
-        asyncio.run(go())
-    except OSError as exc:
-        raise BackerError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from exc
-    return EXIT_OK
-
-
 def _cmd_versions(home: Home, args: argparse.Namespace) -> int:
-    folder, rel = _inside_folder(args.path)
+    folder, rel = inside_folder(args.path)
     found = Versions(folder).list(rel)
     if not found:
         print(f"no kept versions of {rel}")
         return EXIT_OK
     for version in found:
-        print(f"{version.time:%Y%m%d-%H%M%S}  {_human(version.size):>10}  {version.stored}")
+        print(f"{version.time:%Y%m%d-%H%M%S}  {human(version.size):>10}  {version.stored}")
     return EXIT_OK
 
 
 def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
-    folder, rel = _inside_folder(args.path)
+    folder, rel = inside_folder(args.path)
     when = None
     if args.at:
         try:
@@ -387,7 +304,7 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
     device = home.device_id()
 
     async def record() -> None:
-        replica = await Replica.open(folder, device=device.short, key=_folder_key(home, folder))
+        replica = await Replica.open(folder, device=device.short, key=folder_key(home, folder))
         try:
             await replica.scan([rel])
         finally:
@@ -399,8 +316,8 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
 
 
 def _cmd_revert(home: Home, args: argparse.Namespace) -> int:
-    folder = _folder(home, args.dir, create=False)
-    key = _folder_key(home, folder)
+    folder = folder_path(home, args.dir, create=False)
+    key = folder_key(home, folder)
     if key is None or key.can_write:
         raise BackerError(
             f"{folder} is not a read-only share here: its changes are real changes, nothing to "
@@ -428,7 +345,7 @@ def _cmd_revert(home: Home, args: argparse.Namespace) -> int:
 
 
 def _cmd_conflicts(home: Home, args: argparse.Namespace) -> int:
-    folder = _folder(home, args.dir, create=False)
+    folder = folder_path(home, args.dir, create=False)
     with IndexStore.open(folder) as store:
         found = sorted(
             e.path for e in store.entries() if not e.deleted and is_conflict_copy(e.path)
@@ -443,83 +360,6 @@ def _cmd_conflicts(home: Home, args: argparse.Namespace) -> int:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise BackerError(f"{text!r} is not HOST:PORT (for example 192.168.1.20:22000)")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _folder_key(home: Home, folder: Path) -> FolderKey | None:
-    configured = home.load_config().folder_for(str(folder))
-    return FolderKey.parse(configured.key) if configured else None
-
-
-async def _session(
-    home: Home,
-    replica: Replica,
-    key: FolderKey | None,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    *,
-    initiator: bool,
-) -> SessionResult:
-    """An encrypted session when the folder is shared with a key, a plaintext one otherwise."""
-    if key is None:
-        return await sync_stream(
-            replica,
-            reader,
-            writer,
-            device=home.device_id().raw,
-            folder=PLAIN_FOLDER,
-            until_in_sync=initiator,
-        )
-    return await secure_session(
-        replica,
-        StreamLink(reader, writer),
-        initiator=initiator,
-        device_key=home.device_key(),
-        key=key,
-        until_in_sync=initiator,
-    )
-
-
-def _warn_if_plaintext(key: FolderKey | None, folder: Path) -> None:
-    if key is None:
-        print(
-            f"backer: warning: {folder} has no folder key, so this connection is neither "
-            "encrypted nor authenticated; `backer init` (or `backer join KEY`) shares it securely",
-            file=sys.stderr,
-        )
-
-
-def _inside_folder(given: str) -> tuple[Path, str]:
-    """The folder holding `given` (the nearest parent with a .backer/) and the path in it."""
-    path = Path(given).absolute()
-    for folder in path.parents:
-        if (folder / RESERVED_DIR).is_dir():
-            rel = path.relative_to(folder).as_posix()
-            return folder, unicodedata.normalize("NFC", rel)
-    raise BackerError(f"{given} is not inside a backer folder (no .backer/ above it)")
-
-
-def _folder(home: Home, given: str, *, create: bool) -> Path:
-    folder = Path(given).resolve()
-    if not folder.is_dir():
-        raise BackerError(f"{folder} is not a directory")
-    marker = folder / RESERVED_DIR
-    if not marker.is_dir():
-        if home.load_config().folder_for(str(folder)) is not None:
-            raise BackerError(
-                f"{marker} is missing although {folder} is shared: is its disk mounted? "
-                "backer will not treat a missing disk as deleted files"
-            )
-        if not create:
-            raise BackerError(f"{folder} has no index yet; run `backer scan {given}` first")
-        IndexStore.open(folder, create=True).close()
-    return folder
-
-
 def _index_bytes(folder: Path) -> int:
     marker = folder / RESERVED_DIR
     return sum(p.stat().st_size for p in marker.glob(INDEX_FILE + "*") if p.is_file())
@@ -529,27 +369,19 @@ def _print_scan(report: ScanReport, chunks: int, index_bytes: int) -> None:
     rate = report.hashed_bytes / report.seconds if report.seconds > 0 else 0.0
     print(
         f"scanned  {report.files} files, {report.dirs} directories, {report.symlinks} symlinks, "
-        f"{_human(report.bytes)}"
+        f"{human(report.bytes)}"
     )
     print(
         f"changes  {report.updated} updated ({report.deleted} deleted); "
-        f"read {report.hashed_files} files, {_human(report.hashed_bytes)} at {_human(rate)}/s"
+        f"read {report.hashed_files} files, {human(report.hashed_bytes)} at {human(rate)}/s"
     )
-    print(f"index    {chunks} chunks, {_human(index_bytes)} on disk")
+    print(f"index    {chunks} chunks, {human(index_bytes)} on disk")
     print(f"root     {report.root.hex()}")
     print(f"time     {report.seconds:.2f} s")
     for skipped in report.skipped:
         print(f"skipped  {skipped.path}: {skipped.reason}", file=sys.stderr)
     for path in report.unstable:
         print(f"changing {path}: kept changing while read; the next scan reads it", file=sys.stderr)
-
-
-def _human(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 class _progress_display:
@@ -585,8 +417,8 @@ class _progress_display:
                 rate = p.bytes_hashed / max(time.monotonic() - self.started, 1e-9)
                 bar.update(
                     task,
-                    description=f"{p.files_seen} files, read {_human(p.bytes_hashed)} "
-                    f"({_human(rate)}/s)",
+                    description=f"{p.files_seen} files, read {human(p.bytes_hashed)} "
+                    f"({human(rate)}/s)",
                 )
 
             return show_bar
@@ -599,7 +431,7 @@ class _progress_display:
         self.last_line = now
         rate = p.bytes_hashed / max(now - self.started, 1e-9)
         print(
-            f"scanning: {p.files_seen} files, read {_human(p.bytes_hashed)} ({_human(rate)}/s)",
+            f"scanning: {p.files_seen} files, read {human(p.bytes_hashed)} ({human(rate)}/s)",
             file=self.stream,
             flush=True,
         )
