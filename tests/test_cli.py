@@ -228,3 +228,15 @@ def test_encrypted_sync_with_folder_keys(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_run_without_folders_says_how_to_get_one(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "backer", "--home", str(tmp_path / "home"), "run"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "backer init DIR" in done.stderr and "backer join KEY DIR" in done.stderr

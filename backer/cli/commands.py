@@ -27,6 +27,7 @@ from backer.cli.common import (
     inside_folder,
 )
 from backer.cli.oneshot import cmd_serve, cmd_sync
+from backer.cli.run import add_run_command
 from backer.config import FolderConfig, Home
 from backer.errors import BackerError
 from backer.index.scan import ScanProgress, ScanReport, scan
@@ -140,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     conflicts = commands.add_parser("conflicts", help="list conflict copies in a folder")
     conflicts.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
     conflicts.set_defaults(run=_cmd_conflicts)
+
+    add_run_command(commands)
     return parser
 
 

@@ -1,0 +1,160 @@
+"""`backer run`: the daemon. Hosts every configured folder until SIGINT or SIGTERM, printing
+what happens as plain lines, or as JSON lines with `--events json`.
+
+Imports node, events, config and the CLI's common helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import signal
+from typing import Any
+
+from backer.cli.common import EXIT_OK, human
+from backer.config import Home
+from backer.errors import BackerError, ConfigError
+from backer.events import (
+    ConflictFound,
+    ErrorOccurred,
+    Event,
+    FileProgress,
+    FileUpdated,
+    FolderPaused,
+    FolderResumed,
+    NodeStarted,
+    NodeStopping,
+    PeerConnected,
+    PeerDisconnected,
+    PullFinished,
+    WatchIncomplete,
+)
+from backer.node.bus import stamped_json
+from backer.node.folder import FolderOptions
+from backer.node.node import Node, NodeOptions
+
+__all__ = ["add_run_command"]
+
+
+def add_run_command(commands: Any) -> None:
+    run = commands.add_parser(
+        "run", help="keep every configured folder in sync with its peers until stopped"
+    )
+    run.add_argument(
+        "--listen", metavar="HOST:PORT", help="accept peers here (default: the config's listen)"
+    )
+    run.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="also dial this address (repeatable; the config's peers are always dialled)",
+    )
+    run.add_argument(
+        "--events", choices=("text", "json"), default="text", help="how to print what happens"
+    )
+    run.add_argument(
+        "--no-watch",
+        action="store_true",
+        help="do not watch the folders; find changes by periodic rescans only",
+    )
+    run.add_argument(
+        "--rescan",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between full rescans (default: 3600 when watching, 60 when not)",
+    )
+    run.set_defaults(run=cmd_run)
+
+
+def cmd_run(home: Home, args: argparse.Namespace) -> int:
+    config = home.load_config()
+    if not config.folders:
+        raise BackerError(
+            "no folders to run: `backer init DIR` shares a folder, `backer join KEY DIR` joins one"
+        )
+    try:
+        config = dataclasses.replace(
+            config,
+            listen=args.listen or config.listen,
+            peers=tuple(dict.fromkeys((*config.peers, *args.peer))),
+        )
+    except ConfigError as exc:
+        raise BackerError(str(exc)) from exc
+    folder = FolderOptions(watch=not args.no_watch)
+    if args.rescan is not None:
+        folder = dataclasses.replace(folder, rescan_every=args.rescan, rescan_unwatched=args.rescan)
+    node = Node(home, config, options=NodeOptions(folder=folder))
+    return asyncio.run(_run(node, as_json=args.events == "json"))
+
+
+async def _run(node: Node, *, as_json: bool) -> int:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, node.stop, signal.Signals(signum).name)
+    events = node.bus.subscribe()
+    printer = asyncio.create_task(_print(events, as_json=as_json))
+    try:
+        await node.run()
+    finally:
+        events.close()
+        await printer
+    return EXIT_OK
+
+
+async def _print(events: Any, *, as_json: bool) -> None:
+    try:
+        while True:
+            stamped = await events.next_stamped()
+            if as_json:
+                line: str | None = json.dumps(stamped_json(stamped))
+            else:
+                line = describe(stamped[1])
+            if line:
+                print(line, flush=True)
+    except StopAsyncIteration:
+        return
+
+
+def describe(event: Event) -> str | None:
+    """One plain line for a person, or None for events too small to print."""
+    match event:
+        case NodeStarted(device=device, listen=listen, folders=folders):
+            return f"device {device} listening on {listen or '(nothing)'}; folders: " + ", ".join(
+                folders
+            )
+        case NodeStopping(reason=reason):
+            return f"stopping ({reason})"
+        case PeerConnected(folder=folder, device=device, address=address, outgoing=outgoing):
+            way = "to" if outgoing else "from"
+            return f"{folder}: connected {way} {device[:7]} at {address}"
+        case PeerDisconnected(folder=folder, device=device, address=address, reason=reason):
+            return f"{folder}: {device[:7] or address} left: {reason}"
+        case PullFinished(folder=folder, files=files, deleted=deleted, errors=errors) if (
+            files or deleted or errors or event.reason
+        ):
+            text = (
+                f"{folder}: received {files} files ({human(event.bytes_fetched)} over the wire, "
+                f"{human(event.bytes_local)} reused), {deleted} deleted, "
+                f"{event.conflicts} conflicts"
+            )
+            if event.reason:
+                text += f"; stopped early: {event.reason}"
+            return "\n".join([text, *(f"{folder}: refused {error}" for error in errors)])
+        case FileProgress(folder=folder, path=path, done=done, total=total):
+            return f"{folder}: {path} {done * 100 // max(total, 1)}% of {human(total)}"
+        case FileUpdated():
+            return None
+        case ConflictFound(folder=folder, path=path, copy=copy):
+            return f"{folder}: conflict on {path}; the other version is kept as {copy}"
+        case FolderPaused(folder=folder, reason=reason):
+            return f"{folder}: PAUSED: {reason}"
+        case FolderResumed(folder=folder):
+            return f"{folder}: resumed"
+        case WatchIncomplete(folder=folder, watched_dirs=watched, total_dirs=total, fix=fix):
+            return f"{folder}: watching only {watched} of {total} directories; {fix}"
+        case ErrorOccurred(folder=folder, message=message):
+            return f"{folder or 'backer'}: error: {message}"
+    return None

@@ -1,0 +1,109 @@
+"""Three real `backer run` processes on loopback, configured with static peers only: they sync
+a tree, then a later edit made on another of them, byte for byte; SIGTERM stops each cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEADLINE = 60.0
+
+
+def backer(home: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "backer", "--home", str(home), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def tree(root: Path, seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    files = {}
+    for i in range(60):
+        rel = f"d{i % 7}/sub{i % 3}/file-{i}.bin"
+        files[rel] = rng.randbytes(rng.randrange(1, 200_000))
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def holds(folder: Path, files: dict[str, bytes]) -> bool:
+    try:
+        return all((folder / rel).read_bytes() == data for rel, data in files.items())
+    except OSError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    end = time.monotonic() + DEADLINE
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {DEADLINE:g} s: {what}")
+        time.sleep(0.05)
+
+
+def test_three_backer_run_processes_sync_a_tree_and_a_later_edit(tmp_path: Path) -> None:
+    homes = [tmp_path / f"home{i}" for i in range(3)]
+    folders = [tmp_path / f"folder{i}" for i in range(3)]
+    folders[0].mkdir()
+    files = tree(folders[0], seed=5)
+    backer(homes[0], "init", str(folders[0]))
+    key = re.search(r"bkw1\w+", backer(homes[0], "keys", str(folders[0])))
+    assert key is not None
+    for home, folder in zip(homes[1:], folders[1:], strict=True):
+        backer(home, "join", key.group(0), str(folder))
+    ports = [free_port() for _ in homes]
+    processes = []
+    try:
+        for i, home in enumerate(homes):
+            peers = [arg for j in range(i) for arg in ("--peer", f"127.0.0.1:{ports[j]}")]
+            command = [sys.executable, "-m", "backer", "--home", str(home), "run"]
+            processes.append(
+                subprocess.Popen(
+                    [*command, "--listen", f"127.0.0.1:{ports[i]}", "--events", "json", *peers],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            )
+        for folder in folders[1:]:
+            wait_until(lambda folder=folder: holds(folder, files), f"the tree in {folder}")
+        edit = {"d3/sub1/file-3.bin": b"edited on the third machine" * 1000, "new.txt": b"new"}
+        for rel, data in edit.items():
+            (folders[2] / rel).write_bytes(data)
+        for folder in folders[:2]:
+            wait_until(lambda folder=folder: holds(folder, edit), f"the edit in {folder}")
+    finally:
+        outputs = []
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            out, err = process.communicate(timeout=30)
+            outputs.append((process.returncode, out, err))
+    for returncode, out, err in outputs:
+        assert returncode == 0, err
+        kinds = [json.loads(line)["type"] for line in out.splitlines()]
+        assert kinds[0] == "node_started" and "node_stopping" in kinds, kinds
+        assert "peer_connected" in kinds
