@@ -3,6 +3,7 @@ a tree, then a later edit made on another of them, byte for byte; SIGTERM stops 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -89,12 +90,12 @@ def test_three_backer_run_processes_sync_a_tree_and_a_later_edit(tmp_path: Path)
                 )
             )
         for folder in folders[1:]:
-            wait_until(lambda folder=folder: holds(folder, files), f"the tree in {folder}")
+            wait_until(functools.partial(holds, folder, files), f"the tree in {folder}")
         edit = {"d3/sub1/file-3.bin": b"edited on the third machine" * 1000, "new.txt": b"new"}
         for rel, data in edit.items():
             (folders[2] / rel).write_bytes(data)
         for folder in folders[:2]:
-            wait_until(lambda folder=folder: holds(folder, edit), f"the edit in {folder}")
+            wait_until(functools.partial(holds, folder, edit), f"the edit in {folder}")
     finally:
         outputs = []
         for process in processes:
