@@ -37,6 +37,7 @@ from backer.protocol.messages import (
     Hello,
     Message,
     Nodes,
+    Peers,
     RemoteEntry,
     Root,
 )
@@ -55,6 +56,7 @@ from backer.protocol.session import (
     PeerError,
     PeerHello,
     PeerRoot,
+    PeersAnnounced,
     ProtocolViolation,
     Session,
     State,
@@ -109,6 +111,18 @@ def test_hello_and_root_gossip() -> None:
     assert deliver(b.announce_root(new_root), a) == [PeerRoot(root=new_root)]
     assert a.peer_root == new_root
     assert a.data_to_send() == b.data_to_send() == b""
+
+
+def test_peers_are_announced_once_open_and_refused_before() -> None:
+    a, b = connected()
+    tips = ((DEVICE_A, ("127.0.0.1:22100", ":22101")),)
+    assert deliver(b.announce_peers(tips), a) == [PeersAnnounced(peers=tips)]
+    early = Session(DEVICE_A, FOLDER, EMPTY_ROOT)
+    early.start()
+    with pytest.raises(LocalProtocolError):
+        early.announce_peers(tips)  # not before the peer's Hello
+    events = deliver(frame(Peers(peers=tips)), early)
+    assert len(events) == 1 and isinstance(events[0], ProtocolViolation)
 
 
 def test_a_whole_pull_nodes_entries_groups_chunk() -> None:
