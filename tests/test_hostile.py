@@ -16,9 +16,10 @@ from backer.index import merkle
 from backer.index.chunker import chunk_bytes, hash_chunk
 from backer.index.entry import Entry, Kind, VersionVector, iter_chunks
 from backer.protocol.messages import RemoteEntry
+from backer.protocol.session import Session
 from backer.sync.disk import FolderDisk
 from backer.sync.link import memory_pipe
-from backer.sync.peer import run_session
+from backer.sync.peer import PeerSession, run_session
 from backer.sync.pull import pull
 from backer.sync.replica import Replica
 
@@ -150,3 +151,16 @@ async def test_garbage_from_a_peer_ends_the_session_with_a_reason(victim: Replic
     assert "protocol" in result.reason or "msgpack" in result.reason
     answer = await theirs.read()  # our Hello, then an Error frame for the peer
     assert answer
+
+
+async def test_a_hello_naming_another_device_than_the_proved_one_ends_the_session(
+    victim: Replica,
+) -> None:
+    ours, theirs = memory_pipe()
+    peer = PeerSession(victim, ours, device=b"v" * 32, folder=bytes(32), expect_device=b"p" * 32)
+    running = asyncio.create_task(peer.run())
+    liar = Session(b"q" * 32, bytes(32), merkle.EMPTY_ROOT)
+    await theirs.write(liar.start())
+    result = await asyncio.wait_for(running, 10)
+    await victim.close()
+    assert not result.clean and "another device" in result.reason

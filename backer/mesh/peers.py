@@ -273,6 +273,7 @@ class FolderMesh:
             folder=self.key.discovery_id,
             on_change=self.puller.poke,
             gossip_every=self.gossip_every,
+            expect_device=device,
         )
         connection = Connection(
             session=session,

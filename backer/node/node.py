@@ -105,6 +105,7 @@ class Node:
                         "backer running? Change `listen` in the config or pass --listen"
                     ) from exc
             advertise = _advertised(self.listen_address) if self.listener else ()
+            options = dataclasses.replace(self.options.folder, max_peers=config.max_peers)
             for folder in config.folders:
                 key = folder.folder_key
                 runner = await FolderRunner.open(
@@ -112,7 +113,7 @@ class Node:
                     key,
                     device_key=device_key,
                     emit=self.bus.emit,
-                    options=self.options.folder,
+                    options=options,
                     advertise=advertise,
                 )
                 self.folders[key.discovery_id] = runner

@@ -20,7 +20,7 @@ from typing import Any
 from backer.errors import BackerError, RemoteProtocolError
 from backer.ids import DeviceId, Hash
 from backer.protocol import session as proto
-from backer.protocol.messages import RemoteEntry
+from backer.protocol.messages import ErrorCode, RemoteEntry
 from backer.sync.link import Link
 from backer.sync.pull import PeerMovedOn, PullReport, pull
 from backer.sync.replica import Replica
@@ -98,8 +98,10 @@ class PeerSession:
         on_change: Callable[[PeerSession], None] | None = None,
         on_peers: Callable[[tuple[tuple[bytes, tuple[str, ...]], ...]], None] | None = None,
         gossip_every: float | None = None,
+        expect_device: bytes | None = None,
     ) -> None:
         self.replica = replica
+        self.expect_device = expect_device  # the device the channel proved, if any
         self.link = link
         self.session = proto.Session(device=device, folder=folder, root=replica.root)
         self.result = SessionResult()
@@ -209,6 +211,11 @@ class PeerSession:
             self.wake.set()  # the peer is pulling from us: a one-shot session is not stuck
         match event:
             case proto.PeerHello(root=root, device=device):
+                if self.expect_device is not None and device != self.expect_device:
+                    await self._send(
+                        self.session.error(ErrorCode.PROTOCOL, "your Hello names another device")
+                    )
+                    self.end("the peer's Hello names another device than it proved", clean=False)
                 self.peer_device = device
                 self._peer_root_is(root)
             case proto.PeerRoot(root=root):
