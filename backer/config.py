@@ -42,6 +42,7 @@ DEVICE_KEY_FILE = "device.key"
 CONFIG_FILE = "config.toml"
 DEFAULT_LISTEN = "127.0.0.1:22100"
 DEFAULT_MAX_PEERS = 16
+DISCOVERY_METHODS = ("mdns", "beacon", "dht")
 
 _SEED_SIZE = 32
 _MAX_KEY_FILE_BYTES = 4096
@@ -88,6 +89,10 @@ class NodeConfig:
     listen: str = DEFAULT_LISTEN
     peers: tuple[str, ...] = ()
     max_peers: int = DEFAULT_MAX_PEERS
+    # How peers are found besides `peers`. LAN methods announce on the interface of `listen`
+    # only (all interfaces for 0.0.0.0), so a node listening on 127.0.0.1 stays on this host.
+    discovery: tuple[str, ...] = DISCOVERY_METHODS
+    dht_bootstrap: tuple[str, ...] = ()  # DHT nodes to join through (`backer dht` runs one)
 
     def __post_init__(self) -> None:
         if not isinstance(self.folders, tuple) or not all(
@@ -103,6 +108,17 @@ class NodeConfig:
             raise ConfigError(f"max_peers must be an integer, got {_type_name(self.max_peers)}")
         if self.max_peers < 1:
             raise ConfigError(f"max_peers must be at least 1, got {self.max_peers}")
+        if not isinstance(self.discovery, tuple) or any(
+            method not in DISCOVERY_METHODS for method in self.discovery
+        ):
+            raise ConfigError(
+                f"discovery must list some of {', '.join(DISCOVERY_METHODS)}, "
+                f"got {self.discovery!r}"
+            )
+        if not isinstance(self.dht_bootstrap, tuple):
+            raise ConfigError("dht_bootstrap must be a list of addresses")
+        for i, node in enumerate(self.dht_bootstrap):
+            _check_address(f"dht_bootstrap[{i}]", node)
         paths: set[str] = set()
         folder_ids: dict[bytes, str] = {}
         for folder in self.folders:
@@ -140,13 +156,15 @@ class NodeConfig:
             "listen": self.listen,
             "peers": list(self.peers),
             "max_peers": self.max_peers,
+            "discovery": list(self.discovery),
+            "dht_bootstrap": list(self.dht_bootstrap),
             "folders": [{"path": f.path, "key": f.key} for f in self.folders],
         }
         return tomli_w.dumps(document)
 
     @classmethod
     def _from_document(cls, document: Mapping[str, Any], source: str) -> NodeConfig:
-        known = ("folders", "listen", "peers", "max_peers")
+        known = ("folders", "listen", "peers", "max_peers", "discovery", "dht_bootstrap")
         _refuse_unknown(document, known, source, "")
         folders: list[FolderConfig] = []
         raw_folders = document.get("folders", [])
@@ -183,9 +201,20 @@ class NodeConfig:
             raise ConfigError(
                 f"{source}: 'max_peers' must be an integer, got {_type_name(max_peers)}"
             )
+        lists = {}
+        for name in ("discovery", "dht_bootstrap"):
+            value = document.get(name, list(getattr(defaults, name)))
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{source}: '{name}' must be a list of strings")
+            lists[name] = tuple(value)
         try:
             return cls(
-                folders=tuple(folders), listen=listen, peers=tuple(peers), max_peers=max_peers
+                folders=tuple(folders),
+                listen=listen,
+                peers=tuple(peers),
+                max_peers=max_peers,
+                discovery=lists["discovery"],
+                dht_bootstrap=lists["dht_bootstrap"],
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc

@@ -20,6 +20,7 @@ __all__ = [
     "Hash",
     "hash_bytes",
     "keyed_hasher",
+    "secret_tag",
 ]
 
 HASH_SIZE = 32
@@ -46,6 +47,16 @@ def hash_bytes(purpose: str, data: bytes | memoryview) -> Hash:
     hasher = keyed_hasher(purpose)
     hasher.update(data)
     return Hash(hasher.digest())
+
+
+def secret_tag(purpose: str, secret: bytes, message: bytes, size: int = 16) -> bytes:
+    """A short tag over `message` that only holders of `secret` can make or check (a MAC under
+    a key derived from `secret` for this purpose): how a folder is named to its members only."""
+    key = hash_bytes(f"{purpose} key", secret)
+    hasher = keyed_hasher(purpose)
+    hasher.update(key)
+    hasher.update(message)
+    return hasher.digest(length=size)
 
 
 _B32_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"

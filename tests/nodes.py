@@ -30,6 +30,7 @@ def make_member(
         folders=(FolderConfig(path=str(folder), key=str(key)),),
         listen=listen,
         peers=tuple(peers),
+        discovery=(),  # in-process tests use static peers only
     )
     return home, config, folder
 

@@ -32,6 +32,7 @@ PURE = (
     "backer.paths",
     "backer.addresses",
     "backer.events",
+    "backer.discovery.base",
     "backer.keys",
     "backer.index.entry",
     "backer.index.merkle",

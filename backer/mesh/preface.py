@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-from backer.ids import hash_bytes, keyed_hasher
+from backer.ids import secret_tag
 
 __all__ = ["MAGIC", "NONCE_SIZE", "PREFACE_SIZE", "make_preface", "match_preface"]
 
@@ -45,7 +45,4 @@ def match_preface(preface: bytes, discovery_ids: Iterable[bytes]) -> bytes | Non
 
 
 def _tag(discovery_id: bytes, nonce: bytes) -> bytes:
-    hasher = keyed_hasher("connection preface")
-    hasher.update(hash_bytes("connection preface key", discovery_id))
-    hasher.update(nonce)
-    return hasher.digest(length=TAG_SIZE)
+    return secret_tag("connection preface", discovery_id, nonce, TAG_SIZE)
