@@ -145,7 +145,9 @@ def to_txt(announcement: Announcement) -> dict[str, str]:
     }
 
 
-def from_txt(properties: Mapping[bytes | str, bytes | str | None], port: int) -> Announcement:
+def from_txt(
+    properties: Mapping[bytes, bytes | None] | Mapping[str, str | None], port: int
+) -> Announcement:
     """The announcement in a TXT record; DecodeError for anything else (a foreign service, an
     unknown version, bad lengths)."""
     values = {_text(k): _text(v) if v is not None else "" for k, v in properties.items()}
