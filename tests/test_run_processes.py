@@ -30,6 +30,11 @@ def backer(home: Path, *args: str) -> str:
     return done.stdout
 
 
+def connected(home: Path) -> int:
+    status = json.loads(backer(home, "peers", "--json"))
+    return sum(len(folder["peers"]) for folder in status["folders"])
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -96,6 +101,8 @@ def test_three_backer_run_processes_sync_a_tree_and_a_later_edit(tmp_path: Path)
             (folders[2] / rel).write_bytes(data)
         for folder in folders[:2]:
             wait_until(functools.partial(holds, folder, edit), f"the edit in {folder}")
+        wait_until(lambda: connected(homes[0]) == 2, "backer peers shows both peers")
+        assert "2 of 2 peers in sync" in backer(homes[0], "status", str(folders[0]))
     finally:
         outputs = []
         for process in processes:
@@ -103,6 +110,13 @@ def test_three_backer_run_processes_sync_a_tree_and_a_later_edit(tmp_path: Path)
         for process in processes:
             out, err = process.communicate(timeout=30)
             outputs.append((process.returncode, out, err))
+    stopped = subprocess.run(
+        [sys.executable, "-m", "backer", "--home", str(homes[0]), "peers"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert stopped.returncode == 1 and "not running" in stopped.stdout
     for returncode, out, err in outputs:
         assert returncode == 0, err
         kinds = [json.loads(line)["type"] for line in out.splitlines()]

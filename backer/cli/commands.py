@@ -26,6 +26,7 @@ from backer.cli.common import (
     human,
     inside_folder,
 )
+from backer.cli.live import add_peers_command, live_status, print_live_folder
 from backer.cli.oneshot import cmd_serve, cmd_sync
 from backer.cli.run import add_run_command
 from backer.config import FolderConfig, Home
@@ -143,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     conflicts.set_defaults(run=_cmd_conflicts)
 
     add_run_command(commands)
+    add_peers_command(commands)
     return parser
 
 
@@ -268,7 +270,9 @@ def _cmd_status(home: Home, args: argparse.Namespace) -> int:
         "chunks": stats.chunks,
         "index_bytes": _index_bytes(folder),
     }
+    live = live_status(home)
     if args.json:
+        info["running"] = live
         print(json.dumps(info))
         return EXIT_OK
     print(f"folder   {folder}" + (f"  (folder {info['folder_id']})" if configured else ""))
@@ -278,6 +282,10 @@ def _cmd_status(home: Home, args: argparse.Namespace) -> int:
         f"index    {stats.files} files, {stats.dirs} directories, {stats.symlinks} symlinks, "
         f"{stats.deleted} tombstones; {human(stats.bytes)} in {stats.chunks} chunks"
     )
+    if live is None:
+        print("running  no: `backer run` keeps it in sync")
+    else:
+        print_live_folder(live, str(folder))
     return EXIT_OK
 
 

@@ -80,6 +80,7 @@ class EventBus:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._subscribers: set[Subscription] = set()
+        self.on_emit: Callable[[], None] | None = None  # told after every event
         self.recent: deque[tuple[float, Event]] = deque(maxlen=RECENT)
 
     def emit(self, event: Event) -> None:
@@ -87,6 +88,8 @@ class EventBus:
         self.recent.append(stamped)
         for subscriber in list(self._subscribers):
             subscriber._put(stamped)
+        if self.on_emit is not None:
+            self.on_emit()
 
     def subscribe(self, limit: int = 10_000) -> Subscription:
         subscription = Subscription(self, limit)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,9 +25,11 @@ from backer.config import Home, NodeConfig
 from backer.errors import BackerError
 from backer.events import ErrorOccurred, NodeStarted, NodeStopping
 from backer.ids import DeviceId
+from backer.mesh.peers import Connection, Known
 from backer.mesh.transport import Listener
 from backer.node.bus import EventBus
 from backer.node.folder import FolderOptions, FolderRunner
+from backer.node.statusfile import STATUS_FILE, write_status_forever
 from backer.sync.link import Link
 
 __all__ = ["Node", "NodeOptions"]
@@ -51,6 +54,8 @@ class Node:
         self.config = config
         self.options = options or NodeOptions()
         self.bus = bus or EventBus()
+        self._changed = asyncio.Event()  # something happened: the status file is rewritten
+        self.bus.on_emit = self._changed.set
         self.folders: dict[bytes, FolderRunner] = {}  # by discovery ID
         self.device: DeviceId | None = None
         self.listener: Listener | None = None
@@ -135,6 +140,9 @@ class Node:
         async with asyncio.TaskGroup() as tasks:
             runs = [tasks.create_task(runner.run()) for runner in self.folders.values()]
             stop = tasks.create_task(self._stop.wait())
+            status = tasks.create_task(
+                write_status_forever(self.home.path / STATUS_FILE, self.status, self._changed)
+            )
             ready = tasks.create_task(_all_set([r.ready for r in self.folders.values()]))
             await asyncio.wait([stop, ready, *runs], return_when=asyncio.FIRST_COMPLETED)
             self._started.set()
@@ -147,7 +155,7 @@ class Node:
             )
             if self.listener is not None:
                 await self.listener.stop()
-            for task in [*runs, stop, ready]:
+            for task in [*runs, stop, ready, status]:
                 task.cancel()
 
     async def _shutdown(self) -> None:
@@ -178,34 +186,63 @@ class Node:
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """What `backer status` shows: per folder, its root, state and peers."""
+        """What `backer status` and `backer peers` show: per folder, its root, state, the
+        peers connected and every address known, with how it was found."""
         folders = []
         for runner in self.folders.values():
             root = runner.replica.root
+            mesh = runner.mesh
             peers = [
                 {
                     "device": str(DeviceId(c.device)),
                     "address": c.address,
                     "outgoing": c.outgoing,
+                    "found_by": c.known.source if c.known is not None else "dialled us",
                     "in_sync": c.session.peer_root == root,
+                    "since": round(c.since, 3),
                 }
-                for c in runner.mesh.connections.values()
+                for c in mesh.connections.values()
+            ]
+            now = mesh.clock()
+            known = [
+                {
+                    "address": k.address,
+                    "found_by": k.source,
+                    "device": str(DeviceId(k.device)) if k.device else "",
+                    "state": _address_state(k, mesh.connections, now),
+                }
+                for k in mesh.known.values()
             ]
             folders.append(
                 {
                     "path": runner.label,
+                    "folder_id": runner.key.folder_id,
                     "root": root.hex(),
                     "state": "paused: " + runner.puller.paused if runner.puller.paused else "ok",
                     "watching": runner.watcher is not None,
                     "watch_complete": runner.watch_complete,
                     "peers": peers,
+                    "known": known,
                 }
             )
         return {
+            "pid": os.getpid(),
             "device": str(self.device) if self.device else "",
             "listen": self.listen_address,
             "folders": folders,
         }
+
+
+def _address_state(known: Known, connections: dict[bytes, Connection], now: float) -> str:
+    if known.ourselves:
+        return "this node"
+    if known.device is not None and known.device in connections:
+        return "connected"
+    if known.dialing:
+        return "dialling"
+    if known.next_try > now:
+        return f"retry in {known.next_try - now:.0f} s ({known.failures} failures)"
+    return "idle"
 
 
 async def _all_set(events: list[asyncio.Event]) -> None:

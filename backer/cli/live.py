@@ -1,0 +1,77 @@
+"""`backer peers`, and the live part of `backer status`: what the running `backer run` wrote
+to its status file (`backer.node.statusfile`). Imports node and the CLI's common helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from backer.cli.common import EXIT_ERROR, EXIT_OK
+from backer.config import Home
+from backer.node.statusfile import STATUS_FILE, read_status
+
+__all__ = ["add_peers_command", "live_status", "print_live_folder"]
+
+
+def add_peers_command(commands: Any) -> None:
+    peers = commands.add_parser(
+        "peers", help="show the peers of the running node: connected, found, how, state"
+    )
+    peers.add_argument("--json", action="store_true", help="print as JSON")
+    peers.set_defaults(run=cmd_peers)
+
+
+def live_status(home: Home) -> dict[str, Any] | None:
+    return read_status(home.path / STATUS_FILE)
+
+
+def cmd_peers(home: Home, args: argparse.Namespace) -> int:
+    status = live_status(home)
+    if status is None:
+        print(
+            "backer run is not running (for this --home); start it to connect to peers",
+            flush=True,
+        )
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(status))
+        return EXIT_OK
+    print(f"device {status['device']}, listening on {status['listen'] or '(nothing)'}")
+    for folder in status["folders"]:
+        print(f"\n{folder['path']} (folder {folder['folder_id']}): {folder['state']}")
+        if not folder["peers"]:
+            print("  no peer connected")
+        for peer in folder["peers"]:
+            print_peer(peer)
+        waiting = [k for k in folder["known"] if k["state"] != "connected"]
+        if waiting:
+            print("  addresses known, not connected:")
+            for known in waiting:
+                print(
+                    f"    {known['address']:<24} found by {known['found_by']:<8} {known['state']}"
+                )
+    return EXIT_OK
+
+
+def print_peer(peer: dict[str, Any]) -> None:
+    way = "dialled" if peer["outgoing"] else "dialled us"
+    sync = "in sync" if peer["in_sync"] else "syncing"
+    print(
+        f"  {peer['device'][:7]}  {peer['address']:<24} {sync:<8} "
+        f"found by {peer['found_by']} ({way})"
+    )
+
+
+def print_live_folder(status: dict[str, Any], path: str) -> None:
+    """The running node's view of one folder, for `backer status`."""
+    for folder in status["folders"]:
+        if folder["path"] == path:
+            peers = folder["peers"]
+            in_sync = sum(1 for p in peers if p["in_sync"])
+            print(f"running  yes ({folder['state']}); {in_sync} of {len(peers)} peers in sync")
+            for peer in peers:
+                print_peer(peer)
+            return
+    print("running  yes, but this folder is not among its folders (restart it to add)")
