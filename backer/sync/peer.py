@@ -21,8 +21,9 @@ from backer.errors import BackerError, RemoteProtocolError
 from backer.ids import DeviceId, Hash
 from backer.protocol import session as proto
 from backer.protocol.messages import ErrorCode, RemoteEntry
+from backer.sync.fetcher import PeerMovedOn, PullReport
 from backer.sync.link import Link
-from backer.sync.pull import PeerMovedOn, PullReport, pull
+from backer.sync.pull import pull
 from backer.sync.replica import Replica
 
 __all__ = ["GOSSIP_EVERY", "PeerGone", "PeerSession", "SessionResult", "run_session"]

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import stat as stat_mod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from backer.errors import (
     BackerError,
@@ -30,15 +27,16 @@ from backer.errors import (
     InvalidPathError,
     RemoteProtocolError,
 )
-from backer.events import ConflictFound, Emit, FileProgress, FileUpdated, ignore
+from backer.events import ConflictFound, Emit, FileUpdated, ignore
 from backer.ids import Hash
 from backer.index import merkle
-from backer.index.chunker import hash_chunk
-from backer.index.entry import Entry, Kind, chunk_groups, group_hash, iter_chunks
+from backer.index.entry import Entry, Kind, chunk_groups, group_hash
 from backer.index.store import LocalState, Record, StatSig
-from backer.paths import RESERVED_DIR, parent_of
+from backer.paths import RESERVED_DIR
 from backer.protocol.messages import RemoteEntry
+from backer.sync.assemble import UNCHECKED, Assembler, ChangedMeanwhile, ChunkGone
 from backer.sync.disk import sig_of
+from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
 from backer.sync.merge import Action, Decision, decide, keep_directory
 from backer.sync.replica import Replica
 
@@ -47,59 +45,15 @@ __all__ = ["Fetcher", "PeerMovedOn", "PullReport", "pull"]
 NODE_BATCH = 256
 ENTRY_BATCH = 128
 GROUP_BATCH = 256
-CHUNK_WINDOW = 64  # chunks in flight (about 3 MiB at the 48 KiB mean chunk)
 FILES_IN_FLIGHT = 16
 COMMIT_EVERY = 1000
-PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
-PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
 _T = TypeVar("_T")
 # Failures that concern one path (refused as unsafe, or the disk said no): reported, skipped.
 _PATH_ERRORS = (InvalidPathError, OSError)
-_UNCHECKED = object()
-
-
-class Fetcher(Protocol):
-    """What a pull needs from a peer. Every answer is already verified against what was asked."""
-
-    async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
-
-    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]: ...
-
-    async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
-
-    async def chunk(self, digest: Hash, size: int) -> bytes | None: ...
-
-
-class PeerMovedOn(BackerError):
-    """The peer's tree changed under the pull; it starts again from the peer's new root."""
-
-
-@dataclass(slots=True)
-class PullReport:
-    nodes: int = 0
-    entries: int = 0
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    deleted: int = 0
-    conflicts: int = 0
-    bytes_fetched: int = 0
-    bytes_local: int = 0
-    skipped: int = 0  # paths left for a later pull (content no longer on the peer)
-    refused: int = 0  # versions without a valid signature (made by a read-only device?)
-    errors: list[str] = field(default_factory=list)  # paths refused or failed, with the reason
 
 
 class _UntrustedVersion(BackerError):
     """A version not signed with the folder's signing key: a read-only device made it."""
-
-
-class _ChangedMeanwhile(BackerError):
-    """The local file changed while its replacement was being assembled: keep the local one."""
-
-
-class _ChunkGone(BackerError):
-    """A chunk the peer announced is no longer there: this file waits for the next pull."""
 
 
 async def pull(
@@ -133,10 +87,9 @@ class _Pull:
         self.report = PullReport()
         self.pending: list[Record] = []
         self.rescan: list[str] = []
-        self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
         self.current: dict[str, Record] = {}  # local records of the pulled paths, read first
-        self.window = asyncio.Semaphore(CHUNK_WINDOW)
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
+        self.assembler = Assembler(replica, fetcher, self.report, emit, self._archive)
 
     async def run(self, remote_root: Hash) -> PullReport:
         if not (self.replica.folder / RESERVED_DIR).is_dir():
@@ -333,11 +286,11 @@ class _Pull:
     ) -> None:
         """Assemble `source`'s content into `dest` and record it as `entry`."""
         try:
-            sig = await self._assemble(entry, dest, source, expected)
-        except _ChunkGone:
+            sig = await self.assembler.assemble(entry, dest, source, expected)
+        except ChunkGone:
             self.report.skipped += 1
             return
-        except _ChangedMeanwhile:
+        except ChangedMeanwhile:
             self.report.skipped += 1
             self.rescan.append(dest)  # the local edit is indexed, and the next pull decides
             return
@@ -351,101 +304,6 @@ class _Pull:
         self._updated(dest, "file")
         if len(self.pending) >= COMMIT_EVERY:
             await self._commit()
-
-    async def _assemble(
-        self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
-    ) -> StatSig:
-        fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
-        progress = _Progress(self, dest, source.size, missing)
-        try:
-            try:
-                async with asyncio.TaskGroup() as fetches:
-                    for offset, digest, size in missing:
-                        await self.window.acquire()
-                        fetches.create_task(self._fetch_into(fd, offset, digest, size, progress))
-            except* _ChunkGone as gone:
-                raise gone.exceptions[0] from None
-        except BaseException as exc:
-            if _worth_keeping(exc):
-                with contextlib.suppress(OSError):
-                    os.close(fd)  # the verified chunks in it serve the next attempt
-            else:
-                _discard(fd, temp)
-            raise
-        return await asyncio.to_thread(
-            functools.partial(
-                self._finish, fd, temp, entry, dest=dest, size=source.size, expected=expected
-            )
-        )
-
-    def _prepare(
-        self, entry: Entry, source: Entry
-    ) -> tuple[int, Path, list[tuple[int, Hash, int]]]:
-        """A temp file holding every chunk this folder (or an abandoned attempt at this very
-        version) already has; what is still missing."""
-        fd, temp = self.disk.temp_file(entry.leaf_hash().hex()[:32], resume=True)
-        try:
-            return fd, temp, self._copy_local(fd, source.chunks)
-        except BaseException:
-            _discard(fd, temp)
-            raise
-
-    def _finish(
-        self,
-        fd: int,
-        temp: Path,
-        entry: Entry,
-        *,
-        dest: str,
-        size: int,
-        expected: StatSig | object | None,
-    ) -> StatSig:
-        """Seal the temp file into `dest`, unless `dest` changed since the pull decided."""
-        try:
-            os.ftruncate(fd, size)
-            now = self.disk.lstat(dest)
-            if expected is not _UNCHECKED and (sig_of(now) if now else None) != expected:
-                raise _ChangedMeanwhile(dest)
-            if now is not None:  # a new path has nothing to keep
-                self._archive(dest)
-        except BaseException:
-            _discard(fd, temp)
-            raise
-        self.dirty_dirs.add(parent_of(dest))
-        return self.disk.install_file(
-            fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns, sync_dir=False
-        )
-
-    async def _fetch_into(
-        self, fd: int, offset: int, digest: Hash, size: int, progress: _Progress
-    ) -> None:
-        try:
-            data = await self.fetcher.chunk(digest, size)
-        finally:
-            self.window.release()
-        if data is None:
-            raise _ChunkGone(digest.hex())
-        os.pwrite(fd, data, offset)
-        self.report.bytes_fetched += size
-        progress.add(size)
-
-    def _copy_local(self, fd: int, chunks: bytes) -> list[tuple[int, Hash, int]]:
-        """Write every chunk this folder already holds; return (offset, hash, size) of the rest.
-        A chunk already in place (left by an abandoned attempt) is kept if it hashes right."""
-        missing = []
-        offset = 0
-        resumable = os.fstat(fd).st_size
-        records = list(iter_chunks(chunks))
-        for (digest, size), data in zip(records, self.replica.read_chunks(records), strict=True):
-            if data is not None:
-                os.pwrite(fd, data, offset)
-                self.report.bytes_local += size
-            elif offset + size <= resumable and hash_chunk(os.pread(fd, size, offset)) == digest:
-                self.report.bytes_local += size
-            else:
-                missing.append((offset, digest, size))
-            offset += size
-        return missing
 
     async def _delete(self, decision: Decision, record: Record | None) -> None:
         result = decision.result
@@ -497,7 +355,7 @@ class _Pull:
     async def _commit(self) -> None:
         if self.pending:
             batch, self.pending = self.pending, []
-            dirs, self.dirty_dirs = self.dirty_dirs, set()
+            dirs, self.assembler.dirty_dirs = self.assembler.dirty_dirs, set()
             await asyncio.to_thread(self._durable_commit, batch, dirs)
 
     def _durable_commit(self, batch: list[Record], dirs: set[str]) -> None:
@@ -505,49 +363,12 @@ class _Pull:
         self.store.commit(batch)
 
 
-class _Progress:
-    """FileProgress events for one large file: one per PROGRESS_STEP bytes fetched."""
-
-    def __init__(
-        self, job: _Pull, path: str, total: int, missing: list[tuple[int, Hash, int]]
-    ) -> None:
-        self.job, self.path, self.total = job, path, total
-        self.done = total - sum(size for _, _, size in missing)
-        self.told = self.done
-        self.enabled = total >= PROGRESS_FROM
-
-    def add(self, size: int) -> None:
-        self.done += size
-        if self.enabled and (self.done - self.told >= PROGRESS_STEP or self.done == self.total):
-            self.told = self.done
-            self.job.emit(
-                FileProgress(
-                    folder=self.job.label, path=self.path, done=self.done, total=self.total
-                )
-            )
-
-
-def _worth_keeping(exc: BaseException) -> bool:
-    """Whether a temp file abandoned by `exc` may serve a later attempt: yes when the transfer
-    was cut (cancelled, a peer gone), no when the disk failed (it may be full)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_worth_keeping(inner) for inner in exc.exceptions)
-    return not isinstance(exc, OSError)
-
-
-def _discard(fd: int, temp: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    with contextlib.suppress(OSError):
-        temp.unlink()
-
-
 def _expected(record: Record | None) -> StatSig | object | None:
     """What must still be at a record's path when it is replaced: the file's stat, nothing
     (None), or _UNCHECKED for a symlink (checked against the index when the pull decided)."""
     if record is None or record.entry.deleted:
         return None
-    return record.local.stat if record.entry.kind is Kind.FILE else _UNCHECKED
+    return record.local.stat if record.entry.kind is Kind.FILE else UNCHECKED
 
 
 def _disk_matches(record: Record | None, st: os.stat_result | None) -> bool:

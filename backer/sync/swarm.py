@@ -32,8 +32,9 @@ from backer.events import (
 )
 from backer.ids import DeviceId, Hash
 from backer.protocol.messages import RemoteEntry
+from backer.sync.fetcher import PeerMovedOn, PullReport
 from backer.sync.peer import PeerGone
-from backer.sync.pull import PeerMovedOn, PullReport, pull
+from backer.sync.pull import pull
 from backer.sync.replica import Replica
 
 __all__ = ["HEDGE_AFTER", "FolderPuller", "Source", "Swarm"]

@@ -1,0 +1,197 @@
+"""Building one pulled file: a temp file filled from the chunks this folder already has, the
+chunks an abandoned attempt left, and the chunks fetched from peers, then sealed into place.
+
+Owns the chunk window (how many chunk requests a pull keeps in flight), resuming from kept temp
+files, progress events, and the last check before a file is replaced: if the local file changed
+since the pull decided, the local one stays. Imports index, events and sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from backer.errors import BackerError
+from backer.events import Emit, FileProgress
+from backer.ids import Hash
+from backer.index.chunker import hash_chunk
+from backer.index.entry import Entry, iter_chunks
+from backer.index.store import StatSig
+from backer.paths import parent_of
+from backer.sync.disk import sig_of
+from backer.sync.fetcher import Fetcher, PullReport
+from backer.sync.replica import Replica
+
+__all__ = ["CHUNK_WINDOW", "UNCHECKED", "Assembler", "ChangedMeanwhile", "ChunkGone"]
+
+CHUNK_WINDOW = 64  # chunks in flight (about 1.5 MiB at the 24 KiB mean chunk)
+PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
+PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
+UNCHECKED = object()  # "do not compare the stat of what is replaced" (a symlink)
+
+
+class ChangedMeanwhile(BackerError):
+    """The local file changed while its replacement was being assembled: keep the local one."""
+
+
+class ChunkGone(BackerError):
+    """A chunk the peer announced is no longer there: this file waits for the next pull."""
+
+
+class Assembler:
+    def __init__(
+        self,
+        replica: Replica,
+        fetcher: Fetcher,
+        report: PullReport,
+        emit: Emit,
+        archive: Callable[[str], None],
+    ) -> None:
+        self.replica = replica
+        self.disk = replica.disk
+        self.fetcher = fetcher
+        self.report = report
+        self.emit = emit
+        self.archive = archive
+        self.label = str(replica.folder)
+        self.window = asyncio.Semaphore(CHUNK_WINDOW)
+        self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
+
+    async def assemble(
+        self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
+    ) -> StatSig:
+        """Build `source`'s content into `dest` (recorded as `entry` by the caller); returns
+        the new file's stat. `expected` is what must still be at `dest` (its stat, None for
+        nothing, or UNCHECKED)."""
+        fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
+        progress = _Progress(self, dest, source.size, missing)
+        try:
+            try:
+                async with asyncio.TaskGroup() as fetches:
+                    for offset, digest, size in missing:
+                        await self.window.acquire()
+                        fetches.create_task(self._fetch_into(fd, offset, digest, size, progress))
+            except* ChunkGone as gone:
+                raise gone.exceptions[0] from None
+        except BaseException as exc:
+            if _worth_keeping(exc):
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # the verified chunks in it serve the next attempt
+            else:
+                _discard(fd, temp)
+            raise
+        return await asyncio.to_thread(
+            functools.partial(
+                self._finish, fd, temp, entry, dest=dest, size=source.size, expected=expected
+            )
+        )
+
+    def _prepare(
+        self, entry: Entry, source: Entry
+    ) -> tuple[int, Path, list[tuple[int, Hash, int]]]:
+        """A temp file holding every chunk this folder (or an abandoned attempt at this very
+        version) already has; what is still missing."""
+        fd, temp = self.disk.temp_file(entry.leaf_hash().hex()[:32], resume=True)
+        try:
+            return fd, temp, self._copy_local(fd, source.chunks)
+        except BaseException:
+            _discard(fd, temp)
+            raise
+
+    def _copy_local(self, fd: int, chunks: bytes) -> list[tuple[int, Hash, int]]:
+        """Write every chunk this folder already holds; return (offset, hash, size) of the rest.
+        A chunk already in place (left by an abandoned attempt) is kept if it hashes right."""
+        missing = []
+        offset = 0
+        resumable = os.fstat(fd).st_size
+        records = list(iter_chunks(chunks))
+        for (digest, size), data in zip(records, self.replica.read_chunks(records), strict=True):
+            if data is not None:
+                os.pwrite(fd, data, offset)
+                self.report.bytes_local += size
+            elif offset + size <= resumable and hash_chunk(os.pread(fd, size, offset)) == digest:
+                self.report.bytes_local += size
+            else:
+                missing.append((offset, digest, size))
+            offset += size
+        return missing
+
+    async def _fetch_into(
+        self, fd: int, offset: int, digest: Hash, size: int, progress: _Progress
+    ) -> None:
+        try:
+            data = await self.fetcher.chunk(digest, size)
+        finally:
+            self.window.release()
+        if data is None:
+            raise ChunkGone(digest.hex())
+        os.pwrite(fd, data, offset)
+        self.report.bytes_fetched += size
+        progress.add(size)
+
+    def _finish(
+        self,
+        fd: int,
+        temp: Path,
+        entry: Entry,
+        *,
+        dest: str,
+        size: int,
+        expected: StatSig | object | None,
+    ) -> StatSig:
+        """Seal the temp file into `dest`, unless `dest` changed since the pull decided."""
+        try:
+            os.ftruncate(fd, size)
+            now = self.disk.lstat(dest)
+            if expected is not UNCHECKED and (sig_of(now) if now else None) != expected:
+                raise ChangedMeanwhile(dest)
+            if now is not None:  # a new path has nothing to keep
+                self.archive(dest)
+        except BaseException:
+            _discard(fd, temp)
+            raise
+        self.dirty_dirs.add(parent_of(dest))
+        return self.disk.install_file(
+            fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns, sync_dir=False
+        )
+
+
+class _Progress:
+    """FileProgress events for one large file: one per PROGRESS_STEP bytes fetched."""
+
+    def __init__(
+        self, job: Assembler, path: str, total: int, missing: list[tuple[int, Hash, int]]
+    ) -> None:
+        self.job, self.path, self.total = job, path, total
+        self.done = total - sum(size for _, _, size in missing)
+        self.told = self.done
+        self.enabled = total >= PROGRESS_FROM
+
+    def add(self, size: int) -> None:
+        self.done += size
+        if self.enabled and (self.done - self.told >= PROGRESS_STEP or self.done == self.total):
+            self.told = self.done
+            self.job.emit(
+                FileProgress(
+                    folder=self.job.label, path=self.path, done=self.done, total=self.total
+                )
+            )
+
+
+def _worth_keeping(exc: BaseException) -> bool:
+    """Whether a temp file abandoned by `exc` may serve a later attempt: yes when the transfer
+    was cut (cancelled, a peer gone), no when the disk failed (it may be full)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_worth_keeping(inner) for inner in exc.exceptions)
+    return not isinstance(exc, OSError)
+
+
+def _discard(fd: int, temp: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        temp.unlink()
