@@ -8,11 +8,13 @@ import json
 import os
 from pathlib import Path
 
-from nodes import FAST, Member, cluster, converged, eventually, file_is
+from nodes import FAST, Member, cluster, converged, eventually, file_is, make_member
 
-from backer.events import FileUpdated, PullFinished, to_json
+from backer.config import FolderConfig
+from backer.events import FileUpdated, FolderPaused, PullFinished, to_json
 from backer.keys import FolderKey
 from backer.mesh.peers import FolderMesh
+from backer.node.node import Node, NodeOptions
 
 
 async def test_two_nodes_sync_a_new_file_by_themselves(tmp_path: Path) -> None:
@@ -99,3 +101,17 @@ def _mesh(member: Member) -> FolderMesh:
 def _dialled_everything(member: Member) -> bool:
     mesh = _mesh(member)
     return all(not k.dialing for k in mesh.known.values())
+
+
+async def test_a_folder_whose_disk_is_gone_pauses_and_the_others_run(tmp_path: Path) -> None:
+    key, other = FolderKey.generate(), FolderKey.generate()
+    home, config, folder = make_member(tmp_path, "n", key)
+    missing = tmp_path / "unmounted"
+    config = dataclasses.replace(
+        config, folders=(*config.folders, FolderConfig(path=str(missing), key=str(other)))
+    )
+    async with Node(home, config, options=NodeOptions(folder=FAST)) as node:
+        assert [r.label for r in node.folders.values()] == [str(folder)]
+        paused = [e for _, e in node.bus.recent if isinstance(e, FolderPaused)]
+        assert [p.folder for p in paused] == [str(missing)]
+        assert node.status()["folders"][1]["state"].startswith("unavailable")

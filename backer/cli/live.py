@@ -40,12 +40,13 @@ def cmd_peers(home: Home, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"device {status['device']}, listening on {status['listen'] or '(nothing)'}")
     for folder in status["folders"]:
-        print(f"\n{folder['path']} (folder {folder['folder_id']}): {folder['state']}")
+        name = f" (folder {folder['folder_id']})" if "folder_id" in folder else ""
+        print(f"\n{folder['path']}{name}: {folder['state']}")
         if not folder["peers"]:
             print("  no peer connected")
         for peer in folder["peers"]:
             print_peer(peer)
-        waiting = [k for k in folder["known"] if k["state"] != "connected"]
+        waiting = [k for k in folder.get("known", []) if k["state"] != "connected"]
         if waiting:
             print("  addresses known, not connected:")
             for known in waiting:

@@ -23,7 +23,7 @@ from typing import Any, Self
 from backer.addresses import format_address, parse_address
 from backer.config import Home, NodeConfig
 from backer.errors import BackerError
-from backer.events import ErrorOccurred, NodeStarted, NodeStopping
+from backer.events import ErrorOccurred, FolderPaused, NodeStarted, NodeStopping
 from backer.ids import DeviceId
 from backer.mesh.peers import Connection, Known
 from backer.mesh.transport import Listener
@@ -57,6 +57,7 @@ class Node:
         self._changed = asyncio.Event()  # something happened: the status file is rewritten
         self.bus.on_emit = self._changed.set
         self.folders: dict[bytes, FolderRunner] = {}  # by discovery ID
+        self.unavailable: dict[str, str] = {}  # folders that could not be opened, and why
         self.device: DeviceId | None = None
         self.listener: Listener | None = None
         self._stop = asyncio.Event()
@@ -113,14 +114,19 @@ class Node:
             options = dataclasses.replace(self.options.folder, max_peers=config.max_peers)
             for folder in config.folders:
                 key = folder.folder_key
-                runner = await FolderRunner.open(
-                    Path(folder.path),
-                    key,
-                    device_key=device_key,
-                    emit=self.bus.emit,
-                    options=options,
-                    advertise=advertise,
-                )
+                try:
+                    runner = await FolderRunner.open(
+                        Path(folder.path),
+                        key,
+                        device_key=device_key,
+                        emit=self.bus.emit,
+                        options=options,
+                        advertise=advertise,
+                    )
+                except (BackerError, OSError) as exc:  # one missing disk must not stop the rest
+                    self.unavailable[folder.path] = str(exc)
+                    self.bus.emit(FolderPaused(folder=folder.path, reason=str(exc)))
+                    continue
                 self.folders[key.discovery_id] = runner
                 for address in config.peers:
                     if address not in advertise:
@@ -225,6 +231,8 @@ class Node:
                     "known": known,
                 }
             )
+        for path, reason in self.unavailable.items():
+            folders.append({"path": path, "state": f"unavailable: {reason}", "peers": []})
         return {
             "pid": os.getpid(),
             "device": str(self.device) if self.device else "",
