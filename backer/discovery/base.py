@@ -21,7 +21,7 @@ from typing import Protocol
 
 import nacl.signing
 
-from backer.errors import DecodeError
+from backer.errors import BackerError, DecodeError
 from backer.ids import HASH_SIZE, DeviceId, secret_tag
 from backer.keys import FolderKey
 
@@ -32,6 +32,7 @@ __all__ = [
     "TOKEN_SIZE",
     "Announcement",
     "Context",
+    "DiscoveryError",
     "Finder",
     "Found",
     "OnFound",
@@ -91,6 +92,12 @@ class Announcement:
 
 
 OnFound = Callable[["Found"], None]
+
+
+class DiscoveryError(BackerError):
+    """A finder cannot start: its sockets cannot be opened, or the discovery library refused.
+    Raised by `Finder.start()`, translated from OSError and the library's own errors; the node
+    can go on without that finder."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
