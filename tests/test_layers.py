@@ -33,6 +33,7 @@ PURE = (
     "backer.addresses",
     "backer.events",
     "backer.discovery.base",
+    "backer.discovery.records",
     "backer.keys",
     "backer.index.entry",
     "backer.index.merkle",

@@ -1,0 +1,340 @@
+"""DHT records: what a device stores in the DHT so the members of its folders can find it.
+
+Owns the record format, the DHT keys a folder is announced under, signing and checking a record,
+and the bounded table of records a DHT node keeps. Pure: no I/O, no clock (time is an
+argument); imports errors, ids, addresses and pynacl only.
+
+A record says "the device with this Ed25519 key listens at these addresses until `expiry`":
+
+    version u8 | public key 32 | expiry u32 (unix s) | address count u8
+    | count x (length u8, `host:port` UTF-8) | proof 16 | signature 64
+
+A folder is announced under `dht_key(discovery_id, epoch)`, a hash of its discovery ID and the
+day: DHT nodes and observers see a key that changes every epoch and never the discovery ID, so
+they can neither name the folder nor link it from one day to the next.
+
+The signature (by the device key) covers the DHT key and every byte before it, so a record cannot
+be altered, replayed under another key, or replaced by someone without the device key. The
+proof is a MAC keyed by the discovery ID over the DHT key and the record body: the storage node,
+which does not know the discovery ID, checks size, form, signature and expiry; a member also
+checks the proof, so a non-member cannot plant a record that members accept.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import hmac
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+
+from backer.addresses import parse_address
+from backer.errors import DecodeError, InvalidAddressError
+from backer.ids import hash_bytes, secret_tag
+
+__all__ = [
+    "DHT_KEY_SIZE",
+    "EPOCH_SECONDS",
+    "MAX_ADDRESSES",
+    "MAX_ADDRESS_TEXT",
+    "MAX_LIFETIME",
+    "MAX_RECORD_SIZE",
+    "PROOF_SIZE",
+    "RECORD_VERSION",
+    "SIGNATURE_SIZE",
+    "Put",
+    "Record",
+    "RecordTable",
+    "announce_keys",
+    "dht_key",
+    "epoch_of",
+    "lookup_keys",
+    "make_record",
+    "newest_per_device",
+    "verify",
+]
+
+RECORD_VERSION = 1
+DHT_KEY_SIZE = 20  # kademlia's 160-bit key space
+EPOCH_SECONDS = 86_400  # the DHT key of a folder changes daily
+MAX_ADDRESSES = 8
+MAX_ADDRESS_TEXT = 255  # one length byte
+MAX_RECORD_SIZE = 1024
+MAX_LIFETIME = 4 * 3600  # a record claiming to live longer than this is refused
+PROOF_SIZE = 16
+SIGNATURE_SIZE = 64
+PUBLIC_KEY_SIZE = 32
+
+_HEAD = struct.Struct(">B32sIB")  # version, public key, expiry, address count
+_SIGNED_CONTEXT = b"backer dht record v1\x00"
+_MAX_EXPIRY = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """A decoded record that passed `verify`. `data` is its exact encoding (what is stored and
+    served again)."""
+
+    public_key: bytes
+    addresses: tuple[str, ...]
+    expiry: int
+    data: bytes = field(repr=False)
+
+    @property
+    def device(self) -> bytes:
+        """The device ID (BLAKE3 of the public key), as the mesh names devices."""
+        return hash_bytes("device id", self.public_key)
+
+
+# -- keys and epochs ---------------------------------------------------------------------------
+
+
+def epoch_of(now: float) -> int:
+    return int(now // EPOCH_SECONDS)
+
+
+def dht_key(discovery_id: bytes, epoch: int) -> bytes:
+    """The 20-byte DHT key a folder is announced under during `epoch`."""
+    if epoch < 0:
+        raise ValueError("an epoch is not negative")
+    return hash_bytes("dht key", discovery_id + epoch.to_bytes(8, "big"))[:DHT_KEY_SIZE]
+
+
+def announce_keys(discovery_id: bytes, *, now: float, lifetime: float) -> list[bytes]:
+    """Where a record made at `now` living `lifetime` seconds goes: the current epoch's key, and
+    the next epoch's too when the record outlives the current epoch (so a member whose clock is
+    ahead, already in the next epoch, still finds it)."""
+    epoch = epoch_of(now)
+    keys = [dht_key(discovery_id, epoch)]
+    if now + lifetime >= (epoch + 1) * EPOCH_SECONDS:
+        keys.append(dht_key(discovery_id, epoch + 1))
+    return keys
+
+
+def lookup_keys(discovery_id: bytes, *, now: float, lifetime: float) -> list[bytes]:
+    """Where to look at `now`: the current epoch's key, and the previous one's while records
+    announced before the epoch began may still live."""
+    epoch = epoch_of(now)
+    keys = [dht_key(discovery_id, epoch)]
+    if epoch > 0 and now - epoch * EPOCH_SECONDS < lifetime:
+        keys.append(dht_key(discovery_id, epoch - 1))
+    return keys
+
+
+# -- making and checking records ---------------------------------------------------------------
+
+
+def make_record(
+    device_key: nacl.signing.SigningKey,
+    *,
+    discovery_id: bytes,
+    key: bytes,
+    addresses: Iterable[str],
+    expiry: int,
+) -> bytes:
+    """Our signed record for the folder `discovery_id` under the DHT key `key`."""
+    listed = tuple(dict.fromkeys(addresses))
+    if not 1 <= len(listed) <= MAX_ADDRESSES:
+        raise ValueError(f"a record lists 1 to {MAX_ADDRESSES} addresses, not {len(listed)}")
+    if not 0 < expiry <= _MAX_EXPIRY:
+        raise ValueError(f"expiry {expiry} out of range")
+    if len(key) != DHT_KEY_SIZE:
+        raise ValueError(f"a DHT key is {DHT_KEY_SIZE} bytes")
+    parts = [_HEAD.pack(RECORD_VERSION, bytes(device_key.verify_key), expiry, len(listed))]
+    for address in listed:
+        parse_address(address)
+        text = address.encode("utf-8")
+        if len(text) > MAX_ADDRESS_TEXT:
+            raise ValueError(f"address too long: {address!r}")
+        parts.append(bytes([len(text)]) + text)
+    body = b"".join(parts)
+    body += _proof(discovery_id, key, body)
+    record = body + device_key.sign(_SIGNED_CONTEXT + key + body).signature
+    if len(record) > MAX_RECORD_SIZE:
+        raise ValueError(f"a record of {len(record)} bytes is over {MAX_RECORD_SIZE}")
+    return record
+
+
+def verify(data: bytes, *, now: float, dht_key: bytes, discovery_id: bytes | None = None) -> Record:
+    """The record in `data`, stored under `dht_key`; DecodeError saying why it is refused.
+
+    Without `discovery_id` (a storage node) the form, size, signature and expiry are checked;
+    with it (a member) the folder proof too."""
+    if not isinstance(data, bytes):
+        raise DecodeError(f"a record is bytes, not {type(data).__name__}")
+    if len(data) > MAX_RECORD_SIZE:
+        raise DecodeError(f"a record of {len(data)} bytes is over {MAX_RECORD_SIZE}")
+    if len(dht_key) != DHT_KEY_SIZE:
+        raise DecodeError(f"a DHT key is {DHT_KEY_SIZE} bytes")
+    if len(data) < _HEAD.size + PROOF_SIZE + SIGNATURE_SIZE:
+        raise DecodeError("a record too short")
+    version, public_key, expiry, count = _HEAD.unpack_from(data)
+    if version != RECORD_VERSION:
+        raise DecodeError(f"record version {version}")
+    if not 1 <= count <= MAX_ADDRESSES:
+        raise DecodeError(f"a record lists 1 to {MAX_ADDRESSES} addresses, not {count}")
+    offset = _HEAD.size
+    addresses: list[str] = []
+    for _ in range(count):
+        if offset >= len(data):
+            raise DecodeError("a record's addresses run past its end")
+        size = data[offset]
+        text = data[offset + 1 : offset + 1 + size]
+        offset += 1 + size
+        if len(text) != size or size == 0:
+            raise DecodeError("a record's address is cut short or empty")
+        try:
+            address = text.decode("utf-8")
+            parse_address(address)
+        except (UnicodeDecodeError, InvalidAddressError) as exc:
+            raise DecodeError(f"a record's address is not host:port: {text!r}") from exc
+        addresses.append(address)
+    if len(set(addresses)) != len(addresses):
+        raise DecodeError("a record lists an address twice")
+    if len(data) != offset + PROOF_SIZE + SIGNATURE_SIZE:
+        raise DecodeError("a record's length does not match its fields (extra or missing bytes)")
+    body, signature = data[:-SIGNATURE_SIZE], data[-SIGNATURE_SIZE:]
+    if expiry <= now:  # before the signature: the cheap checks first
+        raise DecodeError(f"a record expired at {expiry}")
+    if expiry > now + MAX_LIFETIME:
+        raise DecodeError(f"a record claims to live until {expiry}, too far ahead")
+    if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
+        raise DecodeError("a record's public key is not a valid Ed25519 point")
+    try:
+        nacl.signing.VerifyKey(public_key).verify(_SIGNED_CONTEXT + dht_key + body, signature)
+    except nacl.exceptions.BadSignatureError:
+        raise DecodeError(
+            "a record's signature does not match (forged, altered or moved)"
+        ) from None
+    if discovery_id is not None:
+        unproved, proof = body[:-PROOF_SIZE], body[-PROOF_SIZE:]
+        if not hmac.compare_digest(proof, _proof(discovery_id, dht_key, unproved)):
+            raise DecodeError("a record's folder proof does not match: not made by a member")
+    return Record(public_key=public_key, addresses=tuple(addresses), expiry=expiry, data=data)
+
+
+def newest_per_device(records: Iterable[Record]) -> list[Record]:
+    """One record per device, the one that expires last; latest expiry first."""
+    best: dict[bytes, Record] = {}
+    for record in records:
+        held = best.get(record.public_key)
+        if held is None or record.expiry > held.expiry:
+            best[record.public_key] = record
+    return sorted(best.values(), key=lambda r: -r.expiry)
+
+
+def _proof(discovery_id: bytes, key: bytes, body: bytes) -> bytes:
+    return secret_tag("dht record", discovery_id, key + body, PROOF_SIZE)
+
+
+# -- what a DHT node keeps ---------------------------------------------------------------------
+
+
+class Put(enum.Enum):
+    """What `RecordTable.put` did with a valid record."""
+
+    STORED = "stored"
+    STALE = "stale"  # the table holds a record of that device expiring as late or later
+    FULL = "full"  # the table (or the key) is full of records that outlive this one
+
+
+class RecordTable:
+    """A bounded set of records per DHT key: at most `per_key` devices per key (the newest
+    record of each) and `total` records in all. When full, the record expiring soonest makes
+    room for one that expires later. Only records that pass `verify` (as a storage node) enter.
+    """
+
+    def __init__(self, *, per_key: int = 32, total: int = 4096) -> None:
+        if per_key < 1 or total < per_key:
+            raise ValueError("a table holds at least one record per key, and total >= per_key")
+        self.per_key = per_key
+        self.total = total
+        self._keys: dict[bytes, dict[bytes, Record]] = {}
+        self._count = 0
+        # (expiry, key, public key) of every record held, soonest first; entries of records
+        # since replaced or removed are skipped when met, and compacted away in bulk.
+        self._expiries: list[tuple[int, bytes, bytes]] = []
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, key: bytes, data: bytes, *, now: float) -> Put:
+        """Keep `data` under `key` if it is a valid record; DecodeError (with the reason) if
+        it is not."""
+        record = verify(data, now=now, dht_key=key)
+        records = self._keys.get(key, {})
+        held = records.get(record.public_key)
+        if held is not None:
+            if held.expiry >= record.expiry:
+                return Put.STALE
+            self._remove(key, held.public_key)
+        elif len(records) >= self.per_key or self._count >= self.total:
+            self.cull(now=now)
+            records = self._keys.get(key, {})
+            if len(records) >= self.per_key:
+                soonest = min(records.values(), key=lambda r: r.expiry)
+                if soonest.expiry >= record.expiry:
+                    return Put.FULL
+                self._remove(key, soonest.public_key)
+            elif self._count >= self.total:
+                found = self._soonest()
+                if found is None or found[1].expiry >= record.expiry:
+                    return Put.FULL
+                self._remove(found[0], found[1].public_key)
+        self._keys.setdefault(key, {})[record.public_key] = record
+        self._count += 1
+        heapq.heappush(self._expiries, (record.expiry, key, record.public_key))
+        if len(self._expiries) > 2 * self._count + 64:
+            self._expiries = [
+                (r.expiry, k, r.public_key) for k, held in self._keys.items() for r in held.values()
+            ]
+            heapq.heapify(self._expiries)
+        return Put.STORED
+
+    def get(self, key: bytes, *, now: float) -> list[bytes]:
+        """The live records under `key`, latest expiry first."""
+        records = self._keys.get(key)
+        if not records:
+            return []
+        live = sorted((r for r in records.values() if r.expiry > now), key=lambda r: -r.expiry)
+        return [r.data for r in live]
+
+    def keys(self) -> list[bytes]:
+        return list(self._keys)
+
+    def items(self, *, now: float) -> Iterator[tuple[bytes, list[bytes]]]:
+        """Every key with its live records."""
+        for key in list(self._keys):
+            records = self.get(key, now=now)
+            if records:
+                yield key, records
+
+    def cull(self, *, now: float) -> int:
+        """Forget expired records; how many were forgotten."""
+        gone = 0
+        while (found := self._soonest()) is not None and found[1].expiry <= now:
+            self._remove(found[0], found[1].public_key)
+            gone += 1
+        return gone
+
+    def _soonest(self) -> tuple[bytes, Record] | None:
+        """The record expiring soonest, and its key."""
+        while self._expiries:
+            expiry, key, public_key = self._expiries[0]
+            held = self._keys.get(key, {}).get(public_key)
+            if held is not None and held.expiry == expiry:
+                return key, held
+            heapq.heappop(self._expiries)
+        return None
+
+    def _remove(self, key: bytes, public_key: bytes) -> None:
+        records = self._keys[key]
+        del records[public_key]
+        self._count -= 1
+        if not records:
+            del self._keys[key]
