@@ -29,6 +29,7 @@ __all__ = [
     "NodeStopping",
     "PeerConnected",
     "PeerDisconnected",
+    "PeerFound",
     "PullFinished",
     "PullStarted",
     "WatchIncomplete",
@@ -48,6 +49,16 @@ class NodeStarted:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeStopping:
     reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerFound:
+    """An address of a folder's peer, new to this node."""
+
+    folder: str
+    device: str
+    address: str
+    via: str  # "mdns", "beacon", "dht"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,6 +162,7 @@ class ErrorOccurred:
 Event = (
     NodeStarted
     | NodeStopping
+    | PeerFound
     | PeerConnected
     | PeerDisconnected
     | FolderScanned

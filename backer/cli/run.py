@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import signal
 from typing import Any
 
@@ -56,6 +57,19 @@ def add_run_command(commands: Any) -> None:
         "--events", choices=("text", "json"), default="text", help="how to print what happens"
     )
     run.add_argument(
+        "--discovery",
+        metavar="METHODS",
+        help="how to find peers, comma-separated from mdns,beacon,dht, or 'none' "
+        "(default: the config's discovery, all three unless changed)",
+    )
+    run.add_argument(
+        "--dht-bootstrap",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a DHT node to join through (repeatable; adds to the config's dht_bootstrap)",
+    )
+    run.add_argument(
         "--no-watch",
         action="store_true",
         help="do not watch the folders; find changes by periodic rescans only",
@@ -75,11 +89,17 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
         raise BackerError(
             "no folders to run: `backer init DIR` shares a folder, `backer join KEY DIR` joins one"
         )
+    discovery = config.discovery
+    if args.discovery is not None:
+        chosen = [m.strip() for m in args.discovery.split(",") if m.strip()]
+        discovery = () if chosen == ["none"] else tuple(chosen)
     try:
         config = dataclasses.replace(
             config,
             listen=args.listen or config.listen,
             peers=tuple(dict.fromkeys((*config.peers, *args.peer))),
+            discovery=discovery,
+            dht_bootstrap=tuple(dict.fromkeys((*config.dht_bootstrap, *args.dht_bootstrap))),
         )
     except ConfigError as exc:
         raise BackerError(str(exc)) from exc
@@ -87,6 +107,8 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
     if args.rescan is not None:
         folder = dataclasses.replace(folder, rescan_every=args.rescan, rescan_unwatched=args.rescan)
     node = Node(home, config, options=NodeOptions(folder=folder))
+    # kademlia logs a warning for every DHT contact that does not answer: routine, not news.
+    logging.getLogger("kademlia").setLevel(logging.ERROR)
     return asyncio.run(_run(node, as_json=args.events == "json"))
 
 

@@ -120,13 +120,15 @@ class FolderMesh:
 
     # -- addresses ---------------------------------------------------------------------------
 
-    def learn(self, address: str, *, source: str, device: bytes | None = None) -> None:
-        """Remember an address to dial (a static peer, a peer's tip, a discovery result)."""
+    def learn(self, address: str, *, source: str, device: bytes | None = None) -> bool:
+        """Remember an address to dial (a static peer, a peer's tip, a discovery result);
+        True if it is new."""
         try:
             parse_address(address)
         except InvalidAddressError:
-            return
+            return False
         known = self.known.get(address)
+        new = known is None
         if known is None:
             if len(self.known) >= MAX_KNOWN:
                 self._forget_one()
@@ -136,6 +138,7 @@ class FolderMesh:
         if device is not None and device != self.own:
             known.device = device
         self._wake.set()
+        return new
 
     def _forget_one(self) -> None:
         for address, known in self.known.items():

@@ -22,12 +22,14 @@ from typing import Any, Self
 
 from backer.addresses import format_address, parse_address
 from backer.config import Home, NodeConfig
+from backer.discovery.base import Found
 from backer.errors import BackerError
-from backer.events import ErrorOccurred, FolderPaused, NodeStarted, NodeStopping
+from backer.events import ErrorOccurred, FolderPaused, NodeStarted, NodeStopping, PeerFound
 from backer.ids import DeviceId
 from backer.mesh.peers import Connection, Known
 from backer.mesh.transport import Listener
 from backer.node.bus import EventBus
+from backer.node.finders import Finders
 from backer.node.folder import FolderOptions, FolderRunner
 from backer.node.statusfile import STATUS_FILE, write_status_forever
 from backer.sync.link import Link
@@ -60,6 +62,8 @@ class Node:
         self.unavailable: dict[str, str] = {}  # folders that could not be opened, and why
         self.device: DeviceId | None = None
         self.listener: Listener | None = None
+        self.finders: Finders | None = None
+        self._sightings: set[tuple[bytes, str, str]] = set()  # (folder, address, via) reported
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -131,6 +135,18 @@ class Node:
                 for address in config.peers:
                     if address not in advertise:
                         runner.mesh.learn(address, source="static")
+            if config.discovery and self.listener is not None:
+                self.finders = Finders(
+                    config,
+                    device_key=device_key,
+                    listen=self.listen_address,
+                    folders=tuple(r.key for r in self.folders.values()),
+                    learn=self._found,
+                    emit=self.bus.emit,
+                )
+                await self.finders.start()
+                for address in config.peers:
+                    self.finders.hint(address)
             self.bus.emit(
                 NodeStarted(
                     device=str(self.device),
@@ -165,6 +181,8 @@ class Node:
                 task.cancel()
 
     async def _shutdown(self) -> None:
+        if self.finders is not None:
+            await self.finders.stop()  # goodbyes first: peers stop dialling a leaving node
         if self.listener is not None:
             with contextlib.suppress(Exception):
                 await self.listener.stop()
@@ -176,6 +194,24 @@ class Node:
         self.bus.close()
 
     # -- connections -------------------------------------------------------------------------
+
+    def _found(self, found: Found) -> None:
+        runner = self.folders.get(found.folder)
+        if runner is None:
+            return
+        for address in found.addresses:
+            runner.mesh.learn(address, source=found.via, device=found.device)
+            sighting = (found.folder, address, found.via)
+            if sighting not in self._sightings and len(self._sightings) < 4096:
+                self._sightings.add(sighting)
+                self.bus.emit(
+                    PeerFound(
+                        folder=runner.label,
+                        device=str(DeviceId(found.device)),
+                        address=address,
+                        via=found.via,
+                    )
+                )
 
     async def _accept(self, discovery_id: bytes, link: Link, address: str) -> None:
         runner = self.folders.get(discovery_id)

@@ -1,0 +1,101 @@
+"""The node's finders: which discovery methods run, and where what they find goes.
+
+Every address a finder reports becomes a dial candidate in that folder's mesh (a hint: the
+handshake decides), and every address learned any way is a DHT node worth asking (a peer met
+on the LAN is a bootstrap node for the internet-wide DHT). A method that cannot start is
+reported and skipped; the others and static peers go on. Imports config, discovery, events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import nacl.signing
+
+from backer.addresses import parse_address
+from backer.config import NodeConfig
+from backer.discovery.base import Context, DiscoveryError, Finder, Found
+from backer.discovery.beacon import BeaconFinder
+from backer.discovery.dht import DhtFinder
+from backer.discovery.mdns import MdnsFinder
+from backer.events import Emit, ErrorOccurred
+from backer.keys import FolderKey
+
+__all__ = ["Finders"]
+
+
+class Finders:
+    """Start with `await start()`, stop with `await stop()` (mDNS says goodbye)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        device_key: nacl.signing.SigningKey,
+        listen: str,
+        folders: tuple[FolderKey, ...],
+        learn: Callable[[Found], None],
+        emit: Emit,
+    ) -> None:
+        host, port = parse_address(listen)
+        self._loop = asyncio.get_running_loop()
+        self._learn = learn
+        self.context = Context(
+            device_key=device_key,
+            host=host,
+            port=port,
+            folders=folders,
+            on_found=self._found,
+        )
+        self.config = config
+        self.emit = emit
+        self.running: dict[str, Finder] = {}
+        self.dht: DhtFinder | None = None
+
+    async def start(self) -> None:
+        for method in self.config.discovery:
+            finder = self._make(method)
+            try:
+                await finder.start()
+            except DiscoveryError as exc:
+                self.emit(
+                    ErrorOccurred(
+                        folder="",
+                        message=f"{method} discovery is off: {exc}; other methods and static "
+                        "peers still work",
+                    )
+                )
+                continue
+            self.running[method] = finder
+            if isinstance(finder, DhtFinder):
+                self.dht = finder
+
+    async def stop(self) -> None:
+        for finder in self.running.values():
+            with contextlib.suppress(DiscoveryError, OSError):
+                await finder.stop()
+        self.running.clear()
+
+    def hint(self, address: str) -> None:
+        """An address met any way: maybe a DHT node too."""
+        if self.dht is not None:
+            self.dht.hint(address)
+
+    def _make(self, method: str) -> Finder:
+        if method == "mdns":
+            return MdnsFinder(self.context)
+        if method == "beacon":
+            return BeaconFinder(self.context)
+        return DhtFinder(self.context, bootstrap=list(self.config.dht_bootstrap))
+
+    def _found(self, found: Found) -> None:
+        # Finders may call back from a library's thread: hand it to the loop.
+        self._loop.call_soon_threadsafe(self._deliver, found)
+
+    def _deliver(self, found: Found) -> None:
+        self._learn(found)
+        if found.via != "dht":
+            for address in found.addresses:
+                self.hint(address)

@@ -1,0 +1,95 @@
+"""Real `backer` processes for tests: run one (anywhere: inside a namespace too), follow its
+`--events json` stream, and wait for the events that matter."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PYTHON = [sys.executable, "-m", "backer"]
+
+
+def backer(home: Path, *args: str, prefix: Sequence[str] = ()) -> str:
+    done = subprocess.run(
+        [*prefix, *PYTHON, "--home", str(home), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.stdout
+
+
+class Running:
+    """A `backer run --events json` process whose events are collected as they come."""
+
+    def __init__(self, home: Path, args: Sequence[str], *, prefix: Sequence[str] = ()) -> None:
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [*prefix, *PYTHON, "--home", str(home), "run", "--events", "json", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.events: list[dict[str, Any]] = []
+        self._new: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            event["seen"] = time.monotonic()
+            self._new.put(event)
+
+    def wait_for(
+        self,
+        kind: str,
+        matches: Callable[[dict[str, Any]], bool] = lambda _: True,
+        *,
+        deadline: float = 30.0,
+    ) -> dict[str, Any]:
+        """The first event of type `kind` that `matches` (already seen, or arriving in time)."""
+        for event in self.events:
+            if event["type"] == kind and matches(event):
+                return event
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                event = self._new.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no {kind} event within {deadline:g} s; stderr: {self.stderr_so_far()}"
+                ) from None
+            self.events.append(event)
+            if event["type"] == kind and matches(event):
+                return event
+
+    def stderr_so_far(self) -> str:
+        if self.process.poll() is None:
+            return "(still running)"
+        assert self.process.stderr is not None
+        return self.process.stderr.read()[-2000:]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return self.process.returncode
