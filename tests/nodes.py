@@ -20,7 +20,12 @@ FAST = FolderOptions(backoff_first=0.05, backoff_max=1.0, hedge_after=1.0)
 
 
 def make_member(
-    base: Path, name: str, key: FolderKey, peers: Sequence[str] = (), listen: str = "127.0.0.1:0"
+    base: Path,
+    name: str,
+    key: FolderKey,
+    peers: Sequence[str] = (),
+    listen: str = "127.0.0.1:0",
+    max_peers: int = 16,
 ) -> tuple[Home, NodeConfig, Path]:
     home = Home(base / name / "home")
     folder = base / name / "folder"
@@ -31,6 +36,7 @@ def make_member(
         listen=listen,
         peers=tuple(peers),
         discovery=(),  # in-process tests use static peers only
+        max_peers=max_peers,
     )
     return home, config, folder
 
@@ -53,6 +59,7 @@ async def cluster(
     key: FolderKey | None = None,
     peers_of: Callable[[int, list[str]], Sequence[str]] = lambda i, up: up[-1:],
     options: FolderOptions = FAST,
+    max_peers: int = 16,
 ) -> AsyncIterator[list[Member]]:
     """`count` nodes started in order; node i statically knows `peers_of(i, addresses of the
     nodes before it)` (default: the previous one, a line)."""
@@ -61,7 +68,9 @@ async def cluster(
     async with contextlib.AsyncExitStack() as stack:
         addresses: list[str] = []
         for i in range(count):
-            home, config, folder = make_member(base, f"n{i}", key, peers_of(i, addresses))
+            home, config, folder = make_member(
+                base, f"n{i}", key, peers_of(i, addresses), max_peers=max_peers
+            )
             node = Node(home, config, options=NodeOptions(folder=options))
             await stack.enter_async_context(node)
             addresses.append(node.listen_address)

@@ -115,3 +115,19 @@ async def test_a_folder_whose_disk_is_gone_pauses_and_the_others_run(tmp_path: P
         paused = [e for _, e in node.bus.recent if isinstance(e, FolderPaused)]
         assert [p.folder for p in paused] == [str(missing)]
         assert node.status()["folders"][1]["state"].startswith("unavailable")
+
+
+async def test_nodes_whose_dialled_sessions_are_full_still_let_newcomers_in(
+    tmp_path: Path,
+) -> None:
+    # Each node may dial only 2 peers; the late ones must still join the one mesh, not form an
+    # island of their own (the benchmark found 20 nodes with a shared limit of 16 split in two).
+    everyone = lambda i, up: up  # noqa: E731
+    async with cluster(tmp_path, 6, peers_of=everyone, max_peers=2) as members:
+        for member in members:
+            assert sum(c.outgoing for c in _mesh(member).connections.values()) <= 2
+        (members[0].folder / "first.txt").write_bytes(b"from the first node")
+        for member in members[1:]:
+            await eventually(file_is(member.folder / "first.txt", b"from the first node"))
+        (members[5].folder / "last.txt").write_bytes(b"from the last node")
+        await eventually(file_is(members[0].folder / "last.txt", b"from the last node"))

@@ -44,7 +44,7 @@ class FolderOptions:
     max_delay: float = 1.0  # ...but no later than this after the first change
     rescan_every: float = 3600.0  # full rescans with a complete watcher
     rescan_unwatched: float = 60.0  # full rescans without one (or with a partial one)
-    max_peers: int = 16
+    max_peers: int = 16  # sessions this node dials (the node sets it from the config)
     share_addresses: bool = True
     gossip_every: float | None = 30.0
     backoff_first: float = 0.5
