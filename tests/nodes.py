@@ -24,6 +24,7 @@ def make_member(
     name: str,
     key: FolderKey,
     peers: Sequence[str] = (),
+    *,
     listen: str = "127.0.0.1:0",
     max_peers: int = 16,
 ) -> tuple[Home, NodeConfig, Path]:
