@@ -93,6 +93,7 @@ class NodeConfig:
     # only (all interfaces for 0.0.0.0), so a node listening on 127.0.0.1 stays on this host.
     discovery: tuple[str, ...] = DISCOVERY_METHODS
     dht_bootstrap: tuple[str, ...] = ()  # DHT nodes to join through (`backer dht` runs one)
+    lan_interfaces: tuple[str, ...] = ()  # IPs mDNS announces on; () = the listen address's
 
     def __post_init__(self) -> None:
         if not isinstance(self.folders, tuple) or not all(
@@ -115,6 +116,10 @@ class NodeConfig:
                 f"discovery must list some of {', '.join(DISCOVERY_METHODS)}, "
                 f"got {self.discovery!r}"
             )
+        if not isinstance(self.lan_interfaces, tuple) or not all(
+            isinstance(ip, str) and ip for ip in self.lan_interfaces
+        ):
+            raise ConfigError("lan_interfaces must be a list of IP addresses")
         if not isinstance(self.dht_bootstrap, tuple):
             raise ConfigError("dht_bootstrap must be a list of addresses")
         for i, node in enumerate(self.dht_bootstrap):
@@ -158,13 +163,22 @@ class NodeConfig:
             "max_peers": self.max_peers,
             "discovery": list(self.discovery),
             "dht_bootstrap": list(self.dht_bootstrap),
+            "lan_interfaces": list(self.lan_interfaces),
             "folders": [{"path": f.path, "key": f.key} for f in self.folders],
         }
         return tomli_w.dumps(document)
 
     @classmethod
     def _from_document(cls, document: Mapping[str, Any], source: str) -> NodeConfig:
-        known = ("folders", "listen", "peers", "max_peers", "discovery", "dht_bootstrap")
+        known = (
+            "folders",
+            "listen",
+            "peers",
+            "max_peers",
+            "discovery",
+            "dht_bootstrap",
+            "lan_interfaces",
+        )
         _refuse_unknown(document, known, source, "")
         folders: list[FolderConfig] = []
         raw_folders = document.get("folders", [])
@@ -202,7 +216,7 @@ class NodeConfig:
                 f"{source}: 'max_peers' must be an integer, got {_type_name(max_peers)}"
             )
         lists = {}
-        for name in ("discovery", "dht_bootstrap"):
+        for name in ("discovery", "dht_bootstrap", "lan_interfaces"):
             value = document.get(name, list(getattr(defaults, name)))
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{source}: '{name}' must be a list of strings")
@@ -215,6 +229,7 @@ class NodeConfig:
                 max_peers=max_peers,
                 discovery=lists["discovery"],
                 dht_bootstrap=lists["dht_bootstrap"],
+                lan_interfaces=lists["lan_interfaces"],
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc

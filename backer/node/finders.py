@@ -85,7 +85,7 @@ class Finders:
 
     def _make(self, method: str) -> Finder:
         if method == "mdns":
-            return MdnsFinder(self.context)
+            return MdnsFinder(self.context, interfaces=list(self.config.lan_interfaces) or None)
         if method == "beacon":
             return BeaconFinder(self.context)
         return DhtFinder(self.context, bootstrap=list(self.config.dht_bootstrap))
