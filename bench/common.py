@@ -17,6 +17,7 @@ import random
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ __all__ = [
     "Row",
     "backer_command",
     "ensure_dataset",
+    "free_port",
     "fresh_home",
     "machine",
     "markdown_table",
@@ -322,6 +324,14 @@ def run_measured(
 def backer_command(home: Path, *args: str) -> list[str]:
     """`backer --home HOME ARGS` with the interpreter running this benchmark."""
     return [sys.executable, "-m", "backer", "--home", str(home), *args]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (it may be taken again before it is used)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @contextmanager

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from common import (
     Row,
     backer_command,
     ensure_dataset,
+    free_port,
     machine,
     markdown_table,
     median,
@@ -159,13 +159,6 @@ def pull_once(client: Path, address: str, key: str | None) -> float:
         raise RuntimeError(f"sync did not end in sync: {measured.stdout!r} {measured.stderr!r}")
     shutil.rmtree(client, ignore_errors=True)
     return min(wall, measured.wall) if measured.wall > 0 else wall
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def report(rows: list[Row], times: dict[str, list[float]], volume: int) -> str:

@@ -80,6 +80,7 @@ from common import (
     backer_command,
     describe,
     ensure_dataset,
+    free_port,
     fresh_home,
     machine,
     median,
@@ -1144,7 +1145,7 @@ class RsyncDaemon:
             lines += [f"[{name}]", f"    path = {path}", ""]
         config.write_text("\n".join(lines))
         for _ in range(5):  # a free port found now may be taken before the daemon binds it
-            self.port = _free_port()
+            self.port = free_port()
             self.process = subprocess.Popen(
                 [
                     "rsync",
@@ -1220,13 +1221,6 @@ def _children_cpu() -> Cpu:
     child's CPU time is the difference across its run."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return Cpu(usage.ru_utime, usage.ru_stime)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes], *, limit: float) -> bool:

@@ -38,7 +38,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from common import BenchError, median, tool_version
+from common import BenchError, free_port, median, tool_version
 
 __all__ = [
     "SyncthingCluster",
@@ -98,14 +97,6 @@ def ensure_syncthing(binary: str = "syncthing") -> str:
     if not found:
         raise BenchError("apt-get installed syncthing, but there is no `syncthing` on PATH")
     return found
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (it may be taken again before it is used)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass(slots=True)
