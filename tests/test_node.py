@@ -11,7 +11,7 @@ from pathlib import Path
 from nodes import FAST, Member, cluster, converged, eventually, file_is, make_member
 
 from backer.config import FolderConfig
-from backer.events import FileUpdated, FolderPaused, PullFinished, to_json
+from backer.events import FileUpdated, FolderPaused, PeerDisconnected, PullFinished, to_json
 from backer.keys import FolderKey
 from backer.mesh.peers import FolderMesh
 from backer.node.node import Node, NodeOptions
@@ -131,3 +131,19 @@ async def test_nodes_whose_dialled_sessions_are_full_still_let_newcomers_in(
             await eventually(file_is(member.folder / "first.txt", b"from the first node"))
         (members[5].folder / "last.txt").write_bytes(b"from the last node")
         await eventually(file_is(members[0].folder / "last.txt", b"from the last node"))
+
+
+async def test_a_full_node_says_so_when_it_refuses(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2, max_peers=1) as (a, b):
+        await eventually(lambda: bool(_mesh(b).connections))
+        _mesh(a).max_peers = 0  # full: no more sessions, in or out
+        events = a.node.bus.subscribe()
+        c_home, c_config, _ = make_member(tmp_path, "c", _mesh(a).key, [a.node.listen_address])
+        async with Node(c_home, c_config, options=NodeOptions(folder=FAST)) as c:
+            told = c.bus.subscribe()
+            refused = await asyncio.wait_for(
+                told.next_of(PeerDisconnected, lambda e: "too many peers" in e.reason), 20
+            )
+            assert refused.clean
+            mine = await asyncio.wait_for(events.next_of(PeerDisconnected), 20)
+            assert mine.reason == "refused: too many peers"

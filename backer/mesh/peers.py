@@ -34,6 +34,7 @@ from backer.mesh.channel import ChannelError
 from backer.mesh.secure import SecureLink, secure
 from backer.mesh.transport import dial
 from backer.protocol.messages import MAX_ADDRESSES_PER_PEER, MAX_PEERS_LISTED
+from backer.protocol.session import Session
 from backer.sync.link import Link
 from backer.sync.peer import GOSSIP_EVERY, PeerSession
 from backer.sync.replica import Replica
@@ -48,6 +49,7 @@ KEEPALIVE = 45.0  # the channel's own keepalive: rarely needed, the root gossip 
 IDLE_TIMEOUT = 100.0  # a peer silent this long (three gossip rounds) is gone
 MAX_KNOWN = 512  # addresses remembered per folder
 INBOUND_FACTOR = 4  # sessions others dial, as a multiple of the sessions we dial
+TOO_MANY = "too many peers"
 
 Dial = Callable[[str, bytes], Awaitable[Link]]
 
@@ -245,7 +247,17 @@ class FolderMesh:
         if refusal:
             if known is not None and device == self.own:
                 known.ourselves = True
-            await secured.close()
+            await self._refuse(secured, refusal)
+            if refusal == TOO_MANY:
+                self.emit(
+                    PeerDisconnected(
+                        folder=self.label,
+                        device=str(DeviceId(device)),
+                        address=address,
+                        reason=f"refused: {refusal}",
+                        clean=True,
+                    )
+                )
             return
         await self._run_session(secured, device, outgoing=outgoing, address=address, known=known)
 
@@ -257,13 +269,21 @@ class FolderMesh:
             return "shutting down"
         existing = self.connections.get(device)
         if existing is None:
-            return "too many peers" if self._full(outgoing) else ""
+            return TOO_MANY if self._full(outgoing) else ""
         # Both ends see both connections and must keep the same one.
         old = self.own if existing.outgoing else device
         new = self.own if outgoing else device
         if old != new and old < new:
             return "a connection to that device exists"
         return ""
+
+    async def _refuse(self, secured: SecureLink, reason: str) -> None:
+        """Close a connection we will not keep with a Close that says why, so the peer's
+        event says so too (not just "the connection ended")."""
+        farewell = Session(self.own, self.key.discovery_id, self.replica.root).close(reason)
+        with contextlib.suppress(ConnectionError, OSError, ChannelError):
+            await secured.write(farewell)
+        await secured.close()
 
     def _full(self, outgoing: bool) -> bool:
         if outgoing:
