@@ -26,6 +26,7 @@ from backer.cli.common import (
     human,
     inside_folder,
 )
+from backer.cli.demo import add_demo_command
 from backer.cli.dht import add_dht_command
 from backer.cli.live import add_peers_command, live_status, print_live_folder
 from backer.cli.oneshot import cmd_serve, cmd_sync
@@ -147,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     add_run_command(commands)
     add_peers_command(commands)
     add_dht_command(commands)
+    add_demo_command(commands)
     return parser
 
 
