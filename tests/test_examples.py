@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from backer.cli.commands import _parser
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -53,3 +58,29 @@ def test_tcp_server_and_client(tmp_path: Path) -> None:
         server.wait(timeout=30)
     out = run(str(EXAMPLES / "tcp_client.py"), str(client), address, "--once")
     assert "retrying" in out
+
+
+def test_readonly_server_script(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        ["bash", str(EXAMPLES / "readonly_server.sh"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHON": sys.executable, "SERVER_PORT": str(port)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the server received report.txt" in done.stdout
+    assert "the laptop refused the server's edit" in done.stdout
+
+
+def test_systemd_unit_runs_a_valid_command() -> None:
+    unit = (EXAMPLES / "backer.service").read_text()
+    start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(start.removeprefix("ExecStart="))
+    assert argv[0].endswith("/backer") and argv[1] == "run"
+    args = _parser().parse_args(argv[1:])
+    assert args.listen == "0.0.0.0:22100"
