@@ -65,6 +65,8 @@ async def test_a_restarted_node_resumes_its_transfer_and_converges(tmp_path: Pat
         async with b:
             # Stop b once part of the file is in; the rest comes after the restart.
             await asyncio.wait_for(events.next_of(FileProgress, lambda e: e.done >= 8 * MIB), 30)
+            left = b.status()["folders"][0]["left"]  # what `backer status` shows meanwhile
+            assert left["files"] == 1 and 0 < left["bytes"] <= 40 * MIB, left
         assert not (b_folder / "big.bin").exists()  # never a partial file at its real path
         (a_folder / "later.txt").write_bytes(b"written while b was down")
         b, _ = start(tmp_path, "b", key, [a.listen_address])

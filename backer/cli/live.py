@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Any
 
-from backer.cli.common import EXIT_ERROR, EXIT_OK
+from backer.cli.common import EXIT_ERROR, EXIT_OK, human
 from backer.config import Home
 from backer.node.statusfile import STATUS_FILE, read_status
 
@@ -72,6 +72,9 @@ def print_live_folder(status: dict[str, Any], path: str) -> None:
             peers = folder["peers"]
             in_sync = sum(1 for p in peers if p["in_sync"])
             print(f"running  yes ({folder['state']}); {in_sync} of {len(peers)} peers in sync")
+            left = folder.get("left")
+            if left:
+                print(f"syncing  {left['files']} files, {human(left['bytes'])} left to receive")
             for peer in peers:
                 print_peer(peer)
             return

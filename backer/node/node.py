@@ -255,9 +255,19 @@ class Node:
                 }
                 for k in mesh.known.values()
             ]
+            pulling = runner.puller.current
             folders.append(
                 {
                     "path": runner.label,
+                    "left": None
+                    if pulling is None
+                    else {
+                        "files": max(0, pulling.planned_files - pulling.files),
+                        "bytes": max(
+                            0,
+                            pulling.planned_bytes - pulling.bytes_fetched - pulling.bytes_local,
+                        ),
+                    },
                     "folder_id": runner.key.folder_id,
                     "root": root.hex(),
                     "state": "paused: " + runner.puller.paused if runner.puller.paused else "ok",

@@ -46,3 +46,5 @@ class PullReport:
     skipped: int = 0  # paths left for a later pull (content no longer on the peer)
     refused: int = 0  # versions without a valid signature (made by a read-only device?)
     errors: list[str] = field(default_factory=list)  # paths refused or failed, with the reason
+    planned_files: int = 0  # files this pull set out to write...
+    planned_bytes: int = 0  # ...and their bytes (what is left = planned - fetched - local)

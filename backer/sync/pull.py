@@ -57,14 +57,19 @@ class _UntrustedVersion(BackerError):
 
 
 async def pull(
-    replica: Replica, fetcher: Fetcher, remote_root: Hash, *, emit: Emit = ignore
+    replica: Replica,
+    fetcher: Fetcher,
+    remote_root: Hash,
+    *,
+    emit: Emit = ignore,
+    report: PullReport | None = None,
 ) -> PullReport:
     """Pull everything `remote_root` has that this replica lacks or has older, telling `emit`
     about each path written, each conflict and the progress of large files. Raises the first
     failure plainly (RemoteProtocolError, PeerMovedOn...), never an exception group."""
     async with replica.lock:
         try:
-            return await _Pull(replica, fetcher, emit).run(remote_root)
+            return await _Pull(replica, fetcher, emit, report or PullReport()).run(remote_root)
         except BaseExceptionGroup as group:
             raise _first(group) from None
 
@@ -77,14 +82,14 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class _Pull:
-    def __init__(self, replica: Replica, fetcher: Fetcher, emit: Emit) -> None:
+    def __init__(self, replica: Replica, fetcher: Fetcher, emit: Emit, report: PullReport) -> None:
         self.replica = replica
         self.emit = emit
         self.label = str(replica.folder)
         self.store = replica.store
         self.disk = replica.disk
         self.fetcher = fetcher
-        self.report = PullReport()
+        self.report = report  # live: the node's status reads it while the pull runs
         self.pending: list[Record] = []
         self.rescan: list[str] = []
         self.current: dict[str, Record] = {}  # local records of the pulled paths, read first
@@ -227,6 +232,8 @@ class _Pull:
         elif result.kind is Kind.SYMLINK:
             await self._symlink(result)
         else:
+            self.report.planned_files += 1
+            self.report.planned_bytes += result.size
             await self.files.acquire()
             files.create_task(self._file(result, result.path, remote, _expected(record)))
 

@@ -224,6 +224,7 @@ class FolderPuller:
         self.paused = ""  # why the folder is paused ("" while it is not)
         self.pulls = 0
         self.last_report: PullReport | None = None
+        self.current: PullReport | None = None  # the pull under way, live
         self.last_swarm: Swarm | None = None
         self._retry: dict[tuple[Hash, Hash], tuple[float, float]] = {}  # -> (when, backoff)
         self._label = str(replica.folder)
@@ -290,9 +291,9 @@ class FolderPuller:
         )
         self.emit(PullStarted(folder=self._label, peers=peers, root=target.hex()))
         reason = ""
-        report = PullReport()
+        report = self.current = PullReport()
         try:
-            report = await pull(self.replica, swarm, target, emit=self.emit)
+            await pull(self.replica, swarm, target, emit=self.emit, report=report)
         except PeerMovedOn as exc:
             reason = str(exc)
         except RemoteProtocolError as exc:
@@ -303,6 +304,7 @@ class FolderPuller:
         except BackerError as exc:  # our own bug: report it, back off, keep the node up
             reason = f"the pull failed: {type(exc).__name__}: {exc}"
         self.pulls += 1
+        self.current = None
         self.last_report, self.last_swarm = report, swarm
         moved = self.replica.root != local
         if moved and not reason:
