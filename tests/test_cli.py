@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from backer.cli import main
+from backer.cli.run import TerminalView
 from backer.config import FolderConfig, Home
+from backer.events import FileProgress, PeerConnected
 from backer.keys import FolderKey
 
 
@@ -240,3 +244,18 @@ def test_run_without_folders_says_how_to_get_one(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "backer init DIR" in done.stderr and "backer join KEY DIR" in done.stderr
+
+
+def test_backer_run_on_a_terminal_shows_a_progress_bar_per_large_file() -> None:
+    screen = io.StringIO()
+    view = TerminalView(Console(file=screen, force_terminal=True, width=100))
+    mib = 1024 * 1024
+    view.show((0.0, PeerConnected(folder="/f", device="ABCDEFG-X", address="h:1", outgoing=True)))
+    for done in (4 * mib, 8 * mib):
+        view.show((0.0, FileProgress(folder="/f", path="video.mkv", done=done, total=16 * mib)))
+    assert view.tasks  # a bar is up while the file is under way
+    view.show((0.0, FileProgress(folder="/f", path="video.mkv", done=16 * mib, total=16 * mib)))
+    assert not view.tasks  # and gone once it is complete
+    out = screen.getvalue()
+    assert "connected to ABCDEFG at h:1" in out
+    assert "video.mkv" in out and "MB" in out  # bytes; rate and time left beside them

@@ -12,7 +12,19 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from backer.cli.common import EXIT_OK, human
 from backer.config import Home
@@ -36,7 +48,7 @@ from backer.node.bus import stamped_json
 from backer.node.folder import FolderOptions
 from backer.node.node import Node, NodeOptions
 
-__all__ = ["add_run_command"]
+__all__ = ["TerminalView", "add_run_command", "describe"]
 
 
 def add_run_command(commands: Any) -> None:
@@ -127,17 +139,65 @@ async def _run(node: Node, *, as_json: bool) -> int:
 
 
 async def _print(events: Any, *, as_json: bool) -> None:
+    show = (
+        _show_json
+        if as_json
+        else (TerminalView(Console()).show if sys.stdout.isatty() else _show_text)
+    )
     try:
         while True:
-            stamped = await events.next_stamped()
-            if as_json:
-                line: str | None = json.dumps(stamped_json(stamped))
-            else:
-                line = describe(stamped[1])
-            if line:
-                print(line, flush=True)
+            show(await events.next_stamped())
     except StopAsyncIteration:
         return
+
+
+def _show_json(stamped: tuple[float, Event]) -> None:
+    print(json.dumps(stamped_json(stamped)), flush=True)
+
+
+def _show_text(stamped: tuple[float, Event]) -> None:
+    line = describe(stamped[1])
+    if line:
+        print(line, flush=True)
+
+
+class TerminalView:
+    """On a terminal: a progress bar (bytes, rate, time left) per large file being received,
+    the other events as lines above the bars."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+
+    def show(self, stamped: tuple[float, Event]) -> None:
+        event = stamped[1]
+        if isinstance(event, FileProgress):
+            self._progress(event)
+            return
+        line = describe(event)
+        if line:
+            self.progress.console.print(line, highlight=False, markup=False)
+
+    def _progress(self, event: FileProgress) -> None:
+        key = (event.folder, event.path)
+        task = self.tasks.get(key)
+        if task is None:
+            if not self.tasks:
+                self.progress.start()
+            task = self.tasks[key] = self.progress.add_task(event.path, total=event.total)
+        self.progress.update(task, completed=event.done)
+        if event.done >= event.total:
+            self.progress.remove_task(self.tasks.pop(key))
+            if not self.tasks:
+                self.progress.stop()
 
 
 def describe(event: Event) -> str | None:
@@ -165,7 +225,7 @@ def describe(event: Event) -> str | None:
             if event.reason:
                 text += f"; stopped early: {event.reason}"
             return "\n".join([text, *(f"{folder}: refused {error}" for error in errors)])
-        case FileProgress(folder=folder, path=path, done=done, total=total):
+        case FileProgress(folder=folder, path=path, done=done, total=total):  # not a terminal
             return f"{folder}: {path} {done * 100 // max(total, 1)}% of {human(total)}"
         case FileUpdated():
             return None
