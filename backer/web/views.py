@@ -35,9 +35,7 @@ def peers_view(status: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def recent_changes(
-    recent: Iterable[tuple[float, Event]], limit: int = 200
-) -> list[dict[str, Any]]:
+def recent_changes(recent: Iterable[tuple[float, Event]], limit: int = 200) -> list[dict[str, Any]]:
     """The files written, deleted or kept as conflict copies lately, newest first."""
     changes = [s for s in recent if isinstance(s[1], FileUpdated | ConflictFound)]
     return [stamped_json(stamped) for stamped in reversed(changes[-limit:])]
@@ -60,7 +58,9 @@ class ConflictLister:
                 try:
                     paths = await asyncio.to_thread(_conflict_copies, runner.replica.store)
                 except (sqlite3.Error, BackerError, OSError) as exc:
-                    folders.append({"folder": runner.label, "error": str(exc), "paths": []})
+                    folders.append(
+                        {"folder": runner.label, "error": str(exc), "count": 0, "paths": []}
+                    )
                     continue
                 self._cache[runner.label] = (root, paths)
             folders.append(
