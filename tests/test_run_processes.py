@@ -13,8 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEADLINE = 60.0
 
@@ -28,6 +30,17 @@ def backer(home: Path, *args: str) -> str:
         timeout=60,
     )
     return done.stdout
+
+
+def dashboard_status(url: str) -> dict[str, Any]:
+    """GET /api/status of the dashboard whose printed URL (with its token) is `url`."""
+    base, token = url.split("/#token=")
+    request = urllib.request.Request(
+        f"{base}/api/status", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        status: dict[str, Any] = json.loads(answer.read())
+    return status
 
 
 def connected(home: Path) -> int:
@@ -85,6 +98,7 @@ def test_three_backer_run_processes_sync_a_tree_and_a_later_edit(tmp_path: Path)
         for i, home in enumerate(homes):
             peers = [arg for j in range(i) for arg in ("--peer", f"127.0.0.1:{ports[j]}")]
             command = [sys.executable, "-m", "backer", "--home", str(home), "run"]
+            command += ["--web"] if i == 0 else []
             processes.append(
                 subprocess.Popen(
                     [*command, "--listen", f"127.0.0.1:{ports[i]}", "--events", "json", *peers],
@@ -102,6 +116,10 @@ def test_three_backer_run_processes_sync_a_tree_and_a_later_edit(tmp_path: Path)
         for folder in folders[:2]:
             wait_until(functools.partial(holds, folder, edit), f"the edit in {folder}")
         wait_until(lambda: connected(homes[0]) == 2, "backer peers shows both peers")
+        assert processes[0].stderr is not None
+        url = processes[0].stderr.readline().split("dashboard: ", 1)[1].strip()
+        status = dashboard_status(url)
+        assert [len(f["peers"]) for f in status["folders"]] == [2]
         assert "2 of 2 peers in sync" in backer(homes[0], "status", str(folders[0]))
     finally:
         outputs = []

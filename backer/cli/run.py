@@ -47,6 +47,7 @@ from backer.events import (
 from backer.node.bus import stamped_json
 from backer.node.folder import FolderOptions
 from backer.node.node import Node, NodeOptions
+from backer.web import start_web
 
 __all__ = ["TerminalView", "add_run_command", "describe"]
 
@@ -80,6 +81,11 @@ def add_run_command(commands: Any) -> None:
         default=[],
         metavar="HOST:PORT",
         help="a DHT node to join through (repeatable; adds to the config's dht_bootstrap)",
+    )
+    run.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the dashboard on 127.0.0.1 (a random port; the URL with its token is printed)",
     )
     run.add_argument(
         "--no-watch",
@@ -121,18 +127,24 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
     node = Node(home, config, options=NodeOptions(folder=folder))
     # kademlia logs a warning for every DHT contact that does not answer: routine, not news.
     logging.getLogger("kademlia").setLevel(logging.ERROR)
-    return asyncio.run(_run(node, as_json=args.events == "json"))
+    return asyncio.run(_run(node, as_json=args.events == "json", web=args.web))
 
 
-async def _run(node: Node, *, as_json: bool) -> int:
+async def _run(node: Node, *, as_json: bool, web: bool) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, node.stop, signal.Signals(signum).name)
     events = node.bus.subscribe()
     printer = asyncio.create_task(_print(events, as_json=as_json))
+    dashboard = await start_web(node, host="127.0.0.1", port=0) if web else None
+    if dashboard is not None:
+        # stderr: with --events json, stdout stays pure JSON lines.
+        print(f"dashboard: {dashboard.url}", file=sys.stderr, flush=True)
     try:
         await node.run()
     finally:
+        if dashboard is not None:
+            await dashboard.close()
         events.close()
         await printer
     return EXIT_OK
