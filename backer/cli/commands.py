@@ -215,6 +215,11 @@ def _cmd_keys(home: Home, args: argparse.Namespace) -> int:
 
 def _cmd_scan(home: Home, args: argparse.Namespace) -> int:
     folder = folder_path(home, args.dir, create=True)
+    if _served_by_running_node(home, folder):
+        raise BackerError(
+            f"`backer run` is running for {folder} and keeps its index itself; stop it first "
+            "to scan by hand (for instance with --allow-deletions)"
+        )
     device = home.device_id()
     with IndexStore.open(folder, create=False) as store:
         store.signer = signer_for(folder_key(home, folder))
@@ -325,7 +330,8 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
         finally:
             await replica.close()
 
-    asyncio.run(record())
+    if not _served_by_running_node(home, folder):  # else its watcher records the restore
+        asyncio.run(record())
     print(f"restored {rel} from {version.time:%Y%m%d-%H%M%S}; the replaced file was kept")
     return EXIT_OK
 
@@ -373,6 +379,13 @@ def _cmd_conflicts(home: Home, args: argparse.Namespace) -> int:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _served_by_running_node(home: Home, folder: Path) -> bool:
+    """Whether a live `backer run` of this home hosts `folder`: then only it writes the index
+    (two processes updating one index would each miss the other's changes to the tree)."""
+    live = live_status(home)
+    return live is not None and any(f["path"] == str(folder) for f in live["folders"])
 
 
 def _index_bytes(folder: Path) -> int:
