@@ -9,7 +9,8 @@
 # and the laptop's `--peer SERVER:22100` (or mDNS on a LAN, or the DHT).
 set -euo pipefail
 work=${1:-$(mktemp -d)}
-backer() { "${PYTHON:-python3}" -m backer "$@"; }
+python=${PYTHON:-python3}
+backer() { "$python" -m backer "$@"; }
 wait_for() {  # wait_for SECONDS COMMAND...: poll until COMMAND succeeds
   local end=$((SECONDS + $1)); shift
   until "$@"; do
@@ -23,10 +24,12 @@ read_only=$(backer --home "$work/laptop" keys "$work/laptop-docs" | grep -o 'bkr
 backer --home "$work/server" join "$read_only" "$work/server-copy"
 
 server_port=${SERVER_PORT:-22170}
-backer --home "$work/server" run --listen "127.0.0.1:$server_port" --discovery none \
-  >"$work/server.log" 2>&1 &
+# Started directly (not through the function), so that $! is the node itself and the trap
+# below stops it; a function in the background is a subshell whose death leaves it running.
+"$python" -m backer --home "$work/server" run --listen "127.0.0.1:$server_port" \
+  --discovery none >"$work/server.log" 2>&1 &
 server=$!
-backer --home "$work/laptop" run --listen "127.0.0.1:$((server_port + 1))" \
+"$python" -m backer --home "$work/laptop" run --listen "127.0.0.1:$((server_port + 1))" \
   --peer "127.0.0.1:$server_port" --discovery none >"$work/laptop.log" 2>&1 &
 laptop=$!
 trap 'kill $server $laptop 2>/dev/null; wait 2>/dev/null' EXIT

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from backer.ids import Hash
 from backer.protocol.messages import RemoteEntry
 from backer.sync.peer import PeerGone
-from backer.sync.swarm import Swarm
+from backer.sync.replica import Replica
+from backer.sync.swarm import FolderPuller, Swarm
 
 ROOT = Hash(b"r" * 32)
 OTHER_ROOT = Hash(b"o" * 32)
@@ -125,3 +127,21 @@ async def test_no_open_peer_means_nothing_found(gone: bool) -> None:
     peer.open = not gone
     swarm = Swarm(lambda: [peer], ROOT)
     assert await swarm.nodes([digest(1)]) == ({} if gone else {digest(1): b"one"})
+
+
+async def test_a_retry_for_a_root_nobody_announces_does_not_spin(tmp_path: Path) -> None:
+    # Found by a benchmark: a read-write node whose read-only peer had moved on kept a
+    # past-due retry for the old root, so the puller's wait was 0 s for ever (one core at 60 %).
+    replica = await Replica.open(tmp_path, device=1, create=True)
+    try:
+        clock = [100.0]
+        puller = FolderPuller(replica, clock=lambda: clock[0])
+        peer = FakePeer(b"a", root=OTHER_ROOT)
+        puller.add(peer)
+        puller._retry[(ROOT, replica.root)] = (50.0, 2.0)  # past due, nobody announces ROOT
+        puller._retry[(OTHER_ROOT, replica.root)] = (130.0, 4.0)  # announced, due in 30 s
+        assert puller._next_retry() == 30.0
+        peer.peer_root = None
+        assert puller._next_retry() is None  # nothing announced is waiting: wait for news
+    finally:
+        await replica.close()

@@ -279,9 +279,17 @@ class FolderPuller:
             self.replica.unwatch_root(changed)
 
     def _next_retry(self) -> float | None:
-        local = self.replica.root
-        pending = [when for (_, at), (when, _) in self._retry.items() if at == local]
-        return max(0.0, min(pending) - self.clock()) if pending else None
+        """Seconds until a failed pull is due again: only one of a root some open session
+        still announces and whose wait has not passed (an expired wait for a root nobody
+        announces any more would make this 0 for ever: a busy loop)."""
+        local, now = self.replica.root, self.clock()
+        announced = {s.peer_root for s in self.sources if s.open}
+        pending = [
+            when
+            for (target, at), (when, _) in self._retry.items()
+            if at == local and target in announced and when > now
+        ]
+        return min(pending) - now if pending else None
 
     async def _pull(self, target: Hash) -> None:
         local = self.replica.root
