@@ -354,18 +354,23 @@ class SyncthingCluster:
         (instance.folder / ".stfolder").mkdir(parents=True)
         tree.write(path, encoding="unicode")
 
+    def _command(self, instance: SyncthingInstance) -> list[str]:
+        """The command line that runs `instance` (a subclass may wrap it: in a network
+        namespace, say)."""
+        return [
+            self.binary,
+            "serve",
+            "--no-browser",
+            "--no-restart",
+            "--no-upgrade",
+            f"--home={instance.home}",
+            "--logflags=3",
+        ]
+
     def _spawn(self, instance: SyncthingInstance) -> None:
         with instance.log.open("wb") as log:
             instance.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "serve",
-                    "--no-browser",
-                    "--no-restart",
-                    "--no-upgrade",
-                    f"--home={instance.home}",
-                    "--logflags=3",
-                ],
+                self._command(instance),
                 env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
