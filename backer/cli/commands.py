@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backer",
         description="Mirror folders between your machines, peer to peer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""getting started:
+  backer demo                       see three local nodes sync (a few seconds, cleans up)
+  backer init ~/Documents           share a folder: prints its keys
+  backer join KEY ~/Documents       on another machine, with the key printed by init
+  backer run --listen 0.0.0.0:22100 on each machine: keeps the folders in sync, live
+  backer status ~/Documents         how it is going (peers in sync, what is left)
+
+exit codes: 0 done, 1 failed (the message says why and what to do), 2 bad usage""",
     )
     parser.add_argument("--version", action="version", version=f"backer {__version__}")
     parser.add_argument(
@@ -99,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     scan_cmd.set_defaults(run=_cmd_scan)
 
-    status = commands.add_parser("status", help="show what the index of a folder holds")
+    status = commands.add_parser(
+        "status", help="show a folder's index and, while `run` runs, its peers and what is left"
+    )
     status.add_argument("dir", nargs="?", default=".", help="the folder (default: current)")
     status.add_argument("--json", action="store_true", help="print as JSON")
     status.set_defaults(run=_cmd_status)

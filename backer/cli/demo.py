@@ -34,7 +34,7 @@ STEP_DEADLINE = 20.0
 
 def add_demo_command(commands: Any) -> None:
     demo = commands.add_parser(
-        "demo", help="watch three local nodes find each other and sync (about 10 s, cleans up)"
+        "demo", help="watch three local nodes find each other and sync (a few seconds, cleans up)"
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo folders afterwards")
     demo.set_defaults(run=cmd_demo)
