@@ -75,8 +75,10 @@ class Assembler:
                     for offset, digest, size in missing:
                         await self.window.acquire()
                         fetches.create_task(self._fetch_into(fd, offset, digest, size, progress))
-            except* ChunkGone as gone:
-                raise gone.exceptions[0] from None
+            except BaseExceptionGroup as group:
+                # One plain exception for the caller, who decides per kind (a chunk gone, a
+                # full disk...): a group would slip past its handlers and end the whole pull.
+                raise _first_leaf(group) from None
         except BaseException as exc:
             if _worth_keeping(exc):
                 with contextlib.suppress(OSError):
@@ -180,6 +182,13 @@ class _Progress:
                     folder=self.job.label, path=self.path, done=self.done, total=self.total
                 )
             )
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 def _worth_keeping(exc: BaseException) -> bool:

@@ -309,6 +309,8 @@ class FolderPuller:
         except (FolderMissingError, MassDeletionError) as exc:
             self.paused = reason = str(exc)
             self.emit(FolderPaused(folder=self._label, reason=reason))
+        except OSError as exc:  # the disk (full, gone read-only...): report, back off, retry
+            reason = f"the disk failed: {exc}"
         except BackerError as exc:  # our own bug: report it, back off, keep the node up
             reason = f"the pull failed: {type(exc).__name__}: {exc}"
         self.pulls += 1
