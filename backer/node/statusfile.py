@@ -2,8 +2,8 @@
 status` show live state without a control socket.
 
 Written atomically (temp file, rename) to `<home>/status.json` shortly after anything happens
-and every few seconds regardless, so a reader can tell a live node (fresh `written`) from a
-stopped or killed one. Imports node only.
+and every few seconds regardless, so a reader can tell a live node (fresh `written`, its pid
+alive) from a stopped or killed one. Imports node only.
 """
 
 from __future__ import annotations
@@ -52,8 +52,22 @@ def read_status(path: Path, *, now: float | None = None) -> dict[str, Any] | Non
         return None
     if (time.time() if now is None else now) - written > STALE_AFTER:
         return None
+    if not _alive(status.get("pid")):  # killed before it could remove the file
+        return None
     live: dict[str, Any] = status
     return live
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def _write(path: Path, status: dict[str, Any]) -> None:
