@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from backer.errors import BackerError
 from backer.events import Emit, FileProgress
@@ -34,6 +34,12 @@ PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
 UNCHECKED = object()  # "do not compare the stat of what is replaced" (a symlink)
 
 
+class Archive(Protocol):
+    """Keeps what is at a path in the versions area (the pull's `_archive`)."""
+
+    def __call__(self, path: str, *, keep_in_place: bool = False) -> None: ...
+
+
 class ChangedMeanwhile(BackerError):
     """The local file changed while its replacement was being assembled: keep the local one."""
 
@@ -49,7 +55,7 @@ class Assembler:
         fetcher: Fetcher,
         report: PullReport,
         emit: Emit,
-        archive: Callable[[str], None],
+        archive: Archive,
     ) -> None:
         self.replica = replica
         self.disk = replica.disk
@@ -152,7 +158,9 @@ class Assembler:
             if expected is not UNCHECKED and (sig_of(now) if now else None) != expected:
                 raise ChangedMeanwhile(dest)
             if now is not None:  # a new path has nothing to keep
-                self.archive(dest)
+                # Linked, not moved: the rename below replaces the file in one step, so a
+                # crash in between never leaves the path empty (a scan would read a deletion).
+                self.archive(dest, keep_in_place=True)
         except BaseException:
             _discard(fd, temp)
             raise

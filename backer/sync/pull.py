@@ -351,10 +351,11 @@ class _Pull:
             await self.files.acquire()
             await self._file(result, result.path, remote, None)
 
-    def _archive(self, path: str) -> None:
-        """Move what is at `path` (a file or symlink) into the versions area."""
+    def _archive(self, path: str, *, keep_in_place: bool = False) -> None:
+        """Move what is at `path` (a file or symlink) into the versions area (or link it
+        there, for a caller about to rename a replacement over it)."""
         with contextlib.suppress(IsADirectoryError):
-            self.replica.versions.archive(path, self.replica.clock())
+            self.replica.versions.archive(path, self.replica.clock(), keep_in_place=keep_in_place)
 
     def _record(self, entry: Entry, local: LocalState) -> None:
         self.pending.append(Record(entry, local))

@@ -107,10 +107,14 @@ class Versions:
         self.schedule = schedule
         self._lock = threading.RLock()
 
-    def archive(self, rel_path: str, now: float) -> Path | None:
+    def archive(self, rel_path: str, now: float, *, keep_in_place: bool = False) -> Path | None:
         """Move the file or symlink at `rel_path` into the versions area with one rename and
         return where it went; None if there is nothing there. Refuses directories
-        (IsADirectoryError) and parents that are symlinks or not directories (InvalidPathError)."""
+        (IsADirectoryError) and parents that are symlinks or not directories (InvalidPathError).
+
+        With `keep_in_place`, the version is a hard link and the file stays where it is, for a
+        caller about to rename a replacement over it: the path is then never empty, even for
+        an instant, so a crash in between cannot look like a deletion to the next scan."""
         check_path(rel_path)
         parts = rel_path.split("/")
         with self._lock, _plain_errors("archive", rel_path), self._roots() as (top, marker):
@@ -130,7 +134,8 @@ class Versions:
                 area = [VERSIONS_DIR, *parts[:-1]]
                 with _closing(_walk(marker, area, rel_path, mode=_AREA_MODE)) as dest:
                     name = _free_name(dest, parts[-1], now)
-                    os.rename(parts[-1], name, src_dir_fd=source, dst_dir_fd=dest)
+                    if not (keep_in_place and _linked(parts[-1], name, source, dest)):
+                        os.rename(parts[-1], name, src_dir_fd=source, dst_dir_fd=dest)
                     os.fsync(dest)
                     os.fsync(source)
         return self.root.joinpath(*parts[:-1], name)
@@ -173,9 +178,10 @@ class Versions:
             temp, placed = f"restore-{secrets.token_hex(8)}.tmp", False
             with _closing(_walk(marker, [TMP_DIR], rel_path, mode=_AREA_MODE)) as tmp:
                 try:
-                    # Copy before archiving, so the path is vacant only for an instant.
+                    # Copy, link the current file into the area, rename over it: the path is
+                    # never vacant.
                     _copy_into(version.stored, tmp, temp)
-                    self.archive(rel_path, now)
+                    self.archive(rel_path, now, keep_in_place=True)
                     with _closing(_walk(top, parts[:-1], rel_path, mode=0o777)) as parent:
                         os.rename(temp, parts[-1], src_dir_fd=tmp, dst_dir_fd=parent)
                         placed = True
@@ -412,3 +418,15 @@ def _doomed(ordered: Sequence[datetime], now: datetime, schedule: Schedule) -> l
         else:
             last_kept = when
     return doomed
+
+
+def _linked(name: str, version: str, source: int, dest: int) -> bool:
+    """Hard-link `name` in `source` as `version` in `dest`; False where links are not possible
+    (another filesystem mounted on the versions area, a filesystem without links)."""
+    try:
+        os.link(name, version, src_dir_fd=source, dst_dir_fd=dest, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False
+        raise
+    return True
