@@ -539,3 +539,17 @@ def test_a_long_violation_reason_is_cut_for_the_error_frame() -> None:
     events = deliver(frame(Entries(id=1, entries=(forged,))), session)
     assert len(events[-1].reason.encode()) > 1024  # type: ignore[union-attr]
     assert_violation(events, session)
+
+
+def test_a_hello_naming_another_device_than_the_proved_one_is_a_violation() -> None:
+    proved = Session(DEVICE_A, FOLDER, EMPTY_ROOT, peer_device=DEVICE_B)
+    proved.start()
+    liar = Session(b"q" * 32, FOLDER, EMPTY_ROOT)
+    events = deliver(liar.start(), proved)
+    assert len(events) == 1 and isinstance(events[0], ProtocolViolation)
+    assert "another device" in events[0].reason and proved.state is State.CLOSED
+    honest = Session(DEVICE_A, FOLDER, EMPTY_ROOT, peer_device=DEVICE_B)
+    honest.start()
+    assert deliver(Session(DEVICE_B, FOLDER, EMPTY_ROOT).start(), honest) == [
+        PeerHello(device=DEVICE_B, root=EMPTY_ROOT)
+    ]

@@ -132,8 +132,16 @@ class Session:
     `next_event` until it returns None, send what `data_to_send` returns after each receive."""
 
     def __init__(
-        self, device: bytes, folder: bytes, root: Hash, max_peer_requests: int = 512
+        self,
+        device: bytes,
+        folder: bytes,
+        root: Hash,
+        max_peer_requests: int = 512,
+        *,
+        peer_device: bytes | None = None,
     ) -> None:
+        """`peer_device`, when the transport proved who the peer is (the encrypted channel):
+        a Hello naming another device is a violation."""
         try:
             check_hash("device", device)
             check_hash("folder", folder)
@@ -155,6 +163,7 @@ class Session:
         self._ours: dict[int, _Request] = {}  # our open requests
         self._theirs: dict[int, _Request] = {}  # the peer's, until we answer
         self._last_peer_id = -1
+        self._proved_device = peer_device
         self.peer_device: bytes | None = None
         self.peer_root: Hash | None = None
 
@@ -334,6 +343,8 @@ class Session:
             )
         if hello.folder != self._folder:
             raise _Violation("Hello names another folder", ErrorCode.FOLDER)
+        if self._proved_device is not None and hello.device != self._proved_device:
+            raise _Violation("Hello names another device than the channel proved")
         self.peer_device, self.peer_root = hello.device, hello.root
         return PeerHello(device=hello.device, root=hello.root)
 

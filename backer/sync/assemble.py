@@ -26,7 +26,15 @@ from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PullReport
 from backer.sync.replica import Replica
 
-__all__ = ["CHUNK_WINDOW", "UNCHECKED", "Assembler", "ChangedMeanwhile", "ChunkGone"]
+__all__ = [
+    "CHUNK_WINDOW",
+    "UNCHECKED",
+    "Archive",
+    "Assembler",
+    "ChangedMeanwhile",
+    "ChunkGone",
+    "first_leaf",
+]
 
 CHUNK_WINDOW = 64  # chunks in flight (about 1.5 MiB at the 24 KiB mean chunk)
 PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
@@ -84,7 +92,7 @@ class Assembler:
             except BaseExceptionGroup as group:
                 # One plain exception for the caller, who decides per kind (a chunk gone, a
                 # full disk...): a group would slip past its handlers and end the whole pull.
-                raise _first_leaf(group) from None
+                raise first_leaf(group) from None
         except BaseException as exc:
             if _worth_keeping(exc):
                 with contextlib.suppress(OSError):
@@ -192,7 +200,8 @@ class _Progress:
             )
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first plain exception in a (nested) group: what a caller's handlers expect."""
     leaf: BaseException = group
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]

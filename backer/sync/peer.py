@@ -20,13 +20,20 @@ from typing import Any
 from backer.errors import BackerError, RemoteProtocolError
 from backer.ids import DeviceId, Hash
 from backer.protocol import session as proto
-from backer.protocol.messages import ErrorCode, RemoteEntry
+from backer.protocol.messages import RemoteEntry
 from backer.sync.fetcher import PeerMovedOn, PullReport
 from backer.sync.link import Link
 from backer.sync.pull import pull
 from backer.sync.replica import Replica
 
-__all__ = ["GOSSIP_EVERY", "PeerGone", "PeerSession", "SessionResult", "run_session"]
+__all__ = [
+    "GOSSIP_EVERY",
+    "PeerGone",
+    "PeerSession",
+    "SessionResult",
+    "run_session",
+    "wait_either",
+]
 
 ANSWERS_IN_FLIGHT = 64  # answers being read from disk at once
 BATCHES_IN_FLIGHT = 16  # our batch requests open at once (+ the pull's chunk window of 64)
@@ -102,9 +109,10 @@ class PeerSession:
         expect_device: bytes | None = None,
     ) -> None:
         self.replica = replica
-        self.expect_device = expect_device  # the device the channel proved, if any
         self.link = link
-        self.session = proto.Session(device=device, folder=folder, root=replica.root)
+        self.session = proto.Session(
+            device=device, folder=folder, root=replica.root, peer_device=expect_device
+        )
         self.result = SessionResult()
         self.peer_root: Hash | None = None
         self.peer_device: bytes | None = None  # as the peer's Hello says
@@ -212,11 +220,6 @@ class PeerSession:
             self.wake.set()  # the peer is pulling from us: a one-shot session is not stuck
         match event:
             case proto.PeerHello(root=root, device=device):
-                if self.expect_device is not None and device != self.expect_device:
-                    await self._send(
-                        self.session.error(ErrorCode.PROTOCOL, "your Hello names another device")
-                    )
-                    self.end("the peer's Hello names another device than it proved", clean=False)
                 self.peer_device = device
                 self._peer_root_is(root)
             case proto.PeerRoot(root=root):
@@ -410,11 +413,17 @@ async def _pull_from_one(peer: PeerSession, *, until_in_sync: bool, stuck_after:
 
 async def _wait(wake: asyncio.Event, changed: asyncio.Event, timeout: float | None) -> bool:
     """Wait until the peer's root, ours, or a pull changes; False if `timeout` passed."""
-    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(changed.wait())]
+    woken = await wait_either(wake, changed, timeout)
+    wake.clear()
+    return woken
+
+
+async def wait_either(first: asyncio.Event, second: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until either event is set; False if `timeout` seconds passed first."""
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
     try:
         done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiting in waits:
             waiting.cancel()
-    wake.clear()
     return bool(done)

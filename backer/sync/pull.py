@@ -34,7 +34,7 @@ from backer.index.entry import Entry, Kind, chunk_groups, group_hash
 from backer.index.store import LocalState, Record, StatSig
 from backer.paths import RESERVED_DIR
 from backer.protocol.messages import RemoteEntry
-from backer.sync.assemble import UNCHECKED, Assembler, ChangedMeanwhile, ChunkGone
+from backer.sync.assemble import UNCHECKED, Assembler, ChangedMeanwhile, ChunkGone, first_leaf
 from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
 from backer.sync.merge import Action, Decision, decide, keep_directory
@@ -71,14 +71,7 @@ async def pull(
         try:
             return await _Pull(replica, fetcher, emit, report or PullReport()).run(remote_root)
         except BaseExceptionGroup as group:
-            raise _first(group) from None
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf
+            raise first_leaf(group) from None
 
 
 class _Pull:

@@ -33,7 +33,7 @@ from backer.events import (
 from backer.ids import DeviceId, Hash
 from backer.protocol.messages import RemoteEntry
 from backer.sync.fetcher import PeerMovedOn, PullReport
-from backer.sync.peer import PeerGone
+from backer.sync.peer import PeerGone, wait_either
 from backer.sync.pull import pull
 from backer.sync.replica import Replica
 
@@ -274,7 +274,7 @@ class FolderPuller:
                 if target is not None:
                     await self._pull(target)
                     continue
-                await _either(self.wake, changed, self._next_retry())
+                await wait_either(self.wake, changed, self._next_retry())
         finally:
             self.replica.unwatch_root(changed)
 
@@ -345,12 +345,3 @@ class FolderPuller:
 
 def _device_text(raw: bytes | None) -> str:
     return "" if raw is None else str(DeviceId(raw))
-
-
-async def _either(first: asyncio.Event, second: asyncio.Event, timeout: float | None) -> None:
-    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiting in waits:
-            waiting.cancel()
