@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +18,25 @@ from typing import Any
 PYTHON = [sys.executable, "-m", "backer"]
 
 
-def backer(home: Path, *args: str, prefix: Sequence[str] = ()) -> str:
+def backer(home: Path, *args: str, prefix: Sequence[str] = (), timeout: float = 120) -> str:
+    """Run one `backer` command as a user would; its stdout. Fails with its stderr."""
     done = subprocess.run(
         [*prefix, *PYTHON, "--home", str(home), *args],
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
+    assert done.returncode == 0, f"backer {' '.join(args)}: {done.stderr}"
     return done.stdout
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 class Running:

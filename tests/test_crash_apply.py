@@ -8,28 +8,17 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from procs import backer, free_port
+
 from backer.index.store import IndexStore
 
 KILLS = int(os.environ.get("BACKER_KILLS", "8"))
 MIB = 1024 * 1024
-
-
-def backer(home: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "backer", "--home", str(home), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, f"backer {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def run(home: Path, port: int, *peers: int) -> subprocess.Popen[bytes]:
@@ -38,13 +27,6 @@ def run(home: Path, port: int, *peers: int) -> subprocess.Popen[bytes]:
     for peer in peers:
         args += ["--peer", f"127.0.0.1:{peer}"]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def tree(folder: Path) -> dict[str, bytes]:

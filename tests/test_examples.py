@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from procs import free_port
 
 from backer.cli.commands import _parser
 
@@ -61,9 +62,7 @@ def test_tcp_server_and_client(tmp_path: Path) -> None:
 
 
 def test_readonly_server_script(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     done = subprocess.run(
         ["bash", str(EXAMPLES / "readonly_server.sh"), str(tmp_path / "work")],
         capture_output=True,

@@ -9,7 +9,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from procs import backer, free_port
+
 DEADLINE = 60.0
-
-
-def backer(home: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "backer", "--home", str(home), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, f"backer {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def dashboard_status(url: str) -> dict[str, Any]:
@@ -47,13 +36,6 @@ def dashboard_status(url: str) -> dict[str, Any]:
 def connected(home: Path) -> int:
     status = json.loads(backer(home, "peers", "--json"))
     return sum(len(folder["peers"]) for folder in status["folders"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def tree(root: Path, seed: int) -> dict[str, bytes]:
