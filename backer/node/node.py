@@ -135,6 +135,15 @@ class Node:
                 for address in config.peers:
                     if address not in advertise:
                         runner.mesh.learn(address, source="static")
+            # Announced before discovery starts: a peer found while mDNS registers must not be
+            # the node's first event.
+            self.bus.emit(
+                NodeStarted(
+                    device=str(self.device),
+                    listen=self.listen_address,
+                    folders=tuple(runner.label for runner in self.folders.values()),
+                )
+            )
             if config.discovery and self.listener is not None:
                 self.finders = Finders(
                     config,
@@ -147,13 +156,6 @@ class Node:
                 await self.finders.start()
                 for address in config.peers:
                     self.finders.hint(address)
-            self.bus.emit(
-                NodeStarted(
-                    device=str(self.device),
-                    listen=self.listen_address,
-                    folders=tuple(runner.label for runner in self.folders.values()),
-                )
-            )
             await self._run_folders()
         finally:
             await self._shutdown()
