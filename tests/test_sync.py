@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from backer.index.merkle import EMPTY_ROOT
+from backer.index.store import StatSig
+from backer.sync.disk import FolderDisk
 from backer.sync.merge import is_conflict_copy
 from backer.sync.peer import SessionResult
 from backer.sync.replica import Replica
@@ -192,6 +194,55 @@ async def test_concurrent_edits_keep_both_copies(pair: tuple[Path, Path]) -> Non
     assert copies[0].endswith(".txt") and files[copies[0]][1] == b"edited on a"
     await converge(a, b)  # stable: no new copies
     assert len([p for p in snapshot(b) if is_conflict_copy(p)]) == 1
+
+
+async def _losing_edit_on_a(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    write(a, "notes.txt", b"base")
+    await converge(a, b)
+    write(a, "notes.txt", b"edited on a", mtime=OLD + 100)
+    write(b, "notes.txt", b"edited on b, later", mtime=OLD + 200)
+    return a, b
+
+
+async def test_a_losing_local_edit_is_kept_aside_in_the_same_pull(tmp_path: Path) -> None:
+    a, b = await _losing_edit_on_a(tmp_path)
+    result = await converge(a, b)
+    assert sum(p.skipped for p in result.a.pulls) == 0  # the winner was not fetched in vain
+    assert sum(p.files for p in result.a.pulls) == 1
+    # The loser lives in its copy; a version of it would only be a second name of that file.
+    assert not [p for p in (a / ".backer/versions").rglob("*") if p.is_file()]
+
+
+async def test_a_crash_after_the_conflict_copy_leaves_the_local_edit_at_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loser gets its conflict copy as a second name and stays at its path until the winner
+    is renamed over it: a crash right after the copy is made leaves the local version in place
+    (not an empty path, which the next scan would read as a deletion), and the retry ends with
+    that one copy, not a second."""
+    a, b = await _losing_edit_on_a(tmp_path)
+    original = FolderDisk.link_copy
+    crashed: list[str] = []
+    left_behind: list[bytes] = []
+
+    def link_then_crash(disk: FolderDisk, rel: str, new_rel: str) -> StatSig:
+        sig = original(disk, rel, new_rel)
+        if not crashed:
+            crashed.append(new_rel)
+            left_behind.extend([(a / rel).read_bytes(), (a / new_rel).read_bytes()])
+            raise OSError("simulated crash after the conflict copy was made")
+        return sig
+
+    monkeypatch.setattr(FolderDisk, "link_copy", link_then_crash)
+    await converge(a, b)  # a's first attempt fails after the copy; the retry succeeds
+    assert left_behind == [b"edited on a", b"edited on a"]
+    files = snapshot(a)
+    assert files["notes.txt"][1] == b"edited on b, later"
+    assert [p for p in files if is_conflict_copy(p)] == [crashed[0]]
+    assert files[crashed[0]][1] == b"edited on a"
 
 
 async def test_identical_concurrent_edits_are_not_conflicts(pair: tuple[Path, Path]) -> None:

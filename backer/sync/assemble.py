@@ -76,11 +76,18 @@ class Assembler:
         self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
 
     async def assemble(
-        self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
+        self,
+        entry: Entry,
+        dest: str,
+        source: Entry,
+        expected: StatSig | object | None,
+        *,
+        keep_old: bool = True,
     ) -> StatSig:
         """Build `source`'s content into `dest` (recorded as `entry` by the caller); returns
         the new file's stat. `expected` is what must still be at `dest` (its stat, None for
-        nothing, or UNCHECKED)."""
+        nothing, or UNCHECKED); `keep_old=False` when what it replaces is kept elsewhere (a
+        conflict copy) and needs no version."""
         fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
         progress = _Progress(self, dest, source.size, missing)
         try:
@@ -102,7 +109,14 @@ class Assembler:
             raise
         return await asyncio.to_thread(
             functools.partial(
-                self._finish, fd, temp, entry, dest=dest, size=source.size, expected=expected
+                self._finish,
+                fd,
+                temp,
+                entry,
+                dest=dest,
+                size=source.size,
+                expected=expected,
+                keep_old=keep_old,
             )
         )
 
@@ -158,6 +172,7 @@ class Assembler:
         dest: str,
         size: int,
         expected: StatSig | object | None,
+        keep_old: bool,
     ) -> StatSig:
         """Seal the temp file into `dest`, unless `dest` changed since the pull decided."""
         try:
@@ -165,7 +180,7 @@ class Assembler:
             now = self.disk.lstat(dest)
             if expected is not UNCHECKED and (sig_of(now) if now else None) != expected:
                 raise ChangedMeanwhile(dest)
-            if now is not None:  # a new path has nothing to keep
+            if now is not None and keep_old:  # a new path has nothing to keep
                 # Linked, not moved: the rename below replaces the file in one step, so a
                 # crash in between never leaves the path empty (a scan would read a deletion).
                 self.archive(dest, keep_in_place=True)

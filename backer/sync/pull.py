@@ -201,12 +201,13 @@ class _Pull:
         record = self.current.get(remote.path)
         decision = decide(record.entry if record else None, remote)
         result = decision.result
+        kept_aside: StatSig | None = None
         if decision.conflict_copy is not None:
             self.report.conflicts += 1
             self.emit(
                 ConflictFound(folder=self.label, path=remote.path, copy=decision.conflict_copy.path)
             )
-            await self._conflict_copy(decision, record, remote, files)
+            kept_aside = await self._conflict_copy(decision, remote, files)
         if result is None:
             return
         if decision.action is not Action.WRITE_REMOTE:
@@ -228,7 +229,10 @@ class _Pull:
             self.report.planned_files += 1
             self.report.planned_bytes += result.size
             await self.files.acquire()
-            files.create_task(self._file(result, result.path, remote, _expected(record)))
+            # A loser kept aside lives on in its copy: nothing to archive.
+            expected = _expected(record) if kept_aside is None else kept_aside
+            keep_old = kept_aside is None
+            files.create_task(self._file(result, result.path, remote, expected, keep_old=keep_old))
 
     def _updated(self, path: str, action: str) -> None:
         self.emit(FileUpdated(folder=self.label, path=path, action=action))
@@ -259,20 +263,27 @@ class _Pull:
         return records
 
     async def _conflict_copy(
-        self, decision: Decision, record: Record | None, remote: Entry, files: asyncio.TaskGroup
-    ) -> None:
+        self, decision: Decision, remote: Entry, files: asyncio.TaskGroup
+    ) -> StatSig | None:
+        """Make the decision's conflict copy. A local loser gets its copy by a second name and
+        stays at its path until the winner replaces it; then the stat it now has is returned,
+        which is what the winner's install must still find there."""
         copy = decision.conflict_copy
         assert copy is not None
         if decision.copy_from == "local":
             if copy.kind is Kind.SYMLINK or copy.kind is Kind.FILE:
-                sig = await asyncio.to_thread(self.disk.rename, remote.path, copy.path)
-                self._record(copy, LocalState(stat=sig if copy.kind is Kind.FILE else None))
-            return
+                sig = await asyncio.to_thread(self.disk.link_copy, remote.path, copy.path)
+                # No stat recorded: the shared inode's ctime moves again when the winner is
+                # renamed over the path, so the next scan reads the copy once more.
+                self._record(copy, LocalState())
+                return sig if copy.kind is Kind.FILE else None
+            return None
         if copy.kind is Kind.SYMLINK:
             await self._symlink(copy)
         elif copy.kind is Kind.FILE:
             await self.files.acquire()
             files.create_task(self._file(copy, copy.path, remote, None))
+        return None
 
     async def _symlink(self, entry: Entry) -> None:
         await asyncio.to_thread(self._archive, entry.path)
@@ -282,11 +293,17 @@ class _Pull:
         self._updated(entry.path, "symlink")
 
     async def _file(
-        self, entry: Entry, dest: str, source: Entry, expected: StatSig | object | None
+        self,
+        entry: Entry,
+        dest: str,
+        source: Entry,
+        expected: StatSig | object | None,
+        *,
+        keep_old: bool = True,
     ) -> None:
         """Assemble `source`'s content into `dest` and record it as `entry`."""
         try:
-            sig = await self.assembler.assemble(entry, dest, source, expected)
+            sig = await self.assembler.assemble(entry, dest, source, expected, keep_old=keep_old)
         except ChunkGone:
             self.report.skipped += 1
             return
