@@ -8,11 +8,17 @@ import contextlib
 import os
 from pathlib import Path
 
+import pytest
 from nodes import FAST, eventually, file_is, make_member
 
+from backer.errors import RemoteProtocolError
 from backer.events import FileProgress, PeerDisconnected, PullFinished
 from backer.keys import FolderKey
 from backer.node.node import Node, NodeOptions
+from backer.sync.link import memory_pipe
+from backer.sync.peer import PeerGone, PeerSession
+from backer.sync.replica import Replica
+from backer.sync.replicate import PLAIN_FOLDER
 
 MIB = 1024 * 1024
 
@@ -81,3 +87,38 @@ async def test_a_restarted_node_resumes_its_transfer_and_converges(tmp_path: Pat
 
 def _root(node: Node) -> bytes:
     return next(iter(node.folders.values())).replica.root
+
+
+async def test_a_session_whose_channel_failed_closes_quietly_and_its_requests_move_on(
+    tmp_path: Path,
+) -> None:
+    """Found by the chaos test: a connection replaced by a newer one had an encrypted channel
+    that had already failed, and saying goodbye on it raised out of the mesh and stopped the
+    node. A broken link under a session must end that session only: closing it is quiet, and
+    a request on it raises PeerGone so the swarm asks another peer."""
+    replicas = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        replica = await Replica.open(tmp_path / name, device=0, create=True)
+        replica.device = replica.store.local_device()
+        replicas.append(replica)
+    end_a, end_b = memory_pipe()
+    one = PeerSession(replicas[0], end_a, device=b"a" * 32, folder=PLAIN_FOLDER)
+    two = PeerSession(replicas[1], end_b, device=b"b" * 32, folder=PLAIN_FOLDER)
+    runs = [asyncio.create_task(one.run()), asyncio.create_task(two.run())]
+    try:
+        await eventually(lambda: one.open and two.open)
+
+        async def failed_channel(data: bytes) -> None:
+            raise RemoteProtocolError("the channel is closed")
+
+        end_a.write = failed_channel  # type: ignore[method-assign]
+        with pytest.raises(PeerGone, match="connection failed"):
+            await one.chunk(bytes(32), 10)  # type: ignore[arg-type]
+        await one.close("replaced by a newer connection")
+        assert one.result.reason == "replaced by a newer connection"
+    finally:
+        await two.close("done")
+        await asyncio.wait(runs, timeout=10)
+        for replica in replicas:
+            await replica.close()

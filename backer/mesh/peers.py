@@ -27,7 +27,7 @@ import nacl.signing
 
 from backer.addresses import format_address, parse_address
 from backer.errors import InvalidAddressError
-from backer.events import Emit, PeerConnected, PeerDisconnected, ignore
+from backer.events import Emit, ErrorOccurred, PeerConnected, PeerDisconnected, ignore
 from backer.ids import DeviceId
 from backer.keys import FolderKey
 from backer.mesh.channel import ChannelError
@@ -197,7 +197,10 @@ class FolderMesh:
             self._failed(known)
             return
         try:
-            await self._connect(link, outgoing=True, address=known.address, known=known)
+            await self._isolated(
+                self._connect(link, outgoing=True, address=known.address, known=known),
+                known.address,
+            )
         finally:
             known.dialing = False
             self._wake.set()
@@ -212,7 +215,23 @@ class FolderMesh:
 
     async def accept(self, link: Link, address: str) -> None:
         """Run a connection a peer opened to us (its preface named this folder)."""
-        await self._connect(link, outgoing=False, address=address, known=None)
+        await self._isolated(
+            self._connect(link, outgoing=False, address=address, known=None), address
+        )
+
+    async def _isolated(self, connection: Awaitable[None], address: str) -> None:
+        """Run one connection so that whatever goes wrong in it ends it alone: a bug met on
+        one peer's connection must not stop the folder's other sessions, or the node."""
+        try:
+            await connection
+        except Exception as exc:
+            self.emit(
+                ErrorOccurred(
+                    folder=self.label,
+                    message=f"the connection with {address or 'a peer'} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                )
+            )
 
     async def _connect(
         self, link: Link, *, outgoing: bool, address: str, known: Known | None

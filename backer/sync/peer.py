@@ -35,6 +35,9 @@ __all__ = [
     "wait_either",
 ]
 
+# How a link can fail under a session: the socket (OSError, ConnectionError) or an encrypted
+# channel over it that failed or was closed (a RemoteProtocolError, e.g. mesh.ChannelError).
+LINK_FAILURES = (RemoteProtocolError, ConnectionError, OSError)
 ANSWERS_IN_FLIGHT = 64  # answers being read from disk at once
 BATCHES_IN_FLIGHT = 16  # our batch requests open at once (+ the pull's chunk window of 64)
 GOSSIP_EVERY = 30.0  # seconds between re-announcements of an unchanged root (also a keepalive)
@@ -153,7 +156,7 @@ class PeerSession:
                     tasks.create_task(steer(self))
         except* _Ended:
             pass
-        except* (RemoteProtocolError, ConnectionError, OSError) as group:
+        except* LINK_FAILURES as group:
             if not self.result.reason:
                 self.result.reason, self.result.clean = str(group.exceptions[0]), False
         finally:
@@ -165,7 +168,7 @@ class PeerSession:
                     future.set_exception(gone)
                     future.exception()  # retrieved here: nobody may be waiting any more
             self.pending.clear()
-            with contextlib.suppress(OSError, ConnectionError):
+            with contextlib.suppress(*LINK_FAILURES):
                 await self.link.close()
             if self.on_change is not None:
                 self.on_change(self)
@@ -176,11 +179,11 @@ class PeerSession:
     async def close(self, reason: str) -> None:
         """Say goodbye and end the session (from outside `run`)."""
         if self.open:
-            with contextlib.suppress(ConnectionError, OSError):
+            with contextlib.suppress(*LINK_FAILURES):
                 await self._send(self.session.close(reason))
         if not self.result.reason:
             self.result.reason, self.result.clean = reason, True
-        with contextlib.suppress(OSError, ConnectionError):
+        with contextlib.suppress(*LINK_FAILURES):
             await self.link.close()
 
     def end(self, reason: str, *, clean: bool) -> None:
@@ -342,7 +345,11 @@ class PeerSession:
         rid, data = make()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[rid] = future
-        await self._send(data)
+        try:
+            await self._send(data)
+        except LINK_FAILURES as exc:  # the connection broke under us: ask someone else
+            self.pending.pop(rid, None)
+            raise PeerGone(f"the connection failed: {exc}") from exc
         return await future
 
     async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
