@@ -77,6 +77,7 @@ class Lan(_Namespaces):
     def __init__(self, count: int) -> None:
         super().__init__()
         self.count = count
+        self._second_switch = False
         try:
             switch = self.ns("sw")
             ip("-n", switch, "link", "add", "br0", "type", "bridge")
@@ -127,6 +128,34 @@ class Lan(_Namespaces):
 
     def interface(self, i: int) -> str:
         return f"{self.prefix}v{i}"
+
+    # -- partitions: the switch's ports, as a cable pulled or a second switch --------------
+
+    def _port(self, i: int) -> str:
+        return f"{self.prefix}v{i}b"
+
+    def isolate(self, i: int) -> None:
+        """Pull host i's cable: its port goes down, packets to and from it vanish silently
+        (no reset reaches anyone, as when a laptop leaves the network)."""
+        ip("-n", f"{self.prefix}sw", "link", "set", self._port(i), "down")
+
+    def split(self, group: Sequence[int]) -> None:
+        """Move the hosts of `group` to a second switch: two islands that cannot reach each
+        other, each whole within itself."""
+        switch = f"{self.prefix}sw"
+        if not self._second_switch:
+            ip("-n", switch, "link", "add", "br1", "type", "bridge")
+            ip("-n", switch, "link", "set", "br1", "up")
+            self._second_switch = True
+        for i in group:
+            ip("-n", switch, "link", "set", self._port(i), "master", "br1")
+
+    def heal(self) -> None:
+        """Every host back on the first switch, every cable in."""
+        switch = f"{self.prefix}sw"
+        for i in range(1, self.count + 1):
+            ip("-n", switch, "link", "set", self._port(i), "master", "br0")
+            ip("-n", switch, "link", "set", self._port(i), "up")
 
 
 class Routed(_Namespaces):

@@ -42,14 +42,26 @@ def free_port() -> int:
 class Running:
     """A `backer run --events json` process whose events are collected as they come."""
 
-    def __init__(self, home: Path, args: Sequence[str], *, prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        home: Path,
+        args: Sequence[str],
+        *,
+        prefix: Sequence[str] = (),
+        program: Sequence[str] = PYTHON,
+        stderr: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`stderr`: a file for the process's stderr (appended), for long runs whose stderr
+        could fill a pipe nobody reads; by default a pipe read when the process has ended."""
         self.started = time.monotonic()
+        self.stderr_file = None if stderr is None else stderr.open("a")
         self.process = subprocess.Popen(
-            [*prefix, *PYTHON, "--home", str(home), "run", "--events", "json", *args],
+            [*prefix, *program, "--home", str(home), "run", "--events", "json", *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.PIPE if self.stderr_file is None else self.stderr_file,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.events: list[dict[str, Any]] = []
         self._new: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -90,10 +102,17 @@ class Running:
                 return event
 
     def stderr_so_far(self) -> str:
+        if self.stderr_file is not None:
+            return Path(self.stderr_file.name).read_text()[-2000:]
         if self.process.poll() is None:
             return "(still running)"
         assert self.process.stderr is not None
         return self.process.stderr.read()[-2000:]
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut would: no goodbye, no cleanup."""
+        self.process.kill()
+        self.process.wait()
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -103,4 +122,6 @@ class Running:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.stderr_file is not None:
+            self.stderr_file.close()
         return self.process.returncode
