@@ -8,12 +8,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from nodes import FAST, Member, cluster, converged, eventually, file_is, make_member
 
 from backer.config import FolderConfig
 from backer.events import FileUpdated, FolderPaused, PeerDisconnected, PullFinished, to_json
 from backer.keys import FolderKey
-from backer.mesh.peers import FolderMesh
+from backer.mesh.peers import FolderMesh, keeps_existing
 from backer.node.node import Node, NodeOptions
 
 
@@ -147,3 +148,42 @@ async def test_a_full_node_says_so_when_it_refuses(tmp_path: Path) -> None:
             assert refused.clean
             mine = await asyncio.wait_for(events.next_of(PeerDisconnected), 20)
             assert mine.reason == "refused: too many peers"
+
+
+@pytest.mark.parametrize("age", [0.0, 1.0, 4.9])
+def test_a_double_dial_keeps_the_same_connection_at_both_ends(age: float) -> None:
+    """Two devices dial each other at once: each end sees its own dial and the other's; both
+    keep the one dialled by the smaller device ID."""
+    small, large = b"\x01" * 32, b"\x02" * 32
+    for first_dialler in (small, large):
+        # At `small`: the existing connection is the first dial, the new one the second.
+        kept_new_at_small = not keeps_existing(
+            small,
+            large,
+            existing_outgoing=first_dialler == small,
+            new_outgoing=first_dialler != small,
+            existing_age=age,
+        )
+        kept_new_at_large = not keeps_existing(
+            large,
+            small,
+            existing_outgoing=first_dialler == large,
+            new_outgoing=first_dialler != large,
+            existing_age=age,
+        )
+        assert kept_new_at_small == kept_new_at_large  # the same connection survives
+        survivor_dialler = (
+            first_dialler if not kept_new_at_small else (large if first_dialler == small else small)
+        )
+        assert survivor_dialler == small
+
+
+@pytest.mark.parametrize("we_dialled", [True, False])
+def test_a_peer_dialling_again_replaces_an_old_half_open_connection(we_dialled: bool) -> None:
+    """Found by the chaos test: a node killed while cut off restarted and dialled its peers,
+    who still held its old connection (half-open until their idle timeout, 100 s) and refused
+    it, by the double-dial rule, for as long. An established connection is never a race."""
+    for own, device in ((b"\x01" * 32, b"\x02" * 32), (b"\x02" * 32, b"\x01" * 32)):
+        assert not keeps_existing(
+            own, device, existing_outgoing=we_dialled, new_outgoing=False, existing_age=30.0
+        )

@@ -6,8 +6,11 @@ end up an island of their own (measured: 20 nodes with one shared limit of 16 sp
 
 Dials the addresses it knows (static ones, those peers tell it about, those discovery finds),
 with exponential backoff and jitter after each failure; accepts the connections the listener
-hands it; resolves a double connection between two devices the same way on both ends (the one
-dialled by the smaller device ID stays; between two dialled by the same device, the newer); and
+hands it; resolves a double connection between two devices the same way on both ends (when
+both dialled at once, the one dialled by the smaller device ID stays, and between two dialled
+by the same device, the newer; a new connection replaces one established more than RACE_WINDOW
+before, which the other end has evidently lost: a restarted peer is not refused while our end
+of its old connection lingers half-open); and
 tells every peer the addresses of the others, so the mesh fills in by itself. Each session feeds
 the folder's puller (`sync.swarm.FolderPuller`).
 
@@ -36,7 +39,7 @@ from backer.mesh.transport import dial
 from backer.protocol.messages import MAX_ADDRESSES_PER_PEER, MAX_PEERS_LISTED
 from backer.protocol.session import Session
 from backer.sync.link import Link
-from backer.sync.peer import GOSSIP_EVERY, PeerSession
+from backer.sync.peer import ANSWER_WITHIN, GOSSIP_EVERY, PeerSession
 from backer.sync.replica import Replica
 from backer.sync.swarm import FolderPuller
 
@@ -45,6 +48,7 @@ __all__ = ["Connection", "FolderMesh", "Known"]
 BACKOFF_FIRST = 0.5  # seconds before the first retry of an address...
 BACKOFF_MAX = 60.0  # ...doubling up to this, each delay jittered by +-50 %
 STABLE_AFTER = 10.0  # a session that lasted this long resets its address's backoff
+RACE_WINDOW = 5.0  # two connections between two devices this close together: a double dial
 KEEPALIVE = 45.0  # the channel's own keepalive: rarely needed, the root gossip comes first
 IDLE_TIMEOUT = 100.0  # a peer silent this long (three gossip rounds) is gone
 MAX_KNOWN = 512  # addresses remembered per folder
@@ -99,6 +103,7 @@ class FolderMesh:
         advertise: tuple[str, ...] = (),
         share_addresses: bool = True,
         gossip_every: float | None = GOSSIP_EVERY,
+        answer_within: float | None = ANSWER_WITHIN,
         backoff_first: float = BACKOFF_FIRST,
         backoff_max: float = BACKOFF_MAX,
         dialer: Dial = dial,
@@ -114,6 +119,7 @@ class FolderMesh:
         self.advertise = advertise
         self.share_addresses = share_addresses
         self.gossip_every = gossip_every
+        self.answer_within = answer_within
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
         self.dialer = dialer
@@ -289,10 +295,13 @@ class FolderMesh:
         existing = self.connections.get(device)
         if existing is None:
             return TOO_MANY if self._full(outgoing) else ""
-        # Both ends see both connections and must keep the same one.
-        old = self.own if existing.outgoing else device
-        new = self.own if outgoing else device
-        if old != new and old < new:
+        if keeps_existing(
+            self.own,
+            device,
+            existing_outgoing=existing.outgoing,
+            new_outgoing=outgoing,
+            existing_age=self.clock() - existing.since,
+        ):
             return "a connection to that device exists"
         return ""
 
@@ -326,6 +335,7 @@ class FolderMesh:
             folder=self.key.discovery_id,
             on_change=self.puller.poke,
             gossip_every=self.gossip_every,
+            answer_within=self.answer_within,
             expect_device=device,
         )
         connection = Connection(
@@ -406,6 +416,23 @@ class FolderMesh:
                 continue
             for address in resolved:
                 self.learn(address, source="peer", device=device)
+
+
+def keeps_existing(
+    own: bytes, device: bytes, *, existing_outgoing: bool, new_outgoing: bool, existing_age: float
+) -> bool:
+    """Whether a new connection with `device` gives way to the one we have. Pure, and decided
+    the same way at both ends from what each sees."""
+    if existing_age >= RACE_WINDOW:
+        # Established a while ago, so not a simultaneous dial: the device dialled again because
+        # it lost that connection (it restarted, or its end timed out) while ours lingers,
+        # half-open, until our idle timeout. Its end keeps the new one; so do we.
+        return False
+    # Both dialled at once: both ends see both connections and must keep the same one, the one
+    # dialled by the smaller device ID (between two dialled by the same device, the newer).
+    old = own if existing_outgoing else device
+    new = own if new_outgoing else device
+    return old != new and old < new
 
 
 def _host_of(address: str) -> str:
