@@ -16,7 +16,7 @@ from backer.node.folder import FolderOptions
 from backer.node.node import Node, NodeOptions
 
 DEADLINE = 30.0
-FAST = FolderOptions(backoff_first=0.05, backoff_max=1.0, hedge_after=1.0)
+FAST = FolderOptions(backoff_first=0.05, backoff_max=1.0, hedge_after=1.0, answer_within=3.0)
 
 
 def make_member(

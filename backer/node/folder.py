@@ -47,6 +47,7 @@ class FolderOptions:
     max_peers: int = 16  # sessions this node dials (the node sets it from the config)
     share_addresses: bool = True
     gossip_every: float | None = 30.0
+    answer_within: float | None = 30.0  # a peer silent on our requests this long is dropped
     backoff_first: float = 0.5
     backoff_max: float = 60.0
     hedge_after: float = 2.0
@@ -81,6 +82,7 @@ class FolderRunner:
             advertise=advertise,
             share_addresses=options.share_addresses,
             gossip_every=options.gossip_every,
+            answer_within=options.answer_within,
             backoff_first=options.backoff_first,
             backoff_max=options.backoff_max,
         )

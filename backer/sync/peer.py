@@ -41,6 +41,10 @@ LINK_FAILURES = (RemoteProtocolError, ConnectionError, OSError)
 ANSWERS_IN_FLIGHT = 64  # answers being read from disk at once
 BATCHES_IN_FLIGHT = 16  # our batch requests open at once (+ the pull's chunk window of 64)
 GOSSIP_EVERY = 30.0  # seconds between re-announcements of an unchanged root (also a keepalive)
+# A peer that leaves every one of our requests unanswered this long is stalled (or hostile): the
+# session ends so its requests move to other peers and the pull waiting on them can finish. A
+# working peer answers something far sooner: one 64 KiB chunk in 30 s is 2 kB/s.
+ANSWER_WITHIN = 30.0
 _PEER_WORKING = (
     proto.NodesRequested,
     proto.EntriesRequested,
@@ -110,6 +114,7 @@ class PeerSession:
         on_peers: Callable[[tuple[tuple[bytes, tuple[str, ...]], ...]], None] | None = None,
         gossip_every: float | None = None,
         expect_device: bytes | None = None,
+        answer_within: float | None = ANSWER_WITHIN,
     ) -> None:
         self.replica = replica
         self.link = link
@@ -122,6 +127,8 @@ class PeerSession:
         self.on_change = on_change
         self.on_peers = on_peers
         self.gossip_every = gossip_every
+        self.answer_within = answer_within
+        self.answered_at = 0.0  # when the peer last answered, or we began waiting on it
         self.wake = asyncio.Event()  # the peer's root changed, or it asked us for something
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.write_lock = asyncio.Lock()
@@ -152,6 +159,8 @@ class PeerSession:
                 await self._send(self.session.start())
                 tasks.create_task(self._read())
                 tasks.create_task(self._gossip())
+                if self.answer_within is not None:
+                    tasks.create_task(self._watch_answers(self.answer_within))
                 if steer is not None:
                     tasks.create_task(steer(self))
         except* _Ended:
@@ -249,6 +258,7 @@ class PeerSession:
                 | proto.ChunkReceived(id=rid)
             ):
                 future = self.pending.pop(rid, None)
+                self.answered_at = asyncio.get_running_loop().time()
                 if future is not None and not future.done():
                     future.set_result(event)
             case proto.ConnectionLost(reason=reason):
@@ -300,6 +310,20 @@ class PeerSession:
                     )
                 )
 
+    async def _watch_answers(self, within: float) -> None:
+        """End the session if the peer leaves our requests unanswered for `within` seconds
+        (it may keep the connection alive all the while: the channel's keepalives say
+        nothing about the session)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(within / 4)
+            if self.pending and loop.time() - self.answered_at > within:
+                self.end(
+                    f"the peer stopped answering: {len(self.pending)} requests open for "
+                    f"{within:g} s",
+                    clean=False,
+                )
+
     async def _gossip(self) -> None:
         """Announce our root when it changes, and every `gossip_every` seconds regardless: a
         peer that missed a change (or restarted its view of us) catches up, and the
@@ -343,7 +367,10 @@ class PeerSession:
         if not self.open:
             raise PeerGone(self.result.reason or "the session is not open")
         rid, data = make()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if not self.pending:
+            self.answered_at = loop.time()  # the wait for an answer starts now
+        future: asyncio.Future[Any] = loop.create_future()
         self.pending[rid] = future
         try:
             await self._send(data)

@@ -1,0 +1,248 @@
+"""A running node under attack by a peer that holds the folder key (tests/evil.py): hostile
+paths and names, a path through the victim's symlink, lying chunks, absurd sizes and counts,
+request floods and stalls. Each is refused with an event, nothing is written outside the
+folder, and the node goes on syncing with its honest peer throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import msgpack
+import pytest
+from evil import STALL, EvilPeer, forged
+from nodes import Member, cluster, eventually, file_is
+
+from backer.events import Event, PeerDisconnected, PullFinished
+from backer.ids import Hash
+from backer.index import merkle
+from backer.index.entry import VersionVector
+from backer.keys import FolderKey
+from backer.protocol.messages import RemoteEntry
+
+DEADLINE = 20.0
+
+
+@pytest.fixture
+def key() -> FolderKey:
+    return FolderKey.generate()
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, key: FolderKey) -> AsyncIterator[tuple[Member, Member]]:
+    """The victim (with a symlink to a directory outside its folder) and its honest peer."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    async with cluster(tmp_path / "nodes", 2, key=key) as (victim, honest):
+        os.symlink(outside, victim.folder / "link")
+        (victim.folder / "own.txt").write_bytes(b"the victim's own file")
+        await eventually(file_is(honest.folder / "own.txt", b"the victim's own file"))
+        yield victim, honest
+
+
+def events_of(member: Member) -> list[Event]:
+    return [event for _, event in member.node.bus.recent]
+
+
+def disconnect_reasons(member: Member) -> list[str]:
+    return [e.reason for e in events_of(member) if isinstance(e, PeerDisconnected)]
+
+
+def pull_failures(member: Member) -> list[str]:
+    found = []
+    for event in events_of(member):
+        if isinstance(event, PullFinished):
+            found += [event.reason, *event.errors]
+    return [text for text in found if text]
+
+
+async def still_serving(victim: Member, honest: Member, name: str) -> None:
+    """Both ways: the victim's new file reaches the honest peer, and the honest peer's reaches
+    the victim."""
+    (victim.folder / f"{name}-from-victim").write_bytes(name.encode())
+    (honest.folder / f"{name}-from-honest").write_bytes(name.encode())
+    await eventually(
+        file_is(honest.folder / f"{name}-from-victim", name.encode()), deadline=DEADLINE
+    )
+    await eventually(
+        file_is(victim.folder / f"{name}-from-honest", name.encode()), deadline=DEADLINE
+    )
+
+
+def nothing_outside(tmp_path: Path, victim: Member) -> None:
+    assert list((tmp_path / "outside").iterdir()) == []
+    assert sorted(p.name for p in victim.folder.parent.iterdir()) == ["folder", "home"]
+    assert not Path("/etc/x").exists()
+    assert os.path.islink(victim.folder / "link")
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/x", "a/../../x", "x\x00y", "x\\y", "", "a//x"])
+async def test_hostile_paths_in_entries_are_refused(
+    pair: tuple[Member, Member], key: FolderKey, tmp_path: Path, path: str
+) -> None:
+    victim, honest = pair
+
+    class Liar(EvilPeer):
+        def answer_entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+            return [forged(RemoteEntry.from_entry(self.entries["x"]), path=path)]
+
+    evil = Liar(key, {"x": b"planted"})
+    ended = await evil.attack(victim.node.listen_address)
+    assert evil.asked["entries"] >= 1 and "victim" in ended, ended
+    await eventually(lambda: any("path" in r for r in disconnect_reasons(victim)))
+    nothing_outside(tmp_path, victim)
+    await still_serving(victim, honest, "after-paths")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a\\b", "nul\x00", "a/b", ".backer"])
+async def test_hostile_names_in_tree_nodes_are_refused(
+    pair: tuple[Member, Member], key: FolderKey, tmp_path: Path, name: str
+) -> None:
+    victim, honest = pair
+    evil = EvilPeer(key, {"x": b"planted"})
+    leaf = evil.entries["x"].leaf_hash()
+    listing = bytes(msgpack.packb([0, [[name, 0, leaf]]], use_bin_type=True))
+    evil.root = merkle.node_hash(listing)
+    evil.nodes = {evil.root: listing}
+    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
+    serving = asyncio.create_task(evil.serve())
+    try:
+        await eventually(lambda: any("tree" in f for f in pull_failures(victim)), deadline=DEADLINE)
+    finally:
+        serving.cancel()
+        await evil.close()
+    assert evil.asked["entries"] == 0
+    nothing_outside(tmp_path, victim)
+    await still_serving(victim, honest, "after-names")
+
+
+async def test_a_path_through_the_victims_symlink_is_refused_and_the_rest_applies(
+    pair: tuple[Member, Member], key: FolderKey, tmp_path: Path
+) -> None:
+    victim, honest = pair
+    evil = EvilPeer(key, {"link/planted.sh": b"rm -rf ~\n", "fine.txt": b"fine"})
+    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
+    serving = asyncio.create_task(evil.serve())
+    try:
+        await eventually(file_is(victim.folder / "fine.txt", b"fine"), deadline=DEADLINE)
+        await eventually(
+            lambda: any("link/planted.sh" in f for f in pull_failures(victim)), deadline=DEADLINE
+        )
+    finally:
+        serving.cancel()
+        await evil.close()
+    nothing_outside(tmp_path, victim)
+    await still_serving(victim, honest, "after-symlink")
+
+
+async def test_chunks_that_do_not_match_their_hash_end_the_session_and_write_nothing(
+    pair: tuple[Member, Member], key: FolderKey, tmp_path: Path
+) -> None:
+    victim, honest = pair
+
+    class Liar(EvilPeer):
+        def answer_chunk(self, digest: Hash, size: int) -> bytes:
+            return os.urandom(size)
+
+    evil = Liar(key, {"big.bin": os.urandom(300_000)})
+    ended = await evil.attack(victim.node.listen_address)
+    assert evil.asked["chunks"] >= 1 and "victim" in ended, ended
+    await eventually(lambda: any("hash" in r for r in disconnect_reasons(victim)))
+    assert not (victim.folder / "big.bin").exists()
+    nothing_outside(tmp_path, victim)
+    await still_serving(victim, honest, "after-chunks")
+
+
+def _huge_vector(entry: RemoteEntry) -> RemoteEntry:
+    return forged(entry, version=VersionVector(tuple((i + 1, 1) for i in range(5000))))
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        pytest.param(lambda e: forged(e, size=2**62), id="size-2^62"),
+        pytest.param(lambda e: forged(e, size=-1), id="negative-size"),
+        pytest.param(lambda e: forged(e, mode=2**40), id="mode-2^40"),
+        pytest.param(lambda e: forged(e, groups=(Hash(bytes(32)),) * 70_000), id="70k-groups"),
+        pytest.param(_huge_vector, id="5000-device-vector"),
+        pytest.param(lambda e: forged(e, chunks=os.urandom(4100)), id="garbage-chunk-list"),
+    ],
+)
+async def test_absurd_sizes_and_counts_are_refused(
+    pair: tuple[Member, Member], key: FolderKey, tmp_path: Path, lie: object
+) -> None:
+    victim, honest = pair
+
+    class Liar(EvilPeer):
+        def answer_entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+            return [lie(RemoteEntry.from_entry(self.entries["x"]))]  # type: ignore[operator]
+
+    evil = Liar(key, {"x": b"planted"})
+    ended = await evil.attack(victim.node.listen_address)
+    assert "victim" in ended, ended
+    assert not (victim.folder / "x").exists()
+    nothing_outside(tmp_path, victim)
+    await still_serving(victim, honest, "after-absurd")
+
+
+async def test_a_frame_claiming_two_gigabytes_ends_the_session(
+    pair: tuple[Member, Member], key: FolderKey
+) -> None:
+    victim, honest = pair
+    evil = EvilPeer(key, {})
+    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
+    await evil.send_raw(struct.pack(">I", 2**31 - 1) + b"\x00" * 64)
+    ended = await asyncio.wait_for(evil.serve(), DEADLINE)
+    assert "victim" in ended or "failed" in ended, ended
+    await eventually(lambda: any("frame" in r for r in disconnect_reasons(victim)))
+    await still_serving(victim, honest, "after-frame")
+
+
+async def test_a_request_flood_is_held_back_while_the_honest_peer_syncs(
+    pair: tuple[Member, Member], key: FolderKey
+) -> None:
+    """A peer that sends requests and never reads an answer: the victim either stops reading
+    it (its answers back up: TCP backpressure) or, once 512 requests are open, ends the session
+    as a protocol violation. Either way nothing queues without bound, and its other sessions
+    do not notice."""
+    victim, honest = pair
+    evil = EvilPeer(key, {})
+    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
+    flooding = asyncio.create_task(evil.flood(200_000))
+    try:
+        await still_serving(victim, honest, "during-flood")
+        mesh = next(iter(victim.node.folders.values())).mesh
+        sessions = [c.session.session for c in mesh.connections.values()]
+        assert all(s.peer_requests <= 512 for s in sessions)
+        if flooding.done():  # cut off, and told why
+            await eventually(lambda: any("unanswered" in r for r in disconnect_reasons(victim)))
+        else:  # held back
+            assert len(sessions) == 2
+    finally:
+        flooding.cancel()
+        await evil.close()
+
+
+async def test_a_peer_that_stalls_does_not_stop_the_victim_syncing_with_others(
+    pair: tuple[Member, Member], key: FolderKey
+) -> None:
+    """The evil peer announces a new tree, answers the walk, then never sends a chunk."""
+    victim, honest = pair
+
+    class Staller(EvilPeer):
+        def answer_chunk(self, digest: Hash, size: int) -> object:
+            return STALL
+
+    evil = Staller(key, {"stalled.bin": os.urandom(200_000)})
+    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
+    serving = asyncio.create_task(evil.serve())
+    try:
+        await eventually(lambda: evil.asked["chunks"] > 0, deadline=DEADLINE)
+        await still_serving(victim, honest, "during-stall")
+    finally:
+        serving.cancel()
+        await evil.close()
+    assert not (victim.folder / "stalled.bin").exists()
