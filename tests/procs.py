@@ -101,6 +101,14 @@ class Running:
             if event["type"] == kind and matches(event):
                 return event
 
+    def drain(self) -> list[dict[str, Any]]:
+        """Every event so far (those not yet looked at are collected first)."""
+        while True:
+            try:
+                self.events.append(self._new.get_nowait())
+            except queue.Empty:
+                return self.events
+
     def stderr_so_far(self) -> str:
         if self.stderr_file is not None:
             return Path(self.stderr_file.name).read_text()[-2000:]

@@ -212,8 +212,19 @@ def _wait_converged(cluster: Cluster, chaos: Chaos, folders: list[Path]) -> None
                 f"no convergence {HEAL_DEADLINE:g} s after healing (seed {SEED}): roots "
                 f"{[r[:12] for r in roots]}, paths differing from node 0: {differing}\n"
                 + _stderr_tails(cluster.homes)
+                + _last_events(cluster)
             )
         time.sleep(0.2)
+
+
+def _last_events(cluster: Cluster) -> str:
+    told = []
+    for i, node in enumerate(cluster.nodes):
+        if node is not None:
+            wanted = [e for e in node.drain() if e["type"] not in ("file_updated", "file_progress")]
+            told.append(f"--- node {i}, last events:")
+            told += [json.dumps({k: v for k, v in e.items() if k != "seen"}) for e in wanted[-12:]]
+    return "\n".join(told)
 
 
 def _stderr_tails(homes: list[Path]) -> str:
