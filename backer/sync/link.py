@@ -43,6 +43,8 @@ class StreamLink:
             return b""
 
     async def write(self, data: bytes) -> None:
+        if self._writer.is_closing():  # asyncio would drop the bytes and log a warning
+            raise ConnectionResetError("the connection is closed")
         self._writer.write(data)
         await self._writer.drain()
 
