@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chaos import Chaos, live_files
+from chaos import Chaos
 from netns import Lan
 from procs import Running, backer
 
@@ -205,12 +205,14 @@ def _wait_converged(cluster: Cluster, chaos: Chaos, folders: list[Path]) -> None
             if all(tree == trees[0] for tree in trees[1:]):
                 return
         if time.monotonic() > end:
+            trees = [chaos.hashes.live(f) for f in folders]
             differing = [
-                sorted(set(live_files(f)) ^ set(live_files(folders[0])))[:5] for f in folders
+                sorted(p for p in set(tree) | set(trees[0]) if tree.get(p) != trees[0].get(p))[:5]
+                for tree in trees
             ]
             raise AssertionError(
                 f"no convergence {HEAL_DEADLINE:g} s after healing (seed {SEED}): roots "
-                f"{[r[:12] for r in roots]}, paths differing from node 0: {differing}\n"
+                f"{[r[:12] for r in roots]}, paths whose content differs from node 0's: {differing}\n"
                 + _stderr_tails(cluster.homes)
                 + _last_events(cluster)
             )

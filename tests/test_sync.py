@@ -245,6 +245,29 @@ async def test_a_crash_after_the_conflict_copy_leaves_the_local_edit_at_its_path
     assert files[crashed[0]][1] == b"edited on a"
 
 
+async def test_an_edit_in_place_while_the_copy_is_made_reaches_the_copy_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos test: while the loser and its copy share an inode, an edit made in
+    place at the path changes the copy too, and the watcher names only the path. The copy is
+    read again after the pull, so the edit is indexed and spreads instead of sitting unseen."""
+    a, b = await _losing_edit_on_a(tmp_path)
+    original = FolderDisk.link_copy
+
+    def link_then_edit(disk: FolderDisk, rel: str, new_rel: str) -> StatSig:
+        sig = original(disk, rel, new_rel)
+        if disk.folder == a:
+            with (a / rel).open("ab") as file:
+                file.write(b", and more")
+        return sig
+
+    monkeypatch.setattr(FolderDisk, "link_copy", link_then_edit)
+    await converge(a, b)  # the same files, byte for byte, on both
+    for folder in (a, b):
+        contents = {content for _, content, _ in snapshot(folder).values()}
+        assert {b"edited on a, and more", b"edited on b, later"} <= contents
+
+
 async def test_identical_concurrent_edits_are_not_conflicts(pair: tuple[Path, Path]) -> None:
     a, b = pair
     write(a, "same", b"one")

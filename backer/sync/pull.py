@@ -273,9 +273,11 @@ class _Pull:
         if decision.copy_from == "local":
             if copy.kind is Kind.SYMLINK or copy.kind is Kind.FILE:
                 sig = await asyncio.to_thread(self.disk.link_copy, remote.path, copy.path)
-                # No stat recorded: the shared inode's ctime moves again when the winner is
-                # renamed over the path, so the next scan reads the copy once more.
                 self._record(copy, LocalState())
+                # Until the winner replaces the path, an edit made there in place also changes
+                # the copy (one inode, two names), and the watcher reports it under the path's
+                # name only: the copy is read again once the pull is done.
+                self.rescan.append(copy.path)
                 return sig if copy.kind is Kind.FILE else None
             return None
         if copy.kind is Kind.SYMLINK:
