@@ -212,7 +212,7 @@ def _wait_converged(cluster: Cluster, chaos: Chaos, folders: list[Path]) -> None
             ]
             raise AssertionError(
                 f"no convergence {HEAL_DEADLINE:g} s after healing (seed {SEED}): roots "
-                f"{[r[:12] for r in roots]}, paths whose content differs from node 0's: {differing}\n"
+                f"{[r[:12] for r in roots]}, paths unlike node 0's: {differing}\n"
                 + _stderr_tails(cluster.homes)
                 + _last_events(cluster)
             )
