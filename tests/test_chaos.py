@@ -31,7 +31,7 @@ from procs import Running, backer
 NODES = 5
 PORT = 22400
 ROUNDS = int(os.environ.get("BACKER_CHAOS_ROUNDS", "14"))
-SEED = int(os.environ.get("BACKER_CHAOS_SEED", str(random.randrange(1 << 30))))
+SEED = int(os.environ.get("BACKER_CHAOS_SEED", "2026"))  # the soak picks others
 HEAL_DEADLINE = 150.0
 NETWORK_FAULTS = {"delay": 0.05, "stall": 0.003, "reset": 0.002, "corrupt": 0.001}
 CHAOS_NODE = Path(__file__).with_name("chaos_node.py")
