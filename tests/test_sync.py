@@ -268,6 +268,30 @@ async def test_an_edit_in_place_while_the_copy_is_made_reaches_the_copy_everywhe
         assert {b"edited on a, and more", b"edited on b, later"} <= contents
 
 
+async def test_a_conflict_copy_never_replaces_a_file_already_at_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos test (seed 202): copy names are decided the same way on every node,
+    so the same conflict resolved on two nodes names one copy, which a user may then edit;
+    the edit reached a node that resolved the conflict later, and its copy replaced the edited
+    file without keeping it. A file at the copy's name now goes to the versions first."""
+    a, b = await _losing_edit_on_a(tmp_path)
+    original = FolderDisk.link_copy
+    squatted: list[str] = []
+
+    def squat_then_link(disk: FolderDisk, rel: str, new_rel: str) -> StatSig:
+        if not squatted:  # a file arrives at the copy's name just before the copy is made
+            squatted.append(new_rel)
+            (disk.folder / new_rel).write_bytes(b"an edit of the copy, made elsewhere")
+        return original(disk, rel, new_rel)
+
+    monkeypatch.setattr(FolderDisk, "link_copy", squat_then_link)
+    await converge(a, b)
+    kept = [p.read_bytes() for p in (a / ".backer/versions").rglob("*") if p.is_file()]
+    assert b"an edit of the copy, made elsewhere" in kept
+    assert (a / squatted[0]).read_bytes() == b"edited on a"
+
+
 async def test_identical_concurrent_edits_are_not_conflicts(pair: tuple[Path, Path]) -> None:
     a, b = pair
     write(a, "same", b"one")

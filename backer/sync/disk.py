@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat as stat_mod
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,29 +188,27 @@ class FolderDisk:
         """Give the file or symlink at `rel` a second name, `new_rel` (a conflict copy), and
         return the stat they now share. Linked, not moved: `rel` keeps its content until its
         replacement is renamed over it, so a crash in between never leaves the path empty (a
-        scan would read a deletion). The link is made under a temporary name and renamed into
-        place, so a copy left by an earlier, interrupted attempt is simply replaced."""
+        scan would read a deletion). Never replaces another file: FileExistsError if `new_rel`
+        is taken by anything but `rel` itself (a copy left by an interrupted attempt)."""
         check_path(rel)
         check_path(new_rel)
-        temp = f"copy-{secrets.token_hex(8)}.part"
         with (
             self.directory(parent_of(rel)) as src_fd,
             self.directory(parent_of(new_rel), create=True) as dst_fd,
         ):
-            self.tmp.mkdir(parents=True, exist_ok=True)
-            tmp_fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
+            source = os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False)
             try:
                 os.link(
-                    _name(rel), temp, src_dir_fd=src_fd, dst_dir_fd=tmp_fd, follow_symlinks=False
+                    _name(rel),
+                    _name(new_rel),
+                    src_dir_fd=src_fd,
+                    dst_dir_fd=dst_fd,
+                    follow_symlinks=False,
                 )
-                try:
-                    os.rename(temp, _name(new_rel), src_dir_fd=tmp_fd, dst_dir_fd=dst_fd)
-                except BaseException:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(temp, dir_fd=tmp_fd)
+            except FileExistsError:
+                there = os.stat(_name(new_rel), dir_fd=dst_fd, follow_symlinks=False)
+                if (there.st_dev, there.st_ino) != (source.st_dev, source.st_ino):
                     raise
-            finally:
-                os.close(tmp_fd)
             os.fsync(dst_fd)
             return sig_of(os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False))
 

@@ -272,7 +272,13 @@ class _Pull:
         assert copy is not None
         if decision.copy_from == "local":
             if copy.kind is Kind.SYMLINK or copy.kind is Kind.FILE:
-                sig = await asyncio.to_thread(self.disk.link_copy, remote.path, copy.path)
+                try:
+                    sig = await asyncio.to_thread(self.disk.link_copy, remote.path, copy.path)
+                except FileExistsError:
+                    # The copy's name is taken (the same conflict was resolved elsewhere and
+                    # its copy then edited, or a user made the file): keep that file too.
+                    await asyncio.to_thread(self._archive, copy.path)
+                    sig = await asyncio.to_thread(self.disk.link_copy, remote.path, copy.path)
                 self._record(copy, LocalState())
                 # Until the winner replaces the path, an edit made there in place also changes
                 # the copy (one inode, two names), and the watcher reports it under the path's
