@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import blake3
 
 RESERVED = ".backer"
 KEPT_AREAS = ("versions",)  # of the reserved directory: where replaced content is kept
+RACY_NS = 2_000_000_000
 
 
 def digest(data: bytes) -> str:
@@ -43,7 +45,11 @@ class Hashes:
                 key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 found = self._known.get(key)
                 if found is None:
-                    found = self._known[key] = digest(file.read())
+                    found = digest(file.read())
+                    # File times tick coarsely (a few ms): a file changed within the same tick
+                    # keeps its stat, so only what has been still a while is remembered.
+                    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+                        self._known[key] = found
                 return found
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
@@ -85,6 +91,12 @@ class Ledger:
     written: dict[str, int] = field(default_factory=dict)  # hash -> size
     excused: set[str] = field(default_factory=set)
     operations: Counter[str] = field(default_factory=Counter)
+    history: dict[str, list[str]] = field(default_factory=dict)  # hash -> what befell it
+    paths: dict[str, set[str]] = field(default_factory=dict)  # hash -> paths it was written at
+
+    def note(self, h: str, what: str, path: str) -> None:
+        self.history.setdefault(h, []).append(what)
+        self.paths.setdefault(h, set()).add(path)
 
     def lost(self, held: set[str]) -> dict[str, int]:
         """Owed contents that are nowhere: hash -> size (must be empty)."""
@@ -102,6 +114,7 @@ class Chaos:
         self.ledger = Ledger()
         self.hashes = Hashes()
         self.serial = 0
+        self.round = 0
 
     # -- contents --------------------------------------------------------------------------
 
@@ -114,18 +127,26 @@ class Chaos:
         )
         return f"#{self.serial}\n".encode() + self.rng.randbytes(size)
 
-    def _wrote(self, data: bytes) -> None:
-        self.ledger.written[digest(data)] = len(data)
+    def _wrote(self, data: bytes, node: int, rel: str, how: str) -> None:
+        h = digest(data)
+        self.ledger.written[h] = len(data)
+        self.ledger.note(h, f"round {self.round}: written on node {node} at {rel} ({how})", rel)
 
-    def _destroying(self, node: int, old: bytes | None) -> None:
+    def _destroying(self, node: int, old: bytes | None, rel: str = "") -> None:
         """A content at a path of `node` is about to be overwritten or deleted by the user."""
         if old is None:
             return
         h = digest(old)
         if h not in self.ledger.written:
             return
-        elsewhere = any(
-            h in self.hashes.kept(folder) for i, folder in enumerate(self.folders) if i != node
+        holders = [
+            i
+            for i, folder in enumerate(self.folders)
+            if i != node and h in self.hashes.kept(folder)
+        ]
+        elsewhere = bool(holders)
+        self.ledger.note(
+            h, f"round {self.round}: destroyed on node {node} at {rel}; also on {holders}", rel
         )
         if elsewhere:
             self.ledger.excused.discard(h)
@@ -179,12 +200,12 @@ class Chaos:
             return
         try:
             old = _read_all(fd)
-            self._destroying(node, old)
+            self._destroying(node, old, str(path))
             self.serial += 1
             patch = f"#{self.serial}\n".encode() + self.rng.randbytes(self.rng.randint(1, 4096))
             at = len(old) if append or not old else self.rng.randrange(len(old))
             os.pwrite(fd, patch, at)
-            self._wrote(_read_all(fd))
+            self._wrote(_read_all(fd), node, str(path), "appended" if append else "patched")
         finally:
             os.close(fd)
 
@@ -194,23 +215,24 @@ class Chaos:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             return
-        self._wrote(data)
         if self.rng.random() < 0.5:
+            self._wrote(data, node, rel, "temp and rename")
             temp = path.with_name(f".{path.name}.~{self.serial}")
             temp.write_bytes(data)
-            self._destroying(node, _read_or_none(path))
+            self._destroying(node, _read_or_none(path), rel)
             os.replace(temp, path)
             return
+        self._wrote(data, node, rel, "in place")
         with path.open("ab+") as file:
             file.seek(0)
-            self._destroying(node, file.read())
+            self._destroying(node, file.read(), rel)
             file.seek(0)
             file.truncate()
             file.write(data)
 
     def delete(self, node: int, rel: str) -> None:
         path = self.folders[node] / rel
-        self._destroying(node, _read_or_none(path))
+        self._destroying(node, _read_or_none(path), rel)
         try:
             path.unlink()
         except (FileNotFoundError, IsADirectoryError):
@@ -226,6 +248,11 @@ class Chaos:
             os.rename(folder / rel, target)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return
+        moved = self.hashes.of(target)
+        if moved is not None and moved in self.ledger.written:
+            self.ledger.note(
+                moved, f"round {self.round}: renamed on node {node}: {rel} -> {target}", rel
+            )
         self.ledger.operations["rename"] += 1
 
     def move_directory(self, node: int) -> None:
@@ -259,7 +286,7 @@ class Chaos:
             return
         victim = self.rng.choice(small)
         for rel in live_files(victim):
-            self._destroying(node, _read_or_none(victim / rel))
+            self._destroying(node, _read_or_none(victim / rel), f"{victim.name}/{rel}")
         shutil.rmtree(victim, ignore_errors=True)
         self.ledger.operations["delete directory"] += 1
 

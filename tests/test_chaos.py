@@ -142,7 +142,7 @@ def test_five_nodes_survive_partitions_kills_and_a_bad_network_and_lose_nothing(
             node = cluster.nodes[i]
             assert node is not None
             node.wait_for("peer_connected")
-        for _ in range(ROUNDS):
+        for chaos.round in range(1, ROUNDS + 1):
             _disturb_network(lan, rng, faults)
             _kill_or_restart(cluster, rng, faults)
             for _ in range(rng.randint(2, 6)):
@@ -165,7 +165,10 @@ def test_five_nodes_survive_partitions_kills_and_a_bad_network_and_lose_nothing(
         held: set[str] = set().union(*(chaos.hashes.kept(f) for f in folders))
         lost = chaos.ledger.lost(held)
         _report(chaos, cluster, faults, healed_in=healed_in, lost=lost, tree=live[0])
-        assert not lost, f"{len(lost)} contents lost, {sum(lost.values())} bytes (seed {SEED})"
+        assert not lost, (
+            f"{len(lost)} contents lost, {sum(lost.values())} bytes (seed {SEED})\n"
+            + _explain(chaos, folders, lost)
+        )
         tails = _stderr_tails(homes)
         assert "Traceback" not in tails, tails
     finally:
@@ -217,6 +220,24 @@ def _wait_converged(cluster: Cluster, chaos: Chaos, folders: list[Path]) -> None
                 + _last_events(cluster)
             )
         time.sleep(0.2)
+
+
+def _explain(chaos: Chaos, folders: list[Path], lost: dict[str, int]) -> str:
+    """What befell each lost content, and what each node holds at its paths now."""
+    told = []
+    for h in lost:
+        told.append(f"content {h[:12]}:")
+        told += [f"  {line}" for line in chaos.ledger.history.get(h, [])]
+        for rel in sorted(chaos.ledger.paths.get(h, ())):
+            name = Path(rel).name
+            for i, folder in enumerate(folders):
+                here = chaos.hashes.of(folder / rel) if not rel.startswith("/") else None
+                versions = sorted(
+                    f"{p.relative_to(folder)}={chaos.hashes.of(p) or '?'!s:.12}"
+                    for p in (folder / ".backer" / "versions").rglob(f"{Path(name).stem}*")
+                )
+                told.append(f"  node {i} {rel}: {here and here[:12]}; versions {versions}")
+    return "\n".join(told)
 
 
 def _last_events(cluster: Cluster) -> str:
