@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,19 @@ def test_a_peer_dialling_again_replaces_an_old_half_open_connection(we_dialled: 
         assert not keeps_existing(
             own, device, existing_outgoing=we_dialled, new_outgoing=False, existing_age=30.0
         )
+
+
+async def test_a_running_node_thins_its_versions_by_the_schedule(tmp_path: Path) -> None:
+    """Versions used to pile up for ever: nothing called the pruning. Three versions archived
+    within one hour, two hours ago: the schedule keeps one per hour there (the oldest), and
+    always the newest of a path."""
+    options = dataclasses.replace(FAST, prune_versions_every=0.2)
+    async with cluster(tmp_path, 1, options=options) as (member,):
+        versions = next(iter(member.node.folders.values())).replica.versions
+        two_hours_ago = time.time() - 7200
+        for i, offset in enumerate((0, 600, 1200)):
+            (member.folder / "notes.txt").write_bytes(f"draft {i}".encode())
+            await asyncio.to_thread(versions.archive, "notes.txt", two_hours_ago + offset)
+        await eventually(lambda: len(versions.list("notes.txt")) == 2, what="one pruned")
+        kept = sorted(v.stored.read_bytes() for v in versions.list("notes.txt"))
+        assert kept == [b"draft 0", b"draft 2"]

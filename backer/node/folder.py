@@ -51,6 +51,7 @@ class FolderOptions:
     backoff_first: float = 0.5
     backoff_max: float = 60.0
     hedge_after: float = 2.0
+    prune_versions_every: float = 3600.0  # thin the versions area on its schedule this often
 
 
 class FolderRunner:
@@ -125,6 +126,7 @@ class FolderRunner:
             tasks.create_task(self.mesh.run())
             tasks.create_task(self.puller.run())
             tasks.create_task(self._rescans())
+            tasks.create_task(self._prune_versions())
             if self.watcher is not None:
                 tasks.create_task(self._watch())
 
@@ -185,6 +187,17 @@ class FolderRunner:
             self._rescan_now.clear()
             await self._scan(None)
             await self._check_coverage()
+
+    async def _prune_versions(self) -> None:
+        """Thin the versions area by its staggered schedule (Syncthing's: one version per 30 s
+        for the first hour, per hour for a day, per day for a month, per week for a year),
+        first one interval after start, then every interval."""
+        while True:
+            await asyncio.sleep(self.options.prune_versions_every)
+            try:
+                await asyncio.to_thread(self.replica.versions.prune, time.time())
+            except (BackerError, OSError) as exc:
+                self.emit(ErrorOccurred(folder=self.label, message=f"pruning versions: {exc}"))
 
     def rescan(self) -> None:
         """Ask for a full rescan now."""
