@@ -48,11 +48,15 @@ __all__ = [
     "TcpCounters",
     "TreeDiff",
     "backer_command",
+    "code_owner",
     "descendants",
+    "ensure_command",
     "ensure_dataset",
     "file_digest",
     "free_port",
     "fresh_home",
+    "grid_markdown",
+    "grid_text",
     "machine",
     "markdown_table",
     "median",
@@ -61,6 +65,7 @@ __all__ = [
     "reset_peak_rss",
     "revision",
     "run_measured",
+    "short_path",
     "summarise_profile",
     "tcp_connections",
     "text_table",
@@ -484,6 +489,27 @@ class MeasuredProcess:
             stream.close()
 
 
+def ensure_command(command: str, *, package: str) -> str:
+    """The path of `command`, installing Debian's `package` first where it is missing (needs
+    root and apt). Raises BenchError if it is still not there."""
+    found = shutil.which(command)
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise BenchError(f"cannot install {package}: {exc}") from exc
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr)[-2000:]
+            raise BenchError(f"{' '.join(argv)} exited {done.returncode}:\n{tail}")
+    found = shutil.which(command)
+    if not found:
+        raise BenchError(f"apt-get installed {package}, but there is no `{command}` on PATH")
+    return found
+
+
 def backer_command(home: Path, *args: str) -> list[str]:
     """`backer --home HOME ARGS` with the interpreter running this benchmark."""
     return [sys.executable, "-m", "backer", "--home", str(home), *args]
@@ -570,6 +596,7 @@ class TcpCounters:
     """The kernel's counters (tcp_info) of one TCP socket."""
 
     local: str  # the socket's address, to tell a new connection from the old
+    remote: str
     bytes_sent: int
     bytes_received: int
     segs_out: int  # every segment sent, pure ACKs included
@@ -595,7 +622,8 @@ def tcp_connections(ports: Sequence[int]) -> dict[str, TcpCounters]:
         done = subprocess.run(argv, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise BenchError(f"cannot read TCP counters with `{' '.join(argv)}`: {exc}") from exc
-    found = {}
+    found: dict[str, TcpCounters] = {}
+    ends: set[frozenset[str]] = set()
     for block in re.split(r"\n(?=\S)", done.stdout.strip()):
         if not block:
             continue
@@ -604,9 +632,15 @@ def tcp_connections(ports: Sequence[int]) -> dict[str, TcpCounters]:
             match = re.search(rf"\b{name}:(\d+)", block)
             return int(match.group(1)) if match else 0
 
-        local = block.split()[2]
+        local, remote = block.split()[2:4]
+        # Both ends match when a program dials from its own listening port (Syncthing does):
+        # keep one socket of each connection.
+        if frozenset((local, remote)) in ends:
+            continue
+        ends.add(frozenset((local, remote)))
         found[local] = TcpCounters(
             local=local,
+            remote=remote,
             bytes_sent=counter("bytes_sent"),
             bytes_received=counter("bytes_received"),
             segs_out=counter("segs_out"),
@@ -748,15 +782,25 @@ class Row:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(Row.HEADER) + " |", "|" + "---|" * len(Row.HEADER)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
+    return grid_markdown(Row.HEADER, [r.cells() for r in rows])
 
 
 def text_table(rows: Sequence[Row]) -> str:
-    table = [Row.HEADER, *(r.cells() for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(Row.HEADER))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table]
+    return grid_text(Row.HEADER, [r.cells() for r in rows])
+
+
+def grid_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table; a `|` inside a cell is escaped."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def grid_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: columns padded to their widest cell, a rule under the header."""
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in out)
 
@@ -836,9 +880,9 @@ def summarise_profile(path: Path, repo: Path) -> ProfileSummary:
             waiting += own
             continue
         busy += own
-        owner = _owner(filename, func, repo)
+        owner = code_owner(filename, func, repo)
         owners[owner] = owners.get(owner, 0.0) + own
-        where = func if filename == "~" else f"{_short(filename, repo)}:{line}({func})"
+        where = func if filename == "~" else f"{short_path(filename, repo)}:{line}({func})"
         functions.append((where, int(calls), float(own), float(cum)))
     functions.sort(key=lambda f: f[2], reverse=True)
     return ProfileSummary(
@@ -849,7 +893,7 @@ def summarise_profile(path: Path, repo: Path) -> ProfileSummary:
     )
 
 
-def _owner(filename: str, func: str, repo: Path) -> str:
+def code_owner(filename: str, func: str, repo: Path) -> str:
     """Who owns a profiled function: a backer module, a package, a stdlib module, a builtin's
     module (sqlite3, blake3, posix ...)."""
     if filename == "~":
@@ -863,21 +907,21 @@ def _owner(filename: str, func: str, repo: Path) -> str:
     if filename.startswith("<"):
         return filename.strip("<>")
     path = Path(filename)
-    if path.is_relative_to(repo):
-        return ".".join(path.relative_to(repo).with_suffix("").parts)
-    parts = path.parts
+    parts = path.parts  # site-packages first: a virtualenv may live inside the repository
     if "site-packages" in parts:
         return parts[parts.index("site-packages") + 1].removesuffix(".py")
+    if path.is_relative_to(repo):
+        return ".".join(path.relative_to(repo).with_suffix("").parts)
     return f"stdlib {path.stem}"
 
 
-def _short(filename: str, repo: Path) -> str:
+def short_path(filename: str, repo: Path) -> str:
     path = Path(filename)
-    if path.is_relative_to(repo):
-        return str(path.relative_to(repo))
     parts = path.parts
     if "site-packages" in parts:
         return "/".join(parts[parts.index("site-packages") + 1 :])
+    if path.is_relative_to(repo):
+        return str(path.relative_to(repo))
     return path.name
 
 

@@ -67,6 +67,8 @@ from common import (
     backer_command,
     describe,
     ensure_dataset,
+    grid_markdown,
+    grid_text,
     machine,
     markdown_table,
     median,
@@ -1225,10 +1227,7 @@ _CONVERGENCE_HEADER = (
 
 
 def _convergence_text(report: Report) -> str:
-    table = [_CONVERGENCE_HEADER, *_convergence_rows(report)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_CONVERGENCE_HEADER))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table]
-    return "\n".join(line.rstrip() for line in out)
+    return grid_text(_CONVERGENCE_HEADER, _convergence_rows(report))
 
 
 def _convergence_markdown(report: Report) -> str:
@@ -1240,10 +1239,8 @@ def _convergence_markdown(report: Report) -> str:
         "*new connections* are the connections dialled during the run; CPU is this process's, "
         "every node together (the nodes share one GIL).",
         "",
-        "| " + " | ".join(_CONVERGENCE_HEADER) + " |",
-        "|" + "---|" * len(_CONVERGENCE_HEADER),
+        grid_markdown(_CONVERGENCE_HEADER, _convergence_rows(report)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in _convergence_rows(report)]
     lines += ["", *(f"- {count} nodes: {how}" for count, how in report.results.mesh.items())]
     return "\n".join(lines)
 

@@ -81,6 +81,8 @@ from common import (
     describe,
     ensure_dataset,
     fresh_home,
+    grid_markdown,
+    grid_text,
     machine,
     median,
     revision,
@@ -1335,17 +1337,11 @@ def _rate(dataset: Dataset, seconds: float) -> str:
 
 
 def _text_table(rows: Sequence[Row]) -> str:
-    table = [HEADER, *(r.cells() for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in out)
+    return grid_text(HEADER, [r.cells() for r in rows])
 
 
 def _markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
+    return grid_markdown(HEADER, [r.cells() for r in rows])
 
 
 if __name__ == "__main__":

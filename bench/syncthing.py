@@ -51,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from common import BenchError, descendants, free_port, median, tool_version
+from common import BenchError, descendants, ensure_command, free_port, median, tool_version
 
 __all__ = [
     "SyncthingCluster",
@@ -82,22 +82,7 @@ _ANY = {"00000000", "00000000000000000000000000000000"}
 def ensure_syncthing(binary: str = "syncthing") -> str:
     """The path of the `syncthing` command, installing Debian's package first where it is
     missing (needs root and apt). Raises BenchError if it is still not there."""
-    found = shutil.which(binary)
-    if found:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "syncthing"]):
-        try:
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-        except OSError as exc:
-            raise BenchError(f"cannot install syncthing: {exc}") from exc
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr)[-2000:]
-            raise BenchError(f"{' '.join(argv)} exited {done.returncode}:\n{tail}")
-    found = shutil.which(binary)
-    if not found:
-        raise BenchError("apt-get installed syncthing, but there is no `syncthing` on PATH")
-    return found
+    return ensure_command(binary, package="syncthing")
 
 
 @dataclass(slots=True)
