@@ -87,7 +87,9 @@ DOC_HEADER = """# Benchmarks
 
 Each family of benchmarks has its own section below, written by its script in `bench/` (which
 rewrites only its own section). Every figure stands beside a reference measured in the same run on
-the same machine; the ratio is backer / reference.
+the same machine; the ratio is backer / reference. One command, `python3 bench/all.py` from the
+repository root, reruns the scripts that fit in 15 minutes on 2 cores (section "Reproducing" says
+which ran, for how long, and the commands of the others).
 """
 
 
