@@ -41,15 +41,12 @@ from pathlib import Path
 from common import (
     BenchError,
     CpuMeter,
-    SigCache,
-    TreeDiff,
     backer_command,
     describe,
     ensure_command,
     machine,
     revision,
     tool_version,
-    tree_signatures,
     utc_date,
     wait_for_quiet,
     write_doc_section,
@@ -75,6 +72,11 @@ from compare_tools import (
     cp_floor,
 )
 from syncthing import WATCH_DELAY_S
+from trees import (
+    SigCache,
+    TreeDiff,
+    tree_signatures,
+)
 
 __all__ = ["FULL", "QUICK", "CompareSuite", "Plan", "main"]
 

@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
-from common import KIB, MIB, BenchError, Dataset, DatasetSpec, ensure_dataset, file_digest
+from common import (
+    KIB,
+    MIB,
+    BenchError,
+    Dataset,
+    DatasetSpec,
+    ensure_dataset,
+)
+from trees import (
+    file_digest,
+)
 
 __all__ = [
     "FULL_TREES",

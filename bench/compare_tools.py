@@ -39,17 +39,19 @@ from typing import Protocol
 import syncthing
 from common import (
     BenchError,
-    TcpCounters,
     backer_command,
     free_port,
+    warm_page_cache,
+)
+from compare_data import Change, Expectation, Tree, materialise, whole_tree
+from measure import (
+    TcpCounters,
     peak_rss,
     process_cpu,
     reset_peak_rss,
     run_measured,
     tcp_connections,
-    warm_page_cache,
 )
-from compare_data import Change, Expectation, Tree, materialise, whole_tree
 from rsyncd import RsyncDaemon
 
 __all__ = [

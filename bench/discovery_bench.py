@@ -72,12 +72,14 @@ from common import (
     markdown_table,
     median,
     revision,
-    run_measured,
     text_table,
     tool_version,
     utc_date,
     wait_for_quiet,
     write_doc_section,
+)
+from measure import (
+    run_measured,
 )
 
 REPO = Path(__file__).resolve().parent.parent

@@ -63,7 +63,6 @@ from common import (
     CpuMeter,
     DatasetSpec,
     Row,
-    TcpCounters,
     backer_command,
     describe,
     ensure_dataset,
@@ -73,12 +72,15 @@ from common import (
     markdown_table,
     median,
     revision,
-    tcp_connections,
     text_table,
     tool_version,
     utc_date,
     wait_for_quiet,
     write_doc_section,
+)
+from measure import (
+    TcpCounters,
+    tcp_connections,
 )
 
 from backer.config import DEFAULT_MAX_PEERS, FolderConfig, Home, NodeConfig

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import BenchError, Measured, MeasuredProcess, free_port, run_measured
+from common import (
+    BenchError,
+    free_port,
+)
+from measure import (
+    Measured,
+    MeasuredProcess,
+    run_measured,
+)
 
 __all__ = ["RsyncDaemon", "RsyncStats"]
 

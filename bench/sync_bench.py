@@ -72,11 +72,8 @@ from common import (
     CpuMeter,
     Dataset,
     DatasetSpec,
-    FileSig,
-    Measured,
     ProfileSummary,
     Row,
-    TreeDiff,
     backer_command,
     describe,
     ensure_dataset,
@@ -86,16 +83,23 @@ from common import (
     machine,
     median,
     revision,
-    run_measured,
     summarise_profile,
     tool_version,
-    tree_signatures,
     utc_date,
     wait_for_quiet,
     warm_page_cache,
     write_doc_section,
 )
+from measure import (
+    Measured,
+    run_measured,
+)
 from rsyncd import RsyncDaemon
+from trees import (
+    FileSig,
+    TreeDiff,
+    tree_signatures,
+)
 
 from backer.config import Home
 from backer.index.chunker import chunk_stream

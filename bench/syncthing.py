@@ -51,7 +51,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from common import BenchError, descendants, ensure_command, free_port, median, tool_version
+from common import (
+    BenchError,
+    ensure_command,
+    free_port,
+    median,
+    tool_version,
+)
+from measure import (
+    descendants,
+)
 
 __all__ = [
     "SyncthingCluster",
