@@ -7,20 +7,15 @@ change has figures and that every copy was verified, never a timing."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DAEMONS = ("backer", "Syncthing", "rsync")
 FLOORS = ("cp -a", "b3sum")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` (iproute2) for TCP counters")
 def test_compare_quick_runs(tmp_path: Path) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     before = doc.read_text() if doc.exists() else None
