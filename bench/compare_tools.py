@@ -385,14 +385,16 @@ class SyncthingSession:
         )
 
     def _seed(self, instance: syncthing.SyncthingInstance) -> None:
+        """A's folder gets the tree before either instance starts, then the cache is warmed and
+        the links written out, as for backer's source before its first process starts."""
         if instance.name == "A":
             materialise(self.tree, instance.folder, private=self.tree.large())
+            warm_page_cache(self.tree.paths())
+            os.sync()
 
     def __enter__(self) -> SyncthingSession:
         shutil.rmtree(self.base, ignore_errors=True)
         self.base.mkdir(parents=True)
-        warm_page_cache(self.tree.paths())
-        os.sync()
         return self
 
     def __exit__(self, *_: object) -> None:
