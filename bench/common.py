@@ -1,5 +1,7 @@
-"""Shared pieces of the benchmarks in bench/: deterministic datasets, measured child processes,
-the machine description, result tables and the docs/benchmarks.md section writer.
+"""Shared pieces of the benchmarks in bench/: deterministic datasets, the machine description,
+result tables, the docs/benchmarks.md section writer and profile summaries. Measuring
+processes (the launcher, /proc, TCP counters) is `measure`'s job; signatures of whole trees,
+to check copies, are `trees`'.
 
 Every benchmark script (`scan_bench.py`; later sync against rsync and Syncthing) runs as
 `python bench/NAME.py`, so bench/ is on sys.path and this module imports as `common`. Nothing in
@@ -27,7 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 __all__ = [
     "OLD_MTIME",
@@ -35,17 +36,21 @@ __all__ = [
     "CpuMeter",
     "Dataset",
     "DatasetSpec",
-    "Measured",
     "ProfileSummary",
     "Row",
     "backer_command",
+    "code_owner",
+    "ensure_command",
     "ensure_dataset",
     "free_port",
     "fresh_home",
+    "grid_markdown",
+    "grid_text",
     "machine",
     "markdown_table",
     "median",
-    "run_measured",
+    "revision",
+    "short_path",
     "summarise_profile",
     "text_table",
     "tool_version",
@@ -65,7 +70,9 @@ DOC_HEADER = """# Benchmarks
 
 Each family of benchmarks has its own section below, written by its script in `bench/` (which
 rewrites only its own section). Every figure stands beside a reference measured in the same run on
-the same machine; the ratio is backer / reference.
+the same machine; the ratio is backer / reference. One command, `python3 bench/all.py` from the
+repository root, reruns the scripts that fit in 15 minutes on 2 cores (section "Reproducing" says
+which ran, for how long, and the commands of the others).
 """
 
 
@@ -226,99 +233,25 @@ def warm_page_cache(paths: Sequence[Path]) -> None:
                 pass
 
 
-# -- processes -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Measured:
-    """One finished child process: its wall time, peak RSS and output."""
-
-    argv: tuple[str, ...]
-    wall: float  # seconds, time.perf_counter around fork and reaping
-    max_rss: int  # bytes, ru_maxrss of the child from wait4
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-
-
-# The launcher between the benchmark and what it measures. Linux keeps the memory high-water mark
-# of a process across exec, and Python's subprocess starts children with vfork, so a child
-# spawned directly by the (large) benchmark process reports the benchmark's own peak RSS as its
-# ru_maxrss. This small interpreter forks the command afresh (its floor: about 5 MB), times it
-# with perf_counter from fork to reaping, and writes "wall maxrss_kib returncode" to a pipe.
-_LAUNCHER = """
-import os, sys, time
-report = int(sys.argv[1])
-started = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.close(report)
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    except OSError as exc:
-        os.write(2, f"cannot run {sys.argv[2]}: {exc}\\n".encode())
-    os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - started
-code = os.waitstatus_to_exitcode(status)
-os.write(report, f"{wall!r} {usage.ru_maxrss} {code}".encode())
-"""
-
-
-def run_measured(
-    argv: Sequence[str],
-    *,
-    cwd: Path | None = None,
-    stdin: bytes | None = None,
-    stdout: Literal["capture", "discard"] = "capture",
-    check: bool = True,
-) -> Measured:
-    """Run `argv` to completion; its wall time and peak RSS come from `_LAUNCHER`.
-
-    Output goes to temporary files (never a pipe, so nothing can block on a full pipe and no
-    reader thread competes for the CPU); `stdout="discard"` sends it to /dev/null. `stdin`, if
-    given, is fed from a temporary file.
-    """
-    read_end, write_end = os.pipe()
-    with (
-        tempfile.TemporaryFile() as out,
-        tempfile.TemporaryFile() as err,
-        tempfile.TemporaryFile() as feed,
-        os.fdopen(read_end, "rb") as report,
-    ):
-        if stdin is not None:
-            feed.write(stdin)
-            feed.seek(0)
+def ensure_command(command: str, *, package: str) -> str:
+    """The path of `command`, installing Debian's `package` first where it is missing (needs
+    root and apt). Raises BenchError if it is still not there."""
+    found = shutil.which(command)
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
         try:
-            launcher = subprocess.Popen(
-                [sys.executable, "-S", "-I", "-c", _LAUNCHER, str(write_end), *argv],
-                cwd=cwd,
-                stdin=feed if stdin is not None else subprocess.DEVNULL,
-                stdout=out if stdout == "capture" else subprocess.DEVNULL,
-                stderr=err,
-                pass_fds=(write_end,),
-            )
-        finally:
-            os.close(write_end)
-        with launcher:
-            fields = report.read().split()
-            launcher.wait()
-        out.seek(0)
-        err.seek(0)
-        if launcher.returncode != 0 or len(fields) != 3:
-            raise BenchError(f"the launcher failed on {' '.join(argv)}: {err.read()!r}")
-        result = Measured(
-            argv=tuple(argv),
-            wall=float(fields[0]),
-            max_rss=int(fields[1]) * 1024,  # Linux reports KiB
-            returncode=int(fields[2]),
-            stdout=out.read(),
-            stderr=err.read(),
-        )
-    if check and result.returncode != 0:
-        tail = result.stderr.decode(errors="replace")[-2000:]
-        raise BenchError(f"{' '.join(argv)} exited {result.returncode}:\n{tail}")
-    return result
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise BenchError(f"cannot install {package}: {exc}") from exc
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr)[-2000:]
+            raise BenchError(f"{' '.join(argv)} exited {done.returncode}:\n{tail}")
+    found = shutil.which(command)
+    if not found:
+        raise BenchError(f"apt-get installed {package}, but there is no `{command}` on PATH")
+    return found
 
 
 def backer_command(home: Path, *args: str) -> list[str]:
@@ -409,6 +342,28 @@ def utc_date() -> str:
     return subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def revision(repo: Path) -> str:
+    """Which backer was measured: the commit, and the files of backer/ changed since (read
+    only: no optional locks, so git does not refresh its index)."""
+    git = ["git", "--no-optional-locks", "-C", str(repo)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--", "backer"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "(not a git checkout)"
+    files = [line[3:] for line in changed if line.strip()]
+    if not files:
+        return f"(commit {head})"
+    return f"(commit {head}, with uncommitted changes to {len(files)} files of backer/)"
+
+
 def tool_version(argv: Sequence[str]) -> str:
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, check=True)
@@ -459,15 +414,25 @@ class Row:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(Row.HEADER) + " |", "|" + "---|" * len(Row.HEADER)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
+    return grid_markdown(Row.HEADER, [r.cells() for r in rows])
 
 
 def text_table(rows: Sequence[Row]) -> str:
-    table = [Row.HEADER, *(r.cells() for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(Row.HEADER))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table]
+    return grid_text(Row.HEADER, [r.cells() for r in rows])
+
+
+def grid_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table; a `|` inside a cell is escaped."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def grid_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: columns padded to their widest cell, a rule under the header."""
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in out)
 
@@ -547,9 +512,9 @@ def summarise_profile(path: Path, repo: Path) -> ProfileSummary:
             waiting += own
             continue
         busy += own
-        owner = _owner(filename, func, repo)
+        owner = code_owner(filename, func, repo)
         owners[owner] = owners.get(owner, 0.0) + own
-        where = func if filename == "~" else f"{_short(filename, repo)}:{line}({func})"
+        where = func if filename == "~" else f"{short_path(filename, repo)}:{line}({func})"
         functions.append((where, int(calls), float(own), float(cum)))
     functions.sort(key=lambda f: f[2], reverse=True)
     return ProfileSummary(
@@ -560,7 +525,7 @@ def summarise_profile(path: Path, repo: Path) -> ProfileSummary:
     )
 
 
-def _owner(filename: str, func: str, repo: Path) -> str:
+def code_owner(filename: str, func: str, repo: Path) -> str:
     """Who owns a profiled function: a backer module, a package, a stdlib module, a builtin's
     module (sqlite3, blake3, posix ...)."""
     if filename == "~":
@@ -574,21 +539,21 @@ def _owner(filename: str, func: str, repo: Path) -> str:
     if filename.startswith("<"):
         return filename.strip("<>")
     path = Path(filename)
-    if path.is_relative_to(repo):
-        return ".".join(path.relative_to(repo).with_suffix("").parts)
-    parts = path.parts
+    parts = path.parts  # site-packages first: a virtualenv may live inside the repository
     if "site-packages" in parts:
         return parts[parts.index("site-packages") + 1].removesuffix(".py")
+    if path.is_relative_to(repo):
+        return ".".join(path.relative_to(repo).with_suffix("").parts)
     return f"stdlib {path.stem}"
 
 
-def _short(filename: str, repo: Path) -> str:
+def short_path(filename: str, repo: Path) -> str:
     path = Path(filename)
-    if path.is_relative_to(repo):
-        return str(path.relative_to(repo))
     parts = path.parts
     if "site-packages" in parts:
         return "/".join(parts[parts.index("site-packages") + 1 :])
+    if path.is_relative_to(repo):
+        return str(path.relative_to(repo))
     return path.name
 
 

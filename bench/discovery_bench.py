@@ -71,12 +71,15 @@ from common import (
     machine,
     markdown_table,
     median,
-    run_measured,
+    revision,
     text_table,
     tool_version,
     utc_date,
     wait_for_quiet,
     write_doc_section,
+)
+from measure import (
+    run_measured,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -898,33 +901,13 @@ def _import_seconds() -> float:
     return float(done.stdout.decode().strip())
 
 
-def _revision() -> str:
-    """The commit measured, and how many files of backer/ differ from it (read only)."""
-    git = ["git", "--no-optional-locks", "-C", str(REPO)]
-    try:
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changed = subprocess.run(
-            [*git, "status", "--porcelain", "--", "backer"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "(not a git checkout)"
-    if not changed:
-        return f"(commit {head})"
-    return f"(commit {head}, with uncommitted changes to {len(changed)} files of backer/)"
-
-
 def run(plan: Plan, workdir: Path, log: Callable[[str], None] = print) -> Report:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         raise BenchError("the discovery benchmark needs root and `ip` (network namespaces)")
     report = Report(plan=plan)
     report.date = utc_date()
     report.load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    report.backer_version = f"{tool_version([*PYTHON, '--version'])} {_revision()}"
+    report.backer_version = f"{tool_version([*PYTHON, '--version'])} {revision(REPO)}"
     binary = ""
     if any(m.startswith(SYNCTHING) for m in plan.measures):
         binary = syncthing.ensure_syncthing()

@@ -34,13 +34,15 @@ from common import (
     machine,
     markdown_table,
     median,
-    run_measured,
     text_table,
     utc_date,
     wait_for_quiet,
     write_doc_section,
 )
 from crypto_bench import handshake_time
+from measure import (
+    run_measured,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"

@@ -44,11 +44,9 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import resource
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -68,14 +66,21 @@ from common import (
     backer_command,
     describe,
     ensure_dataset,
+    grid_markdown,
+    grid_text,
     machine,
     markdown_table,
     median,
+    revision,
     text_table,
     tool_version,
     utc_date,
     wait_for_quiet,
     write_doc_section,
+)
+from measure import (
+    TcpCounters,
+    tcp_connections,
 )
 
 from backer.config import DEFAULT_MAX_PEERS, FolderConfig, Home, NodeConfig
@@ -215,19 +220,6 @@ class Sample:
     seconds: float  # from the file closed at the source to the same bytes at the target
     scanned: float | None  # the source's scan that indexed it, seconds after the close
     pulled: tuple[float | None, ...]  # each other node's pull of it finished (source excluded)
-
-
-@dataclass(frozen=True, slots=True)
-class TcpCounters:
-    """The kernel's counters (tcp_info) of one TCP socket."""
-
-    local: str  # the socket's address, to tell a new connection from the old
-    bytes_sent: int
-    bytes_received: int
-    segs_out: int  # every segment sent, pure ACKs included
-    segs_in: int
-    data_segs_out: int  # segments that carried data
-    data_segs_in: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -756,7 +748,7 @@ class NodeBench:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         self.report = Report(plan=plan, date=utc_date(), load=load)
         backer = tool_version(backer_command(Path("/nonexistent"), "--version"))
-        self.report.backer_version = f"{backer} {_revision()}"
+        self.report.backer_version = f"{backer} {revision(REPO)}"
         self.results = self.report.results
         self._block: tuple[str, CpuMeter] | None = None
 
@@ -1105,30 +1097,11 @@ def _all_before(index: int) -> Sequence[int]:
 
 def _tcp_counters(port: int) -> TcpCounters:
     """The tcp_info counters of the one established TCP connection to 127.0.0.1:`port`, from
-    its dialling end (`ss -tin`, which omits a counter that is zero)."""
-    argv = ["ss", "-tinH", "state", "established", "dst", f"127.0.0.1:{port}"]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise BenchError(f"cannot read TCP counters with `{' '.join(argv)}`: {exc}") from exc
-    sockets = [block for block in re.split(r"\n(?=\S)", done.stdout.strip()) if block]
+    its dialling end."""
+    sockets = list(tcp_connections([port]).values())
     if len(sockets) != 1:
         raise BenchError(f"expected one connection to port {port}, found {len(sockets)}")
-    block = sockets[0]
-
-    def counter(name: str) -> int:
-        found = re.search(rf"\b{name}:(\d+)", block)
-        return int(found.group(1)) if found else 0
-
-    return TcpCounters(
-        local=block.split()[2],
-        bytes_sent=counter("bytes_sent"),
-        bytes_received=counter("bytes_received"),
-        segs_out=counter("segs_out"),
-        segs_in=counter("segs_in"),
-        data_segs_out=counter("data_segs_out"),
-        data_segs_in=counter("data_segs_in"),
-    )
+    return sockets[0]
 
 
 def _write_tree(root: Path, files: Sequence[tuple[str, bytes]]) -> None:
@@ -1161,28 +1134,6 @@ def _check_copies(members: Sequence[Member], files: Sequence[tuple[str, bytes]])
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _revision() -> str:
-    """Which backer was measured: the commit, and the files of backer/ changed since (read
-    only: no optional locks, so git does not refresh its index)."""
-    git = ["git", "--no-optional-locks", "-C", str(REPO)]
-    try:
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changed = subprocess.run(
-            [*git, "status", "--porcelain", "--", "backer"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "(not a git checkout)"
-    files = [line[3:] for line in changed if line.strip()]
-    if not files:
-        return f"(commit {head})"
-    return f"(commit {head}, with uncommitted changes to {len(files)} files of backer/)"
 
 
 def _log(message: str) -> None:
@@ -1278,10 +1229,7 @@ _CONVERGENCE_HEADER = (
 
 
 def _convergence_text(report: Report) -> str:
-    table = [_CONVERGENCE_HEADER, *_convergence_rows(report)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_CONVERGENCE_HEADER))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table]
-    return "\n".join(line.rstrip() for line in out)
+    return grid_text(_CONVERGENCE_HEADER, _convergence_rows(report))
 
 
 def _convergence_markdown(report: Report) -> str:
@@ -1293,10 +1241,8 @@ def _convergence_markdown(report: Report) -> str:
         "*new connections* are the connections dialled during the run; CPU is this process's, "
         "every node together (the nodes share one GIL).",
         "",
-        "| " + " | ".join(_CONVERGENCE_HEADER) + " |",
-        "|" + "---|" * len(_CONVERGENCE_HEADER),
+        grid_markdown(_CONVERGENCE_HEADER, _convergence_rows(report)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in _convergence_rows(report)]
     lines += ["", *(f"- {count} nodes: {how}" for count, how in report.results.mesh.items())]
     return "\n".join(lines)
 

@@ -51,7 +51,6 @@ from common import (
     CpuMeter,
     Dataset,
     DatasetSpec,
-    Measured,
     ProfileSummary,
     Row,
     backer_command,
@@ -61,7 +60,6 @@ from common import (
     machine,
     markdown_table,
     median,
-    run_measured,
     summarise_profile,
     text_table,
     tool_version,
@@ -69,6 +67,10 @@ from common import (
     wait_for_quiet,
     warm_page_cache,
     write_doc_section,
+)
+from measure import (
+    Measured,
+    run_measured,
 )
 
 __all__ = ["main"]

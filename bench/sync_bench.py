@@ -48,7 +48,6 @@ import resource
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import blake3
 from common import (
     KIB,
     LARGE,
@@ -74,23 +72,33 @@ from common import (
     CpuMeter,
     Dataset,
     DatasetSpec,
-    Measured,
     ProfileSummary,
     Row,
     backer_command,
     describe,
     ensure_dataset,
-    free_port,
     fresh_home,
+    grid_markdown,
+    grid_text,
     machine,
     median,
-    run_measured,
+    revision,
     summarise_profile,
     tool_version,
     utc_date,
     wait_for_quiet,
     warm_page_cache,
     write_doc_section,
+)
+from measure import (
+    Measured,
+    run_measured,
+)
+from rsyncd import RsyncDaemon
+from trees import (
+    FileSig,
+    TreeDiff,
+    tree_signatures,
 )
 
 from backer.config import Home
@@ -221,35 +229,6 @@ class SyncOutcome:
 
 
 @dataclass(frozen=True, slots=True)
-class RsyncStats:
-    """rsync's `--stats`: what the client says it sent and received."""
-
-    sent: int
-    received: int
-    literal: int  # file data sent as is (not matched against the destination)
-
-    @property
-    def total(self) -> int:
-        return self.sent + self.received
-
-    @classmethod
-    def parse(cls, measured: Measured) -> RsyncStats:
-        text = measured.stdout.decode(errors="replace")
-
-        def number(label: str) -> int:
-            found = re.search(rf"^{label}: ([\d,.]+)", text, re.MULTILINE)
-            if found is None:
-                raise BenchError(f"rsync --stats printed no {label!r}:\n{text[-2000:]}")
-            return int(found.group(1).replace(",", "").replace(".", ""))
-
-        return cls(
-            sent=number("Total bytes sent"),
-            received=number("Total bytes received"),
-            literal=number("Literal data"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class Traffic:
     """Payload bytes that crossed the counting relay, by direction."""
 
@@ -339,7 +318,9 @@ class Report:
 
     def markdown(self, plan: Plan) -> str:
         rsync = " ".join(tool_version(["rsync", "--version"]).split())
-        backer = f"{tool_version(backer_command(Path('/nonexistent'), '--version'))} {_revision()}"
+        backer = (
+            f"{tool_version(backer_command(Path('/nonexistent'), '--version'))} {revision(REPO)}"
+        )
         parts = [
             f"Measured {self.date} on {machine()}; {backer}; {rsync}. Load average at the "
             f"start: {self.load}; other processes on the machine used {self.others:.2f} cores "
@@ -917,19 +898,12 @@ class SyncBench:
     def verify(self, source: Path, copy: Path, what: str) -> None:
         """The copy holds the same files as the source: contents, sizes, modes and mtimes."""
         if source not in self.source_trees or source.is_relative_to(self.base):
-            self.source_trees[source] = _tree(source)
-        expected, found = self.source_trees[source], _tree(copy)
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        content = sorted(
-            p for p in set(expected) & set(found) if expected[p].content != found[p].content
-        )
-        if missing or extra or content:
-            raise BenchError(
-                f"{what} differs from {source}: missing {missing[:3]} ({len(missing)}), extra "
-                f"{extra[:3]} ({len(extra)}), other contents {content[:3]} ({len(content)})"
-            )
-        meta = sorted(p for p in expected if expected[p] != found[p])
+            self.source_trees[source] = tree_signatures(source)
+        expected, found = self.source_trees[source], tree_signatures(copy)
+        diff = TreeDiff.between(expected, found)
+        if not diff.same_contents:
+            raise BenchError(f"{what} differs from {source}: {diff.describe()}")
+        meta = diff.meta
         if meta:
             note = (
                 f"{what}: {len(meta)} files with another mode or mtime than the source's, e.g. "
@@ -1120,118 +1094,11 @@ class BackerServer:
         return self._stderr.read().decode(errors="replace")[-2000:]
 
 
-class RsyncDaemon:
-    """`rsync --daemon --no-detach` on 127.0.0.1 with one writable module per destination."""
-
-    def __init__(self, base: Path, modules: dict[str, Path]) -> None:
-        self.base = base
-        self.modules = modules
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> RsyncDaemon:
-        config = self.base / "rsyncd.conf"
-        lines = [
-            "use chroot = no",
-            "read only = no",
-            f"uid = {os.getuid()}",
-            f"gid = {os.getgid()}",
-            "numeric ids = yes",
-            f"log file = {self.base / 'rsyncd.log'}",
-            "",
-        ]
-        for name, path in self.modules.items():
-            path.mkdir(parents=True, exist_ok=True)
-            lines += [f"[{name}]", f"    path = {path}", ""]
-        config.write_text("\n".join(lines))
-        for _ in range(5):  # a free port found now may be taken before the daemon binds it
-            self.port = free_port()
-            self.process = subprocess.Popen(
-                [
-                    "rsync",
-                    "--daemon",
-                    "--no-detach",
-                    f"--config={config}",
-                    f"--port={self.port}",
-                    "--address=127.0.0.1",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            if _wait_listening(self.port, self.process, limit=10.0):
-                return self
-            self._stop()
-        raise BenchError(f"the rsync daemon did not start; see {self.base / 'rsyncd.log'}")
-
-    def __exit__(self, *_: object) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            self.process = None
-
-    def push(self, source: Path, module: str, port: int) -> tuple[Measured, RsyncStats]:
-        """`rsync -a --stats SOURCE/ rsync://127.0.0.1:PORT/MODULE/` (index excluded)."""
-        measured = run_measured(
-            [
-                "rsync",
-                "-a",
-                "--stats",
-                "--exclude=/.backer",
-                f"{source}/",
-                f"rsync://127.0.0.1:{port}/{module}/",
-            ]
-        )
-        return measured, RsyncStats.parse(measured)
-
-
-def _revision() -> str:
-    """Which backer was measured: the commit, and the files of backer/ changed since."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "backer"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return "(not a git checkout)"
-    files = [line[3:] for line in changed if line.strip()]
-    return f"(commit {head}" + (
-        f", with uncommitted changes to {', '.join(files)})" if files else ")"
-    )
-
-
 def _children_cpu() -> Cpu:
     """CPU seconds of every child process reaped so far, with its own reaped children: a
     child's CPU time is the difference across its run."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return Cpu(usage.ru_utime, usage.ru_stime)
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes], *, limit: float) -> bool:
-    """Whether the daemon accepts connections within `limit` seconds (False if it died)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and process.poll() is None:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.02)  # the daemon gives no other sign that it listens
-    return False
 
 
 # -- the counting relay --------------------------------------------------------------------------
@@ -1345,40 +1212,6 @@ class Relay:
 
 
 # -- trees ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FileSig:
-    size: int
-    mode: int
-    mtime_ns: int
-    content: str  # BLAKE3 hex
-
-
-def _tree(root: Path) -> dict[str, FileSig]:
-    """Every file under `root` (backer's `.backer/` at the top excluded) with its signature;
-    directories as entries of size -1, so that a missing empty directory is seen too."""
-    found: dict[str, FileSig] = {}
-    buffer = bytearray(4 * MIB)
-    view = memoryview(buffer)
-    for directory, dirs, files in os.walk(root):
-        rel_dir = os.path.relpath(directory, root)
-        if rel_dir == ".":
-            dirs[:] = [d for d in dirs if d != ".backer"]
-            rel_dir = ""
-        for name in dirs:
-            found[os.path.join(rel_dir, name) + "/"] = FileSig(-1, 0, 0, "")
-        for name in files:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            with open(path, "rb", buffering=0) as stream:
-                while count := stream.readinto(buffer):
-                    hasher.update(view[:count])
-            found[os.path.join(rel_dir, name)] = FileSig(
-                st.st_size, st.st_mode & 0o7777, st.st_mtime_ns, hasher.hexdigest()
-            )
-    return found
 
 
 def _copy_tree(source: Path, dest: Path, *, keep_index: bool = False) -> None:
@@ -1508,17 +1341,11 @@ def _rate(dataset: Dataset, seconds: float) -> str:
 
 
 def _text_table(rows: Sequence[Row]) -> str:
-    table = [HEADER, *(r.cells() for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in out)
+    return grid_text(HEADER, [r.cells() for r in rows])
 
 
 def _markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
+    return grid_markdown(HEADER, [r.cells() for r in rows])
 
 
 if __name__ == "__main__":

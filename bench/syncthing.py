@@ -45,12 +45,22 @@ import time
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from common import BenchError, free_port, median, tool_version
+from common import (
+    BenchError,
+    ensure_command,
+    free_port,
+    median,
+    tool_version,
+)
+from measure import (
+    descendants,
+)
 
 __all__ = [
     "SyncthingCluster",
@@ -81,22 +91,7 @@ _ANY = {"00000000", "00000000000000000000000000000000"}
 def ensure_syncthing(binary: str = "syncthing") -> str:
     """The path of the `syncthing` command, installing Debian's package first where it is
     missing (needs root and apt). Raises BenchError if it is still not there."""
-    found = shutil.which(binary)
-    if found:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "syncthing"]):
-        try:
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-        except OSError as exc:
-            raise BenchError(f"cannot install syncthing: {exc}") from exc
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr)[-2000:]
-            raise BenchError(f"{' '.join(argv)} exited {done.returncode}:\n{tail}")
-    found = shutil.which(binary)
-    if not found:
-        raise BenchError("apt-get installed syncthing, but there is no `syncthing` on PATH")
-    return found
+    return ensure_command(binary, package="syncthing")
 
 
 @dataclass(slots=True)
@@ -162,7 +157,7 @@ class SyncthingInstance:
         monitor plus the real process, even with --no-restart; the latter holds the sockets)."""
         if self.process is None:
             return []
-        return _descendants(self.process.pid)
+        return descendants(self.process.pid)
 
     def stop(self) -> None:
         """SIGKILL to the process group we started (the monitor and its child); returns once
@@ -199,7 +194,14 @@ class SyncthingCluster:
         watch_delay_s: int = WATCH_DELAY_S,
         parent: Path | None = None,
         start_limit: float = START_LIMIT,
+        seed: Callable[[SyncthingInstance], None] | None = None,
+        settle: bool = True,
     ) -> None:
+        """`seed`, if given, is called with each instance once its (empty) folder exists and
+        before any instance starts: to put files there that the instances find at their start.
+        With `settle=False`, entering returns as soon as every instance answers its REST API
+        (not connected or in sync yet); `started` is then the perf_counter time at which the
+        first instance was spawned, for timing what follows from there."""
         if count < 2:
             raise ValueError("a cluster needs at least two instances")
         self.count = count
@@ -207,6 +209,9 @@ class SyncthingCluster:
         self.watch_delay_s = watch_delay_s
         self.parent = parent
         self.start_limit = start_limit
+        self.seed = seed
+        self.settle = settle
+        self.started = 0.0
         self.base: Path | None = None
         self.instances: list[SyncthingInstance] = []
 
@@ -248,14 +253,18 @@ class SyncthingCluster:
             self.instances.append(instance)
         for instance in self.instances:
             self._configure(instance)
+            if self.seed is not None:
+                self.seed(instance)
         deadline = time.monotonic() + self.start_limit
+        self.started = time.perf_counter()
         for instance in self.instances:
             # One at a time, each once the earlier ones listen: the first dial then succeeds
             # (a failed one is retried only after several seconds).
             self._spawn(instance)
             self._wait_answering(instance, deadline)
-        self.wait_ready(max(deadline - time.monotonic(), 0.0))
-        self.check_loopback_only()
+        if self.settle:
+            self.wait_ready(max(deadline - time.monotonic(), 0.0))
+            self.check_loopback_only()
 
     def close(self) -> None:
         """Kill every process and remove the temporary directory; safe to call twice."""
@@ -532,25 +541,6 @@ def _child(parent: ET.Element, tag: str) -> ET.Element:
     """The first `tag` child of `parent`, created if missing."""
     found = parent.find(tag)
     return found if found is not None else ET.SubElement(parent, tag)
-
-
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every live process below it, from the parent fields of /proc/*/stat."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        # "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
-        fields = text[text.rindex(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(text.split(" ", 1)[0]))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += children.get(current, [])
-    return found
 
 
 def _exited(
