@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from backer.ids import Hash
 from backer.index.merkle import EMPTY_ROOT
 from backer.index.store import StatSig
+from backer.sync.assemble import LOCAL_BATCH
 from backer.sync.disk import FolderDisk
 from backer.sync.merge import is_conflict_copy
 from backer.sync.peer import SessionResult
@@ -395,3 +397,29 @@ async def test_sync_over_tcp(pair: tuple[Path, Path]) -> None:
         await client_replica.close()
     assert result.in_sync and server_result.clean
     assert snapshot(a) == snapshot(b)
+
+
+async def test_a_large_files_local_chunks_are_read_a_batch_at_a_time(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the side-by-side benchmark: a 4 KiB change in a 256 MiB file made the copy
+    read every chunk it already had into one list, the whole file in memory at once (peaks of
+    335-867 MB). Local chunks are now read, checked and written LOCAL_BATCH at a time."""
+    a, b = pair
+    big = os.urandom(24 * 1024 * 1024)
+    write(a, "big.bin", big)
+    await converge(a, b)
+    asked: list[int] = []
+    original = Replica.read_chunks
+
+    def counting(replica: Replica, wanted: Sequence[tuple[Hash, int]]) -> list[bytes | None]:
+        asked.append(len(wanted))
+        return original(replica, wanted)
+
+    monkeypatch.setattr(Replica, "read_chunks", counting)
+    changed = big[:12_000_000] + os.urandom(4096) + big[12_004_096:]
+    write(a, "big.bin", changed, mtime=OLD + 5)
+    result = await converge(a, b)
+    assert (b / "big.bin").read_bytes() == changed
+    assert fetched(result) < 200_000  # the rest came from the old file
+    assert asked and max(asked) <= LOCAL_BATCH < sum(asked)

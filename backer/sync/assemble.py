@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 CHUNK_WINDOW = 64  # chunks in flight (about 1.5 MiB at the 24 KiB mean chunk)
+LOCAL_BATCH = 256  # chunks this folder already has, read and written at a time (about 6 MiB)
 PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
 PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
 UNCHECKED = object()  # "do not compare the stat of what is replaced" (a symlink)
@@ -139,15 +140,20 @@ class Assembler:
         offset = 0
         resumable = os.fstat(fd).st_size
         records = list(iter_chunks(chunks))
-        for (digest, size), data in zip(records, self.replica.read_chunks(records), strict=True):
-            if data is not None:
-                os.pwrite(fd, data, offset)
-                self.report.bytes_local += size
-            elif offset + size <= resumable and hash_chunk(os.pread(fd, size, offset)) == digest:
-                self.report.bytes_local += size
-            else:
-                missing.append((offset, digest, size))
-            offset += size
+        # A batch at a time: a large file's chunks, all read at once, would all be in memory.
+        for start in range(0, len(records), LOCAL_BATCH):
+            batch = records[start : start + LOCAL_BATCH]
+            for (digest, size), data in zip(batch, self.replica.read_chunks(batch), strict=True):
+                if data is not None:
+                    os.pwrite(fd, data, offset)
+                    self.report.bytes_local += size
+                elif (
+                    offset + size <= resumable and hash_chunk(os.pread(fd, size, offset)) == digest
+                ):
+                    self.report.bytes_local += size
+                else:
+                    missing.append((offset, digest, size))
+                offset += size
         return missing
 
     async def _fetch_into(

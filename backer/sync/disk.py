@@ -11,7 +11,8 @@ import contextlib
 import errno
 import os
 import stat as stat_mod
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from backer.errors import InvalidPathError
@@ -21,6 +22,9 @@ from backer.paths import RESERVED_DIR, check_path, parent_of
 __all__ = ["FolderDisk", "sig_of"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+_READERS_OPEN = 16  # files `reader()` keeps open at once
 
 
 def sig_of(st: os.stat_result) -> StatSig:
@@ -71,6 +75,42 @@ class FolderDisk:
 
     def read_at(self, rel: str, offset: int, size: int) -> bytes | None:
         """`size` bytes of a regular file at `offset`, or None if that is not possible."""
+        with self.reader() as read:
+            return read(rel, offset, size)
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[str, int, int], bytes | None]]:
+        """`read(rel, offset, size)` like `read_at`, keeping the last few files open between
+        calls: reading a file's chunks one by one then opens it (and walks its directories)
+        once, not once per chunk."""
+        opened: OrderedDict[str, int | None] = OrderedDict()
+
+        def read(rel: str, offset: int, size: int) -> bytes | None:
+            if rel in opened:
+                opened.move_to_end(rel)
+                fd = opened[rel]
+            else:
+                fd = opened[rel] = self._open_regular(rel)
+                if len(opened) > _READERS_OPEN:
+                    _, oldest = opened.popitem(last=False)
+                    if oldest is not None:
+                        os.close(oldest)
+            if fd is None:
+                return None
+            try:
+                data = os.pread(fd, size, offset)
+            except OSError:
+                return None
+            return data if len(data) == size else None
+
+        try:
+            yield read
+        finally:
+            for fd in opened.values():
+                if fd is not None:
+                    os.close(fd)
+
+    def _open_regular(self, rel: str) -> int | None:
         try:
             with self.directory(parent_of(rel)) as dir_fd:
                 fd = os.open(
@@ -81,14 +121,12 @@ class FolderDisk:
         except (OSError, InvalidPathError):
             return None
         try:
-            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            data = os.pread(fd, size, offset)
+            if stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                return fd
         except OSError:
-            return None
-        finally:
-            os.close(fd)
-        return data if len(data) == size else None
+            pass
+        os.close(fd)
+        return None
 
     # -- temp files and installing -----------------------------------------------------------
 

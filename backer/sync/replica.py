@@ -197,15 +197,16 @@ class Replica:
         """Many chunks, looked up in a few queries, each read and verified; None where absent."""
         places = self.store.find_chunks(digest for digest, _ in wanted)
         found: list[bytes | None] = []
-        for digest, size in wanted:
-            data = None
-            for place in places.get(chunk_key(digest), ()):
-                if place.size == size:
-                    data = self.disk.read_at(place.path, place.offset, size)
-                    if data is not None and hash_chunk(data) == digest:
-                        break
-                    data = None
-            found.append(data)
+        with self.disk.reader() as read:
+            for digest, size in wanted:
+                data = None
+                for place in places.get(chunk_key(digest), ()):
+                    if place.size == size:
+                        data = read(place.path, place.offset, size)
+                        if data is not None and hash_chunk(data) == digest:
+                            break
+                        data = None
+                found.append(data)
         return found
 
     def _remember_groups(self, chunks: bytes) -> None:
