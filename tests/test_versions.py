@@ -66,6 +66,21 @@ def test_archive_moves_a_file_keeping_bytes_mode_and_mtime(folder: Path) -> None
     assert info.st_mtime == MTIME
 
 
+def test_archives_whose_fsync_waits_hold_few_descriptors_and_release_them(folder: Path) -> None:
+    """A pull's deletions move files into the area without an fsync each; their directories
+    are fsynced once, by the commit that records the deletions. What waits is one descriptor
+    per directory, never more than a bound, and none after `sync_pending`."""
+    versions = Versions(folder)
+    open_before = len(os.listdir("/proc/self/fd"))
+    for i in range(600):
+        write(folder, f"dir{i % 300}/f{i}.txt", f"{i}".encode())
+        assert versions.archive(f"dir{i % 300}/f{i}.txt", NOW, sync=False) is not None
+        assert len(os.listdir("/proc/self/fd")) - open_before <= 257
+    versions.sync_pending()
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert len(list(area(folder).rglob("f*.txt"))) == 600
+
+
 def test_archive_moves_the_symlink_itself_never_its_target(folder: Path, tmp_path: Path) -> None:
     target = tmp_path / "outside.txt"
     target.write_bytes(b"not ours")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat as stat_mod
 from collections.abc import Iterable
@@ -344,8 +345,8 @@ class _Pull:
                 )
                 self._record(kept, record.local)
                 return
-        else:
-            await asyncio.to_thread(self._archive, result.path)
+        else:  # the directories are fsynced by the commit that records the deletion
+            await asyncio.to_thread(functools.partial(self._archive, result.path, sync=False))
         self._record(result, LocalState())
         self.report.deleted += 1
         self._updated(result.path, "deleted")
@@ -369,11 +370,13 @@ class _Pull:
             await self.files.acquire()
             await self._file(result, result.path, remote, None)
 
-    def _archive(self, path: str, *, keep_in_place: bool = False) -> None:
+    def _archive(self, path: str, *, keep_in_place: bool = False, sync: bool = True) -> None:
         """Move what is at `path` (a file or symlink) into the versions area (or link it
         there, for a caller about to rename a replacement over it)."""
         with contextlib.suppress(IsADirectoryError):
-            self.replica.versions.archive(path, self.replica.clock(), keep_in_place=keep_in_place)
+            self.replica.versions.archive(
+                path, self.replica.clock(), keep_in_place=keep_in_place, sync=sync
+            )
 
     def _record(self, entry: Entry, local: LocalState) -> None:
         self.pending.append(Record(entry, local))
@@ -385,7 +388,9 @@ class _Pull:
             await asyncio.to_thread(self._durable_commit, batch, dirs)
 
     def _durable_commit(self, batch: list[Record], dirs: set[str]) -> None:
-        self.disk.sync_dirs(dirs)  # the renames are on disk before the index says they happened
+        # The renames are on disk before the index says they happened.
+        self.disk.sync_dirs(dirs)
+        self.replica.versions.sync_pending()
         self.store.commit(batch)
 
 

@@ -43,6 +43,7 @@ TIME_FORMAT = "%Y%m%d-%H%M%S"
 _DAY = 86_400
 _AREA_MODE = 0o700
 _COPY_BUFFER = 1 << 20
+_UNSYNCED_MAX = 256  # directories whose fsync may wait for `sync_pending`
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TAGGED = re.compile(r"(?P<stem>.+)~(?P<tag>\d{8}-\d{6})(?:~(?P<seq>[1-9]\d*))?", re.DOTALL)
 
@@ -106,15 +107,23 @@ class Versions:
         self.root = folder / RESERVED_DIR / VERSIONS_DIR
         self.schedule = schedule
         self._lock = threading.RLock()
+        self._unsynced: dict[tuple[int, int], int] = {}  # directories awaiting an fsync
 
-    def archive(self, rel_path: str, now: float, *, keep_in_place: bool = False) -> Path | None:
+    def archive(
+        self, rel_path: str, now: float, *, keep_in_place: bool = False, sync: bool = True
+    ) -> Path | None:
         """Move the file or symlink at `rel_path` into the versions area with one rename and
         return where it went; None if there is nothing there. Refuses directories
         (IsADirectoryError) and parents that are symlinks or not directories (InvalidPathError).
 
         With `keep_in_place`, the version is a hard link and the file stays where it is, for a
         caller about to rename a replacement over it: the path is then never empty, even for
-        an instant, so a crash in between cannot look like a deletion to the next scan."""
+        an instant, so a crash in between cannot look like a deletion to the next scan.
+
+        With `sync=False` (a plain move only), the two directories are fsynced by the next
+        `sync_pending()` instead of now: one rename either happened or did not, so a crash
+        before then loses nothing, as long as the caller records the deletion only after
+        `sync_pending()` (a pull's commit does both, once for a whole batch)."""
         check_path(rel_path)
         parts = rel_path.split("/")
         with self._lock, _plain_errors("archive", rel_path), self._roots() as (top, marker):
@@ -136,9 +145,32 @@ class Versions:
                     name = _free_name(dest, parts[-1], now)
                     if not (keep_in_place and _linked(parts[-1], name, source, dest)):
                         os.rename(parts[-1], name, src_dir_fd=source, dst_dir_fd=dest)
-                    os.fsync(dest)
-                    os.fsync(source)
+                    if sync or keep_in_place:
+                        os.fsync(dest)
+                        os.fsync(source)
+                    else:
+                        self._defer_sync(dest)
+                        self._defer_sync(source)
         return self.root.joinpath(*parts[:-1], name)
+
+    def sync_pending(self) -> None:
+        """fsync the directories of every archive made with `sync=False` since the last call."""
+        with self._lock:
+            pending, self._unsynced = self._unsynced, {}
+            try:
+                for fd in pending.values():
+                    os.fsync(fd)
+            finally:
+                for fd in pending.values():
+                    os.close(fd)
+
+    def _defer_sync(self, dir_fd: int) -> None:
+        st = os.fstat(dir_fd)
+        key = (st.st_dev, st.st_ino)
+        if key not in self._unsynced:
+            self._unsynced[key] = os.dup(dir_fd)
+            if len(self._unsynced) > _UNSYNCED_MAX:  # bounded: each one holds a descriptor
+                self.sync_pending()
 
     def list(self, rel_path: str) -> builtins.list[Version]:
         """The versions kept of `rel_path`, newest first."""
