@@ -178,9 +178,11 @@ class Replica:
         return found
 
     def read_entries(self, wanted: Iterable[tuple[str, Hash]]) -> list[RemoteEntry | None]:
+        wanted = list(wanted)
+        records = self.store.get_many(path for path, _ in wanted)  # one query, not one a path
         answers: list[RemoteEntry | None] = []
         for path, leaf in wanted:
-            record = self.store.get(path)
+            record = records.get(path)
             if record is None or record.entry.leaf_hash() != leaf:
                 answers.append(None)
                 continue
