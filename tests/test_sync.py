@@ -13,7 +13,6 @@ import pytest
 
 from backer.ids import Hash
 from backer.index.merkle import EMPTY_ROOT
-from backer.index.store import StatSig
 from backer.sync.assemble import LOCAL_BATCH
 from backer.sync.disk import FolderDisk
 from backer.sync.merge import is_conflict_copy
@@ -226,19 +225,18 @@ async def test_a_crash_after_the_conflict_copy_leaves_the_local_edit_at_its_path
     (not an empty path, which the next scan would read as a deletion), and the retry ends with
     that one copy, not a second."""
     a, b = await _losing_edit_on_a(tmp_path)
-    original = FolderDisk.link_copy
+    original = FolderDisk.copy_aside
     crashed: list[str] = []
     left_behind: list[bytes] = []
 
-    def link_then_crash(disk: FolderDisk, rel: str, new_rel: str) -> StatSig:
-        sig = original(disk, rel, new_rel)
+    def copy_then_crash(disk: FolderDisk, rel: str, new_rel: str) -> None:
+        original(disk, rel, new_rel)
         if not crashed:
             crashed.append(new_rel)
             left_behind.extend([(a / rel).read_bytes(), (a / new_rel).read_bytes()])
             raise OSError("simulated crash after the conflict copy was made")
-        return sig
 
-    monkeypatch.setattr(FolderDisk, "link_copy", link_then_crash)
+    monkeypatch.setattr(FolderDisk, "copy_aside", copy_then_crash)
     await converge(a, b)  # a's first attempt fails after the copy; the retry succeeds
     assert left_behind == [b"edited on a", b"edited on a"]
     files = snapshot(a)
@@ -250,24 +248,24 @@ async def test_a_crash_after_the_conflict_copy_leaves_the_local_edit_at_its_path
 async def test_an_edit_in_place_while_the_copy_is_made_reaches_the_copy_everywhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Found by the chaos test: while the loser and its copy share an inode, an edit made in
-    place at the path changes the copy too, and the watcher names only the path. The copy is
-    read again after the pull, so the edit is indexed and spreads instead of sitting unseen."""
+    """Found by the chaos test: the copy was a hard link at first, so an edit made in place
+    at the path changed the copy too while the watcher named only the path. The copy is now a
+    copy: the edit stays at the path (the winner's install sees it and backs off), the copy
+    keeps the loser, and both replicas end with every version."""
     a, b = await _losing_edit_on_a(tmp_path)
-    original = FolderDisk.link_copy
+    original = FolderDisk.copy_aside
 
-    def link_then_edit(disk: FolderDisk, rel: str, new_rel: str) -> StatSig:
-        sig = original(disk, rel, new_rel)
+    def copy_then_edit(disk: FolderDisk, rel: str, new_rel: str) -> None:
+        original(disk, rel, new_rel)
         if disk.folder == a:
             with (a / rel).open("ab") as file:
                 file.write(b", and more")
-        return sig
 
-    monkeypatch.setattr(FolderDisk, "link_copy", link_then_edit)
+    monkeypatch.setattr(FolderDisk, "copy_aside", copy_then_edit)
     await converge(a, b)  # the same files, byte for byte, on both
     for folder in (a, b):
         contents = {content for _, content, _ in snapshot(folder).values()}
-        assert {b"edited on a, and more", b"edited on b, later"} <= contents
+        assert {b"edited on a", b"edited on a, and more", b"edited on b, later"} <= contents
 
 
 async def test_a_conflict_copy_never_replaces_a_file_already_at_its_name(
@@ -278,16 +276,16 @@ async def test_a_conflict_copy_never_replaces_a_file_already_at_its_name(
     the edit reached a node that resolved the conflict later, and its copy replaced the edited
     file without keeping it. A file at the copy's name now goes to the versions first."""
     a, b = await _losing_edit_on_a(tmp_path)
-    original = FolderDisk.link_copy
+    original = FolderDisk.copy_aside
     squatted: list[str] = []
 
-    def squat_then_link(disk: FolderDisk, rel: str, new_rel: str) -> StatSig:
+    def squat_then_copy(disk: FolderDisk, rel: str, new_rel: str) -> None:
         if not squatted:  # a file arrives at the copy's name just before the copy is made
             squatted.append(new_rel)
             (disk.folder / new_rel).write_bytes(b"an edit of the copy, made elsewhere")
-        return original(disk, rel, new_rel)
+        original(disk, rel, new_rel)
 
-    monkeypatch.setattr(FolderDisk, "link_copy", squat_then_link)
+    monkeypatch.setattr(FolderDisk, "copy_aside", squat_then_copy)
     await converge(a, b)
     kept = [p.read_bytes() for p in (a / ".backer/versions").rglob("*") if p.is_file()]
     assert b"an edit of the copy, made elsewhere" in kept

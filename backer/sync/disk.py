@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat as stat_mod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -222,33 +223,43 @@ class FolderDisk:
             raise
         return True
 
-    def link_copy(self, rel: str, new_rel: str) -> StatSig:
-        """Give the file or symlink at `rel` a second name, `new_rel` (a conflict copy), and
-        return the stat they now share. Linked, not moved: `rel` keeps its content until its
-        replacement is renamed over it, so a crash in between never leaves the path empty (a
-        scan would read a deletion). Never replaces another file: FileExistsError if `new_rel`
-        is taken by anything but `rel` itself (a copy left by an interrupted attempt)."""
+    def copy_aside(self, rel: str, new_rel: str) -> None:
+        """Copy the file or symlink at `rel` to `new_rel` (a conflict copy), leaving `rel` as
+        it is: it keeps its content until its replacement is renamed over it, so a crash in
+        between never leaves the path empty (a scan would read a deletion). A file is copied,
+        not linked: two names of one inode would let an edit made at either change both,
+        seen by the watcher under one name only. The copy is made in the temp area, fsynced,
+        and linked into place, so it never replaces another file: FileExistsError if
+        `new_rel` is taken. CopySourceChanged if `rel` changed while it was copied."""
         check_path(rel)
         check_path(new_rel)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        temp = f"copy-{secrets.token_hex(8)}.part"
         with (
             self.directory(parent_of(rel)) as src_fd,
             self.directory(parent_of(new_rel), create=True) as dst_fd,
+            _open_dir_fd(self.tmp) as tmp_fd,
         ):
-            source = os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False)
+            before = os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False)
             try:
-                os.link(
-                    _name(rel),
-                    _name(new_rel),
-                    src_dir_fd=src_fd,
-                    dst_dir_fd=dst_fd,
-                    follow_symlinks=False,
-                )
-            except FileExistsError:
-                there = os.stat(_name(new_rel), dir_fd=dst_fd, follow_symlinks=False)
-                if (there.st_dev, there.st_ino) != (source.st_dev, source.st_ino):
-                    raise
-            os.fsync(dst_fd)
-            return sig_of(os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False))
+                if stat_mod.S_ISLNK(before.st_mode):  # a symlink cannot be edited in place
+                    os.link(
+                        _name(rel),
+                        temp,
+                        src_dir_fd=src_fd,
+                        dst_dir_fd=tmp_fd,
+                        follow_symlinks=False,
+                    )
+                else:
+                    _copy_file(src_fd, _name(rel), tmp_fd, temp, before)
+                after = os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False)
+                if sig_of(after) != sig_of(before):
+                    raise CopySourceChanged(f"{rel} changed while it was copied")
+                os.link(temp, _name(new_rel), src_dir_fd=tmp_fd, dst_dir_fd=dst_fd)
+                os.fsync(dst_fd)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=tmp_fd)
 
     def _clear_for(self, dir_fd: int, rel: str) -> None:
         """Make room for a file at `rel`: an empty directory in the way is removed."""
@@ -259,6 +270,42 @@ class FolderDisk:
             return
         if stat_mod.S_ISDIR(st.st_mode):
             os.rmdir(name, dir_fd=dir_fd)  # OSError if not empty: the caller keeps it
+
+
+class CopySourceChanged(OSError):
+    """The file changed while it was copied aside: a local edit won the race; try again later."""
+
+
+@contextlib.contextmanager
+def _open_dir_fd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _copy_file(src_dir: int, name: str, dst_dir: int, temp: str, st: os.stat_result) -> None:
+    """Copy a regular file's bytes, mode and mtime into a new file, fsynced."""
+    source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        target = os.open(
+            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir
+        )
+        try:
+            left = st.st_size
+            while left > 0:
+                copied = os.copy_file_range(source, target, min(left, 1 << 30))
+                if copied == 0:
+                    break
+                left -= copied
+            os.fchmod(target, stat_mod.S_IMODE(st.st_mode))
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(target)
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
 
 
 def _name(rel: str) -> str:

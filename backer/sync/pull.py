@@ -202,7 +202,7 @@ class _Pull:
         record = self.current.get(remote.path)
         decision = decide(record.entry if record else None, remote)
         result = decision.result
-        kept_aside: StatSig | None = None
+        kept_aside = False
         if decision.conflict_copy is not None:
             self.report.conflicts += 1
             self.emit(
@@ -231,8 +231,7 @@ class _Pull:
             self.report.planned_bytes += result.size
             await self.files.acquire()
             # A loser kept aside lives on in its copy: nothing to archive.
-            expected = _expected(record) if kept_aside is None else kept_aside
-            keep_old = kept_aside is None
+            expected, keep_old = _expected(record), not kept_aside
             files.create_task(self._file(result, result.path, remote, expected, keep_old=keep_old))
 
     def _updated(self, path: str, action: str) -> None:
@@ -265,34 +264,30 @@ class _Pull:
 
     async def _conflict_copy(
         self, decision: Decision, remote: Entry, files: asyncio.TaskGroup
-    ) -> StatSig | None:
-        """Make the decision's conflict copy. A local loser gets its copy by a second name and
-        stays at its path until the winner replaces it; then the stat it now has is returned,
-        which is what the winner's install must still find there."""
+    ) -> bool:
+        """Make the decision's conflict copy; True if the local loser was copied aside (it
+        stays at its path until the winner replaces it, and needs no version then)."""
         copy = decision.conflict_copy
         assert copy is not None
         if decision.copy_from == "local":
             if copy.kind is Kind.SYMLINK or copy.kind is Kind.FILE:
                 try:
-                    sig = await asyncio.to_thread(self.disk.link_copy, remote.path, copy.path)
+                    await asyncio.to_thread(self.disk.copy_aside, remote.path, copy.path)
                 except FileExistsError:
                     # The copy's name is taken (the same conflict was resolved elsewhere and
                     # its copy then edited, or a user made the file): keep that file too.
                     await asyncio.to_thread(self._archive, copy.path)
-                    sig = await asyncio.to_thread(self.disk.link_copy, remote.path, copy.path)
+                    await asyncio.to_thread(self.disk.copy_aside, remote.path, copy.path)
                 self._record(copy, LocalState())
-                # Until the winner replaces the path, an edit made there in place also changes
-                # the copy (one inode, two names), and the watcher reports it under the path's
-                # name only: the copy is read again once the pull is done.
-                self.rescan.append(copy.path)
-                return sig if copy.kind is Kind.FILE else None
-            return None
+                self.rescan.append(copy.path)  # its stat is recorded by reading it once more
+                return True
+            return False
         if copy.kind is Kind.SYMLINK:
             await self._symlink(copy)
         elif copy.kind is Kind.FILE:
             await self.files.acquire()
             files.create_task(self._file(copy, copy.path, remote, None))
-        return None
+        return False
 
     async def _symlink(self, entry: Entry) -> None:
         await asyncio.to_thread(self._archive, entry.path)
