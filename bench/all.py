@@ -12,7 +12,7 @@ py-spy from pip, each only where missing (`bench/compare.py` sees to it).
 
 Three benchmarks are left out, as they would take the whole past 15 minutes (sync_bench 5.3
 minutes, node_bench and discovery_bench about 7 each); `--everything` runs them too, so that one
-command reproduces every section (about 27 minutes). Their commands and the reason are listed
+command reproduces every section (about 23 minutes). Their commands and the reason are listed
 in the "Reproducing" section and below (`LEFT_OUT`).
 """
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--everything",
         action="store_true",
-        help="also run the longer benchmarks (every section of the doc; about 27 minutes)",
+        help="also run the longer benchmarks (every section of the doc; about 23 minutes)",
     )
     args = parser.parse_args(argv)
     if args.list:
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "",
         "Left out of the default run, to keep it under 15 minutes (`python3 bench/all.py "
-        "--everything` runs them too, about 27 minutes in all; or run each on its own: each "
+        "--everything` runs them too, about 23 minutes in all; or run each on its own: each "
         "rewrites only its section):",
         "",
         *(
