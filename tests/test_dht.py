@@ -124,7 +124,9 @@ def _rejections() -> list[tuple[str, Callable[[], bytes], dict[str, Any], str]]:
         ("expires too far ahead", lambda: record(expiry=NOW + MAX_LIFETIME + 10), {}, "ahead"),
         ("oversized", lambda: record() + b"\0" * MAX_RECORD_SIZE, {}, "over"),
         ("an extra byte", lambda: signed_body(k, _head(k, 1) + addr + b"\0"), {}, "length"),
-        ("a missing byte", lambda: signed_body(k, _head(k, 1) + addr[:-1]), {}, "address"),
+        # The address then ends in the signature's first byte: a digit there still parses
+        # (port 2200X), and the length check refuses it instead (1 run in about 25).
+        ("a missing byte", lambda: signed_body(k, _head(k, 1) + addr[:-1]), {}, "address|length"),
         (
             "count past the end",
             lambda: signed_body(k, _head(k, 2) + addr),
