@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nacl.signing
@@ -32,11 +32,12 @@ EVIL = 0xE7
 STALL = object()  # an answer never given
 
 
-def file_entry(path: str, data: bytes, *, when: int = 2_000_000_000) -> Entry:
+def file_entry(path: str, data: bytes) -> Entry:
+    """A file version by the attacker's device, newer than anything a test writes."""
     return Entry(
         path=path,
         kind=Kind.FILE,
-        version=VersionVector(((EVIL, when),)),
+        version=VersionVector(((EVIL, 2_000_000_000),)),
         modifier=EVIL,
         size=len(data),
         mtime_ns=1,
@@ -181,6 +182,17 @@ class EvilPeer:
         if self.link is not None:
             with contextlib.suppress(ChannelError, ConnectionError, OSError):
                 await self.link.close()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, address: str, *, deadline: float = 30.0) -> AsyncIterator[None]:
+        """Connected to `address` and answering in the background while the block runs."""
+        await asyncio.wait_for(self.connect(address), deadline)
+        answering = asyncio.create_task(self.serve())
+        try:
+            yield
+        finally:
+            answering.cancel()
+            await self.close()
 
     async def attack(self, address: str, *, deadline: float = 30.0) -> str:
         """Connect, serve until the victim hangs up (or `deadline` passes), close."""

@@ -107,13 +107,8 @@ async def test_hostile_names_in_tree_nodes_are_refused(
     listing = bytes(msgpack.packb([0, [[name, 0, leaf]]], use_bin_type=True))
     evil.root = merkle.node_hash(listing)
     evil.nodes = {evil.root: listing}
-    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
-    serving = asyncio.create_task(evil.serve())
-    try:
+    async with evil.serving(victim.node.listen_address, deadline=DEADLINE):
         await eventually(lambda: any("tree" in f for f in pull_failures(victim)), deadline=DEADLINE)
-    finally:
-        serving.cancel()
-        await evil.close()
     assert evil.asked["entries"] == 0
     nothing_outside(tmp_path, victim)
     await still_serving(victim, honest, "after-names")
@@ -124,16 +119,11 @@ async def test_a_path_through_the_victims_symlink_is_refused_and_the_rest_applie
 ) -> None:
     victim, honest = pair
     evil = EvilPeer(key, {"link/planted.sh": b"rm -rf ~\n", "fine.txt": b"fine"})
-    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
-    serving = asyncio.create_task(evil.serve())
-    try:
+    async with evil.serving(victim.node.listen_address, deadline=DEADLINE):
         await eventually(file_is(victim.folder / "fine.txt", b"fine"), deadline=DEADLINE)
         await eventually(
             lambda: any("link/planted.sh" in f for f in pull_failures(victim)), deadline=DEADLINE
         )
-    finally:
-        serving.cancel()
-        await evil.close()
     nothing_outside(tmp_path, victim)
     await still_serving(victim, honest, "after-symlink")
 
@@ -237,12 +227,7 @@ async def test_a_peer_that_stalls_does_not_stop_the_victim_syncing_with_others(
             return STALL
 
     evil = Staller(key, {"stalled.bin": os.urandom(200_000)})
-    await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
-    serving = asyncio.create_task(evil.serve())
-    try:
+    async with evil.serving(victim.node.listen_address, deadline=DEADLINE):
         await eventually(lambda: evil.asked["chunks"] > 0, deadline=DEADLINE)
         await still_serving(victim, honest, "during-stall")
-    finally:
-        serving.cancel()
-        await evil.close()
     assert not (victim.folder / "stalled.bin").exists()

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from evil import chunks_of, file_entry
 
 from backer.errors import InvalidPathError, RemoteProtocolError
 from backer.ids import Hash
 from backer.index import merkle
-from backer.index.chunker import chunk_bytes, hash_chunk
-from backer.index.entry import Entry, Kind, VersionVector, iter_chunks
+from backer.index.chunker import hash_chunk
+from backer.index.entry import Entry
 from backer.protocol.messages import RemoteEntry
 from backer.protocol.session import Session
 from backer.sync.disk import FolderDisk
@@ -22,8 +23,6 @@ from backer.sync.link import memory_pipe
 from backer.sync.peer import PeerSession, run_session
 from backer.sync.pull import pull
 from backer.sync.replica import Replica
-
-EVIL = 0xE7
 
 
 class EvilFetcher:
@@ -49,28 +48,6 @@ class EvilFetcher:
     async def chunk(self, digest: Hash, size: int) -> bytes | None:
         self.chunks_asked += 1
         return self.data.get(digest)
-
-
-def file_entry(path: str, data: bytes) -> Entry:
-    return Entry(
-        path=path,
-        kind=Kind.FILE,
-        version=VersionVector(((EVIL, 2_000_000_000),)),
-        modifier=EVIL,
-        size=len(data),
-        mtime_ns=1,
-        mode=0o644,
-        chunks=chunk_bytes(data),
-    )
-
-
-def chunks_of(data: bytes) -> dict[Hash, bytes]:
-    found: dict[Hash, bytes] = {}
-    offset = 0
-    for digest, size in iter_chunks(chunk_bytes(data)):
-        found[digest] = data[offset : offset + size]
-        offset += size
-    return found
 
 
 @pytest.fixture
