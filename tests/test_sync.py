@@ -8,11 +8,13 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from backer.ids import Hash
 from backer.index.merkle import EMPTY_ROOT
+from backer.sync import disk as disk_module
 from backer.sync.assemble import LOCAL_BATCH
 from backer.sync.disk import FolderDisk
 from backer.sync.merge import is_conflict_copy
@@ -290,6 +292,31 @@ async def test_a_conflict_copy_never_replaces_a_file_already_at_its_name(
     kept = [p.read_bytes() for p in (a / ".backer/versions").rglob("*") if p.is_file()]
     assert b"an edit of the copy, made elsewhere" in kept
     assert (a / squatted[0]).read_bytes() == b"edited on a"
+
+
+async def test_a_loser_edited_while_it_is_copied_aside_is_indexed_and_decided_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy made while the file changed would hold neither version: it is thrown away, the
+    edit is indexed, and the next round decides with it (as a changed file meets a winner)."""
+    a, b = await _losing_edit_on_a(tmp_path)
+    original = disk_module._copy_file
+    edits: list[Path] = []
+
+    def copy_while_edited(src_dir: int, name: str, *rest: Any) -> None:
+        original(src_dir, name, *rest)
+        if not edits:
+            edits.append(a / "notes.txt")
+            with (a / "notes.txt").open("ab") as file:
+                file.write(b", and more")
+
+    monkeypatch.setattr(disk_module, "_copy_file", copy_while_edited)
+    await converge(a, b)
+    assert edits
+    for folder in (a, b):
+        contents = {content for _, content, _ in snapshot(folder).values()}
+        assert {b"edited on a, and more", b"edited on b, later"} <= contents
+    assert not list((a / ".backer" / "tmp").glob("copy-*"))
 
 
 async def test_identical_concurrent_edits_are_not_conflicts(pair: tuple[Path, Path]) -> None:

@@ -22,7 +22,7 @@ from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, iter_chunks
 from backer.index.store import StatSig
 from backer.paths import parent_of
-from backer.sync.disk import sig_of
+from backer.sync.disk import ChangedMeanwhile, sig_of
 from backer.sync.fetcher import Fetcher, PullReport
 from backer.sync.replica import Replica
 
@@ -47,10 +47,6 @@ class Archive(Protocol):
     """Keeps what is at a path in the versions area (the pull's `_archive`)."""
 
     def __call__(self, path: str, *, keep_in_place: bool = False) -> None: ...
-
-
-class ChangedMeanwhile(BackerError):
-    """The local file changed while its replacement was being assembled: keep the local one."""
 
 
 class ChunkGone(BackerError):

@@ -16,15 +16,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from backer.errors import InvalidPathError
+from backer.errors import BackerError, InvalidPathError
 from backer.index.store import StatSig
 from backer.paths import RESERVED_DIR, check_path, parent_of
 
-__all__ = ["FolderDisk", "sig_of"]
+__all__ = ["ChangedMeanwhile", "FolderDisk", "sig_of"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 _READERS_OPEN = 16  # files `reader()` keeps open at once
 
 
@@ -230,7 +228,7 @@ class FolderDisk:
         not linked: two names of one inode would let an edit made at either change both,
         seen by the watcher under one name only. The copy is made in the temp area, fsynced,
         and linked into place, so it never replaces another file: FileExistsError if
-        `new_rel` is taken. CopySourceChanged if `rel` changed while it was copied."""
+        `new_rel` is taken. ChangedMeanwhile if `rel` changed while it was copied."""
         check_path(rel)
         check_path(new_rel)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -254,7 +252,7 @@ class FolderDisk:
                     _copy_file(src_fd, _name(rel), tmp_fd, temp, before)
                 after = os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False)
                 if sig_of(after) != sig_of(before):
-                    raise CopySourceChanged(f"{rel} changed while it was copied")
+                    raise ChangedMeanwhile(f"{rel} changed while it was copied")
                 os.link(temp, _name(new_rel), src_dir_fd=tmp_fd, dst_dir_fd=dst_fd)
                 os.fsync(dst_fd)
             finally:
@@ -272,13 +270,14 @@ class FolderDisk:
             os.rmdir(name, dir_fd=dir_fd)  # OSError if not empty: the caller keeps it
 
 
-class CopySourceChanged(OSError):
-    """The file changed while it was copied aside: a local edit won the race; try again later."""
+class ChangedMeanwhile(BackerError):
+    """The local file changed while it was being replaced or copied: a local edit won the race;
+    keep it, index it, and let the next pull decide."""
 
 
 @contextlib.contextmanager
 def _open_dir_fd(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(path, _DIR_FLAGS)
     try:
         yield fd
     finally:

@@ -208,7 +208,11 @@ class _Pull:
             self.emit(
                 ConflictFound(folder=self.label, path=remote.path, copy=decision.conflict_copy.path)
             )
-            kept_aside = await self._conflict_copy(decision, remote, files)
+            try:
+                kept_aside = await self._conflict_copy(decision, remote, files)
+            except ChangedMeanwhile:
+                self._changed_meanwhile(remote.path)
+                return
         if result is None:
             return
         if decision.action is not Action.WRITE_REMOTE:
@@ -236,6 +240,10 @@ class _Pull:
 
     def _updated(self, path: str, action: str) -> None:
         self.emit(FileUpdated(folder=self.label, path=path, action=action))
+
+    def _changed_meanwhile(self, path: str) -> None:
+        self.report.skipped += 1
+        self.rescan.append(path)  # the local edit is indexed, and the next pull decides
 
     def _failed(self, path: str, exc: BaseException) -> None:
         self.report.errors.append(f"{path}: {exc}")
@@ -312,8 +320,7 @@ class _Pull:
             self.report.skipped += 1
             return
         except ChangedMeanwhile:
-            self.report.skipped += 1
-            self.rescan.append(dest)  # the local edit is indexed, and the next pull decides
+            self._changed_meanwhile(dest)
             return
         except _PATH_ERRORS as exc:
             self._failed(dest, exc)
