@@ -23,7 +23,8 @@ def test_two_prefaces_for_one_folder_look_unrelated() -> None:
 
 def test_garbage_and_tampering_match_nothing() -> None:
     good = make_preface(ONE, os.urandom(16))
-    for bad in [b"", good[:-1], good + b"x", b"GET / HTTP/1.1\r\n" * 3, good[:-1] + b"\0"]:
+    last_byte_changed = good[:-1] + bytes([good[-1] ^ 0xFF])  # always differs from good
+    for bad in [b"", good[:-1], good + b"x", b"GET / HTTP/1.1\r\n" * 3, last_byte_changed]:
         assert match_preface(bad, [ONE]) is None
     flipped = bytearray(good)
     flipped[10] ^= 1  # the nonce
