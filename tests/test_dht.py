@@ -16,7 +16,7 @@ from typing import Any, cast
 import msgpack
 import nacl.signing
 import pytest
-import umsgpack  # type: ignore[import-untyped]  # what kademlia's rpcudp sends with
+import umsgpack  # what kademlia's rpcudp sends with
 from kademlia.node import Node
 from kademlia.utils import digest
 
