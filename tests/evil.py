@@ -24,7 +24,7 @@ from backer.mesh.secure import SecureLink, secure
 from backer.mesh.transport import dial
 from backer.protocol import events as ev
 from backer.protocol.codec import frame
-from backer.protocol.messages import Chunk, Entries, GetChunk, Nodes, RemoteEntry
+from backer.protocol.messages import Chunks, Entries, GetChunks, Nodes, RemoteEntry
 from backer.protocol.session import Session
 from backer.sync.replica import signer_for
 
@@ -116,7 +116,7 @@ class EvilPeer:
         """Requests for chunks, as fast as the link takes them, never reading an answer."""
         assert self.link is not None
         for rid in range(1, count + 1):
-            await self.link.write(frame(GetChunk(id=rid, hash=Hash(os.urandom(32)), size=1024)))
+            await self.link.write(frame(GetChunks(id=rid, wanted=((Hash(os.urandom(32)), 1024),))))
 
     async def serve(self) -> str:
         """Answer the victim until the connection ends; why it ended."""
@@ -145,7 +145,7 @@ class EvilPeer:
         """Answer one request, framed by hand: the session's own encoder would refuse to
         send the lies."""
         assert self.link is not None
-        answer: Nodes | Entries | Chunk | None = None
+        answer: Nodes | Entries | Chunks | None = None
         match event:
             case ev.NodesRequested(id=rid, hashes=hashes):
                 self.asked["nodes"] += 1
@@ -163,11 +163,11 @@ class EvilPeer:
                             for e in entries
                         ),
                     )
-            case ev.ChunkRequested(id=rid, hash=digest, size=size):
-                self.asked["chunks"] += 1
-                data = self.answer_chunk(digest, size)
-                if data is not STALL:
-                    answer = Chunk(id=rid, data=data)
+            case ev.ChunksRequested(id=rid, wanted=wanted):
+                self.asked["chunks"] += len(wanted)
+                chunks = [self.answer_chunk(digest, size) for digest, size in wanted]
+                if STALL not in chunks:
+                    answer = Chunks(id=rid, chunks=tuple(chunks))
             case ev.PeerClosed(reason=reason) | ev.PeerError(text=reason):
                 return f"the victim ended the session: {reason}"
             case ev.ProtocolViolation(reason=reason):

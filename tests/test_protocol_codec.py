@@ -25,6 +25,7 @@ from backer.protocol.codec import (
     frame,
 )
 from backer.protocol.messages import (
+    MAX_BATCH_CHUNKS,
     MAX_BATCH_ENTRIES,
     MAX_BATCH_GROUPS,
     MAX_BATCH_NODES,
@@ -35,11 +36,11 @@ from backer.protocol.messages import (
     MAX_NODE_BYTES,
     MAX_TEXT,
     MAX_VECTOR,
-    Chunk,
+    Chunks,
     Close,
     Entries,
     Error,
-    GetChunk,
+    GetChunks,
     GetEntries,
     GetGroups,
     GetNodes,
@@ -86,7 +87,7 @@ TOMBSTONE = Entry(path="gone/é", kind=Kind.FILE, version=VV, modifier=3, delete
 ENTRIES = [SMALL, LARGE, EMPTY_FILE, DIRECTORY, LINK, TOMBSTONE]
 
 MESSAGES: list[Message] = [
-    Hello(version=1, device=h(1), folder=h(2), root=h(3)),
+    Hello(version=2, device=h(1), folder=h(2), root=h(3)),
     Hello(version=2**32 - 1, device=h(1), folder=h(2), root=h(3)),
     Root(root=h(4)),
     Peers(peers=()),
@@ -99,9 +100,9 @@ MESSAGES: list[Message] = [
     Entries(id=3, entries=(*(RemoteEntry.from_entry(e) for e in ENTRIES), None)),
     GetGroups(id=4, hashes=(h(8), h(9))),
     Groups(id=5, groups=(chunk_groups(LARGE.chunks)[0], None)),
-    GetChunk(id=6, hash=h(10), size=MAX_CHUNK),
-    Chunk(id=7, data=bytes(MAX_CHUNK)),
-    Chunk(id=7, data=None),
+    GetChunks(id=6, wanted=((h(10), MAX_CHUNK), (h(11), 1))),
+    GetChunks(id=6, wanted=tuple((h(i), 1) for i in range(MAX_BATCH_CHUNKS))),
+    Chunks(id=7, chunks=(bytes(MAX_CHUNK), None)),
     Error(code=65535, text="é" * (MAX_TEXT // 2)),
     Close(reason=""),
 ]
@@ -159,7 +160,7 @@ def vector(*pairs: tuple[int, int]) -> list[list[int]]:
     return [list(pair) for pair in pairs]
 
 
-HELLO, GET_NODES, GET_CHUNK = MESSAGES[0], MESSAGES[3], MESSAGES[10]
+HELLO, GET_NODES = MESSAGES[0], MESSAGES[3]
 BAD_PATHS = ["../x", "/etc/x", "a/../../x", "a\x00b", "a\\b", "e\u0301", "", ".backer/x", "a//b"]
 
 MALFORMED: dict[str, bytes] = {
@@ -220,14 +221,23 @@ MALFORMED: dict[str, bytes] = {
     "group with oversized chunk": packed(
         {"t": 8, "i": 1, "g": [pack_chunks([(bytes(32), MAX_CHUNK + 1)])]}
     ),
-    "chunk over MAX_CHUNK": packed({"t": 10, "i": 1, "c": bytes(MAX_CHUNK + 1)}),
-    "empty chunk": packed({"t": 10, "i": 1, "c": b""}),
-    "chunk as str": packed({"t": 10, "i": 1, "c": "data"}),
-    "chunk size zero": with_(GET_CHUNK, s=0),
-    "chunk size negative": with_(GET_CHUNK, s=-1),
-    "chunk size over max": with_(GET_CHUNK, s=MAX_CHUNK + 1),
-    "chunk size bool": with_(GET_CHUNK, s=True),
-    "chunk hash short": with_(GET_CHUNK, h=bytes(31)),
+    "chunk over MAX_CHUNK": packed({"t": 10, "i": 1, "cs": [bytes(MAX_CHUNK + 1)]}),
+    "empty chunk": packed({"t": 10, "i": 1, "cs": [b""]}),
+    "chunk as str": packed({"t": 10, "i": 1, "cs": ["data"]}),
+    "chunks not a list": packed({"t": 10, "i": 1, "cs": bytes(10)}),
+    "no chunks": packed({"t": 10, "i": 1, "cs": []}),
+    "too many chunks": packed({"t": 10, "i": 1, "cs": [None] * (MAX_BATCH_CHUNKS + 1)}),
+    "chunk size zero": packed({"t": 9, "i": 1, "cw": [[bytes(32), 0]]}),
+    "chunk size negative": packed({"t": 9, "i": 1, "cw": [[bytes(32), -1]]}),
+    "chunk size over max": packed({"t": 9, "i": 1, "cw": [[bytes(32), MAX_CHUNK + 1]]}),
+    "chunk size bool": packed({"t": 9, "i": 1, "cw": [[bytes(32), True]]}),
+    "chunk hash short": packed({"t": 9, "i": 1, "cw": [[bytes(31), 1]]}),
+    "wanted chunk not a pair": packed({"t": 9, "i": 1, "cw": [[bytes(32), 1, 2]]}),
+    "wanted chunks repeated": packed({"t": 9, "i": 1, "cw": [[bytes(32), 1], [bytes(32), 1]]}),
+    "too many wanted chunks": packed(
+        {"t": 9, "i": 1, "cw": [[bytes([i % 256, i // 256]) * 16, 1] for i in range(257)]}
+    ),
+    "old single-chunk request": packed({"t": 9, "i": 1, "h": bytes(32), "s": 1}),
     "error code negative": packed({"t": 11, "x": -1, "m": ""}),
     "error code too big": packed({"t": 11, "x": 65536, "m": ""}),
     "error text too long": packed({"t": 11, "x": 1, "m": "x" * (MAX_TEXT + 1)}),

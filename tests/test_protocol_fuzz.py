@@ -23,11 +23,11 @@ from backer.index.merkle import EMPTY_ROOT, build
 from backer.protocol.codec import FrameDecoder, decode, frame
 from backer.protocol.messages import (
     PROTOCOL_VERSION,
-    Chunk,
+    Chunks,
     Close,
     Entries,
     Error,
-    GetChunk,
+    GetChunks,
     GetEntries,
     GetGroups,
     GetNodes,
@@ -68,7 +68,7 @@ ANSWERS: list[Message] = [
     Nodes(id=1, nodes=(TREE.added[TREE.root], None)),
     Entries(id=2, entries=(RemoteEntry.from_entry(SMALL), RemoteEntry.from_entry(BIG))),
     Groups(id=3, groups=(GROUP,)),
-    Chunk(id=4, data=CHUNK_DATA),
+    Chunks(id=4, chunks=(CHUNK_DATA,)),
 ]
 OTHERS: list[Message] = [
     Hello(version=PROTOCOL_VERSION, device=PEER, folder=FOLDER, root=TREE.root),
@@ -76,7 +76,7 @@ OTHERS: list[Message] = [
     GetNodes(id=10, hashes=(TREE.root, EMPTY_ROOT)),
     GetEntries(id=11, wanted=(("d/small", SMALL.leaf_hash()),)),
     GetGroups(id=12, hashes=(group_hash(GROUP),)),
-    GetChunk(id=13, hash=Hash(CHUNK_HASH), size=1000),
+    GetChunks(id=13, wanted=((Hash(CHUNK_HASH), 1000),)),
     Error(code=1, text="no"),
     Close(reason="bye"),
 ]
@@ -94,7 +94,7 @@ def asking_session() -> Session:
     session.request_nodes([TREE.root, EMPTY_ROOT])
     session.request_entries(WANTED)
     session.request_groups([group_hash(GROUP)])
-    session.request_chunk(Hash(CHUNK_HASH), len(CHUNK_DATA))
+    session.request_chunks([(Hash(CHUNK_HASH), len(CHUNK_DATA))])
     return session
 
 

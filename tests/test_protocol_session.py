@@ -26,12 +26,12 @@ from backer.index.merkle import EMPTY_ROOT, build, node_hash
 from backer.protocol.codec import FrameDecoder, decode, encode, encode_frame, frame
 from backer.protocol.messages import (
     PROTOCOL_VERSION,
-    Chunk,
+    Chunks,
     Close,
     Entries,
     Error,
     ErrorCode,
-    GetChunk,
+    GetChunks,
     GetNodes,
     Groups,
     Hello,
@@ -42,8 +42,8 @@ from backer.protocol.messages import (
     Root,
 )
 from backer.protocol.session import (
-    ChunkReceived,
-    ChunkRequested,
+    ChunksReceived,
+    ChunksRequested,
     ConnectionLost,
     EntriesReceived,
     EntriesRequested,
@@ -158,28 +158,25 @@ def test_a_whole_pull_nodes_entries_groups_chunk() -> None:
     [got] = deliver(b.answer_groups(request_id, [GROUPS[x] for x in asked.hashes]), a)
     assert isinstance(got, GroupsReceived) and not got.missing
     assert big.to_entry(b"".join(got.groups[x] for x in big.groups)) == BIG
-    # A chunk.
-    digest, size = next(iter_chunks(CHUNKS))
-    request_id, data = a.request_chunk(digest, size)
+    # Chunks, many in one request.
+    (digest, size), (second, second_size) = list(iter_chunks(CHUNKS))[:2]
+    request_id, data = a.request_chunks([(digest, size), (second, second_size)])
     [asked] = deliver(data, b)
-    assert asked == ChunkRequested(id=request_id, hash=digest, size=size)
-    [got] = deliver(b.answer_chunk(request_id, CONTENT[:size]), a)
-    assert got == ChunkReceived(id=request_id, hash=digest, data=CONTENT[:size])
-    request_id, data = a.request_chunk(digest, size)
-    deliver(data, b)
-    assert deliver(b.answer_chunk(request_id, None), a) == [
-        ChunkReceived(id=request_id, hash=digest, data=None)
-    ]
+    assert asked == ChunksRequested(id=request_id, wanted=((digest, size), (second, second_size)))
+    [got] = deliver(b.answer_chunks(request_id, [CONTENT[:size], None]), a)
+    assert got == ChunksReceived(
+        id=request_id, chunks={digest: CONTENT[:size]}, missing=(second,), unanswered=()
+    )
     assert a.data_to_send() == b.data_to_send() == b""
 
 
 def test_requests_are_pipelined_and_answered_in_any_order() -> None:
     a, b = connected()
     digest, size = next(iter_chunks(CHUNKS))
-    sent = [a.request_chunk(digest, size) for _ in range(5)]
+    sent = [a.request_chunks([(digest, size)]) for _ in range(5)]
     assert [i for i, _ in sent] == sorted({i for i, _ in sent})
     asked = deliver(b"".join(data for _, data in sent), b)
-    answers = b"".join(b.answer_chunk(e.id, CONTENT[:size]) for e in reversed(asked))  # type: ignore[union-attr]
+    answers = b"".join(b.answer_chunks(e.id, [CONTENT[:size]]) for e in reversed(asked))  # type: ignore[union-attr]
     assert [e.id for e in deliver(answers, a)] == [i for i, _ in reversed(sent)]  # type: ignore[union-attr]
 
 
@@ -400,20 +397,20 @@ def _group() -> tuple[Session, Message]:
 def asked_chunk() -> tuple[Session, int, int]:
     session = opened()
     digest, size = next(iter_chunks(CHUNKS))
-    request_id, _ = session.request_chunk(digest, size)
+    request_id, _ = session.request_chunks([(digest, size)])
     return session, request_id, size
 
 
 @hostile("chunk of the wrong size")
 def _chunk_size() -> tuple[Session, Message]:
     session, request_id, size = asked_chunk()
-    return session, Chunk(id=request_id, data=CONTENT[: size - 1])
+    return session, Chunks(id=request_id, chunks=(CONTENT[: size - 1],))
 
 
 @hostile("chunk of the wrong hash")
 def _chunk_hash() -> tuple[Session, Message]:
     session, request_id, size = asked_chunk()
-    return session, Chunk(id=request_id, data=CONTENT[1 : size + 1])
+    return session, Chunks(id=request_id, chunks=(CONTENT[1 : size + 1],))
 
 
 @pytest.mark.parametrize("case", HOSTILE_ANSWERS.values(), ids=HOSTILE_ANSWERS.keys())
@@ -427,9 +424,9 @@ def test_a_flood_of_requests() -> None:
     session = Session(DEVICE_A, FOLDER, EMPTY_ROOT, max_peer_requests=4)
     session.start()
     deliver(frame(hello()), session)
-    flood = b"".join(frame(GetChunk(id=i, hash=TREE.root, size=1)) for i in range(1, 6))
+    flood = b"".join(frame(GetChunks(id=i, wanted=((TREE.root, 1),))) for i in range(1, 6))
     events = deliver(flood, session)
-    assert [type(e) for e in events] == [ChunkRequested] * 4 + [ProtocolViolation]
+    assert [type(e) for e in events] == [ChunksRequested] * 4 + [ProtocolViolation]
     assert "unanswered" in assert_violation(events, session)
 
 
@@ -438,16 +435,16 @@ def test_answering_frees_room_for_more_requests() -> None:
     session.start()
     deliver(frame(hello()), session)
     for i in range(1, 10):
-        [event] = deliver(frame(GetChunk(id=i, hash=TREE.root, size=1)), session)
-        assert isinstance(event, ChunkRequested)
-        session.answer_chunk(event.id, None)
+        [event] = deliver(frame(GetChunks(id=i, wanted=((TREE.root, 1),))), session)
+        assert isinstance(event, ChunksRequested)
+        session.answer_chunks(event.id, [None])
 
 
 def test_request_ids_must_increase() -> None:
     session = opened()
-    deliver(frame(GetChunk(id=5, hash=TREE.root, size=1)), session)
+    deliver(frame(GetChunks(id=5, wanted=((TREE.root, 1),))), session)
     assert "increase" in assert_violation(
-        deliver(frame(GetChunk(id=5, hash=TREE.root, size=1)), session), session
+        deliver(frame(GetChunks(id=5, wanted=((TREE.root, 1),))), session), session
     )
 
 
@@ -501,7 +498,9 @@ def test_local_misuse_is_a_local_protocol_error() -> None:
     with pytest.raises(LocalProtocolError):
         a.request_entries([("../x", TREE.root)])
     with pytest.raises(LocalProtocolError):
-        a.request_chunk(TREE.root, CHUNK_MAX + 1)
+        a.request_chunks([(TREE.root, CHUNK_MAX + 1)])
+    with pytest.raises(LocalProtocolError):
+        a.request_chunks([(TREE.root, 1), (TREE.root, 2)])
     with pytest.raises(LocalProtocolError, match="no open"):
         a.answer_nodes(99, [None])
     request_id, data = a.request_nodes([TREE.root])
@@ -519,10 +518,10 @@ def test_local_misuse_is_a_local_protocol_error() -> None:
     with pytest.raises(LocalProtocolError, match="no open"):
         b.answer_nodes(request_id, [NODES[TREE.root]])
     digest, size = next(iter_chunks(CHUNKS))
-    request_id, data = a.request_chunk(digest, size)
+    request_id, data = a.request_chunks([(digest, size)])
     deliver(data, b)
-    with pytest.raises(LocalProtocolError, match="size and hash"):
-        b.answer_chunk(request_id, CONTENT[1 : size + 1])
+    with pytest.raises(LocalProtocolError, match="not what was asked"):
+        b.answer_chunks(request_id, [CONTENT[1 : size + 1]])
     assert hash_chunk(CONTENT[:size]) == digest
     b.close()
     with pytest.raises(LocalProtocolError):

@@ -20,8 +20,8 @@ from backer.protocol.messages import (
 )
 from backer.protocol.session import (
     ANSWER_BUDGET,
-    ChunkReceived,
-    ChunkRequested,
+    ChunksReceived,
+    ChunksRequested,
     ConnectionLost,
     EntriesReceived,
     EntriesRequested,
@@ -51,8 +51,8 @@ __all__ = [
     "MAX_INLINE_CHUNKS",
     "MAX_TEXT",
     "PROTOCOL_VERSION",
-    "ChunkReceived",
-    "ChunkRequested",
+    "ChunksReceived",
+    "ChunksRequested",
     "ConnectionLost",
     "EntriesReceived",
     "EntriesRequested",

@@ -24,6 +24,7 @@ from backer.index.entry import SIGNATURE_SIZE, Kind, VersionVector
 from backer.paths import MAX_PATH_BYTES
 from backer.protocol.messages import (
     MAX_ADDRESSES_PER_PEER,
+    MAX_BATCH_CHUNKS,
     MAX_BATCH_ENTRIES,
     MAX_BATCH_GROUPS,
     MAX_BATCH_NODES,
@@ -35,11 +36,11 @@ from backer.protocol.messages import (
     MAX_PEERS_LISTED,
     MAX_TEXT,
     MAX_VECTOR,
-    Chunk,
+    Chunks,
     Close,
     Entries,
     Error,
-    GetChunk,
+    GetChunks,
     GetEntries,
     GetGroups,
     GetNodes,
@@ -187,8 +188,8 @@ _SCHEMAS: dict[int, tuple[type[Any], dict[str, str]]] = {
     6: (Entries, {"i": "id", "e": "entries"}),
     7: (GetGroups, {"i": "id", "hs": "hashes"}),
     8: (Groups, {"i": "id", "g": "groups"}),
-    9: (GetChunk, {"i": "id", "h": "hash", "s": "size"}),
-    10: (Chunk, {"i": "id", "c": "data"}),
+    9: (GetChunks, {"i": "id", "cw": "wanted"}),
+    10: (Chunks, {"i": "id", "cs": "chunks"}),
     11: (Error, {"x": "code", "m": "text"}),
     12: (Close, {"m": "reason"}),
     13: (Peers, {"a": "peers"}),
@@ -389,6 +390,11 @@ def _wanted(r: _Reader) -> tuple[str, Hash]:
     return _text("path", MAX_PATH_BYTES)(r), _hash("leaf hash")(r)
 
 
+def _wanted_chunk(r: _Reader) -> tuple[Hash, int]:
+    r.array("wanted chunk", 2, 2)
+    return _hash("chunk hash")(r), _int("chunk size")(r)
+
+
 def _peer(r: _Reader) -> tuple[Hash, tuple[str, ...]]:
     r.array("peer", 2, 2)
     device = _hash("peer device")(r)
@@ -460,14 +466,13 @@ _MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
     "f": _hash("folder"),
     "r": _hash("root"),
     "i": _int("id"),
-    "h": _hash("hash"),
-    "s": _int("size"),
     "hs": _list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), _hash("hash")),
     "n": _list("nodes", MAX_BATCH_NODES, _optional_bin("node", MAX_NODE_BYTES)),
     "w": _list("wanted", MAX_BATCH_ENTRIES, _wanted),
     "e": _list("entries", MAX_BATCH_ENTRIES, _entry),
     "g": _list("groups", MAX_BATCH_GROUPS, _optional_bin("group", MAX_GROUP_BYTES)),
-    "c": _optional_bin("chunk", MAX_CHUNK),
+    "cw": _list("wanted chunks", MAX_BATCH_CHUNKS, _wanted_chunk),
+    "cs": _list("chunks", MAX_BATCH_CHUNKS, _optional_bin("chunk", MAX_CHUNK)),
     "x": _int("code"),
     "m": _text("text", MAX_TEXT),
     "a": _list("peers", MAX_PEERS_LISTED, _peer),

@@ -12,8 +12,8 @@ from backer.ids import Hash
 from backer.protocol.messages import RemoteEntry
 
 __all__ = [
-    "ChunkReceived",
-    "ChunkRequested",
+    "ChunksReceived",
+    "ChunksRequested",
     "ConnectionLost",
     "EntriesReceived",
     "EntriesRequested",
@@ -68,10 +68,9 @@ class GroupsRequested:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ChunkRequested:
+class ChunksRequested:
     id: int
-    hash: Hash
-    size: int
+    wanted: tuple[tuple[Hash, int], ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,12 +102,13 @@ class GroupsReceived:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ChunkReceived:
-    """A verified chunk, or None: the peer does not have it."""
+class ChunksReceived:
+    """Verified chunks by hash; `missing`: the peer lacks them; `unanswered`: ask again."""
 
     id: int
-    hash: Hash
-    data: bytes | None
+    chunks: dict[Hash, bytes]
+    missing: tuple[Hash, ...]
+    unanswered: tuple[tuple[Hash, int], ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,11 +143,11 @@ Event = (
     | NodesRequested
     | EntriesRequested
     | GroupsRequested
-    | ChunkRequested
+    | ChunksRequested
     | NodesReceived
     | EntriesReceived
     | GroupsReceived
-    | ChunkReceived
+    | ChunksReceived
     | PeerError
     | PeerClosed
     | ProtocolViolation

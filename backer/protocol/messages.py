@@ -34,6 +34,7 @@ from backer.paths import MAX_PATH_BYTES, check_path
 
 __all__ = [
     "MAX_ADDRESSES_PER_PEER",
+    "MAX_BATCH_CHUNKS",
     "MAX_BATCH_ENTRIES",
     "MAX_BATCH_GROUPS",
     "MAX_BATCH_NODES",
@@ -47,12 +48,12 @@ __all__ = [
     "MAX_TEXT",
     "MAX_VECTOR",
     "PROTOCOL_VERSION",
-    "Chunk",
+    "Chunks",
     "Close",
     "Entries",
     "Error",
     "ErrorCode",
-    "GetChunk",
+    "GetChunks",
     "GetEntries",
     "GetGroups",
     "GetNodes",
@@ -65,10 +66,12 @@ __all__ = [
     "Root",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: chunks travel in batches (GetChunks/Chunks), where version 1 asked for one at a time.
+PROTOCOL_VERSION = 2
 MAX_BATCH_NODES = 256  # hashes in one GetNodes, nodes in one Nodes
 MAX_BATCH_ENTRIES = 128  # (path, leaf) pairs in one GetEntries, entries in one Entries
 MAX_BATCH_GROUPS = 256  # hashes in one GetGroups, groups in one Groups
+MAX_BATCH_CHUNKS = 256  # (hash, size) pairs in one GetChunks, chunks in one Chunks
 MAX_CHUNK = CHUNK_MAX  # 64 KiB: the largest chunk the chunker cuts
 MAX_GROUPS_PER_ENTRY = 65536  # group hashes of one entry's chunk list
 MAX_TEXT = 1024  # UTF-8 bytes of an Error text or a Close reason
@@ -222,30 +225,38 @@ class Groups:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetChunk:
-    """Ask for one chunk by its BLAKE3 chunk hash and exact size."""
+class GetChunks:
+    """Ask for chunks by their BLAKE3 chunk hash and exact size (distinct hashes). The chunk is
+    the unit of dedup and verification, not of transfer: one request carries many."""
 
     id: int
-    hash: Hash
-    size: int
+    wanted: tuple[tuple[Hash, int], ...]
 
     def __post_init__(self) -> None:
         check_id(self.id)
-        check_hash("hash", self.hash)
-        check_int("size", self.size, 1, MAX_CHUNK)
+        check_batch("wanted", self.wanted, MAX_BATCH_CHUNKS)
+        for pair in self.wanted:
+            if type(pair) is not tuple or len(pair) != 2:
+                raise ValueError("wanted chunks are (hash, size) pairs")
+            check_hash("hash", pair[0])
+            check_int("size", pair[1], 1, MAX_CHUNK)
+        if len({digest for digest, _ in self.wanted}) != len(self.wanted):
+            raise ValueError("wanted chunk hashes are not distinct")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Chunk:
-    """A chunk's bytes; None = "I do not have it"."""
+class Chunks:
+    """Chunks' bytes, in the order asked; None = "I do not have it"."""
 
     id: int
-    data: bytes | None
+    chunks: tuple[bytes | None, ...]
 
     def __post_init__(self) -> None:
         check_id(self.id)
-        if self.data is not None:
-            check_bytes("chunk", self.data, 1, MAX_CHUNK)
+        check_batch("chunks", self.chunks, MAX_BATCH_CHUNKS)
+        for data in self.chunks:
+            if data is not None:
+                check_bytes("chunk", data, 1, MAX_CHUNK)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -426,8 +437,8 @@ Message = (
     | Entries
     | GetGroups
     | Groups
-    | GetChunk
-    | Chunk
+    | GetChunks
+    | Chunks
     | Error
     | Close
 )

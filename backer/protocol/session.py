@@ -23,8 +23,8 @@ from backer.index.entry import Entry, group_hash
 from backer.index.merkle import decode_node, node_hash
 from backer.protocol.codec import FrameDecoder, answer_prefix, decode, frame
 from backer.protocol.events import (
-    ChunkReceived,
-    ChunkRequested,
+    ChunksReceived,
+    ChunksRequested,
     ConnectionLost,
     EntriesReceived,
     EntriesRequested,
@@ -43,12 +43,12 @@ from backer.protocol.events import (
 from backer.protocol.messages import (
     MAX_TEXT,
     PROTOCOL_VERSION,
-    Chunk,
+    Chunks,
     Close,
     Entries,
     Error,
     ErrorCode,
-    GetChunk,
+    GetChunks,
     GetEntries,
     GetGroups,
     GetNodes,
@@ -64,8 +64,8 @@ from backer.protocol.messages import (
 
 __all__ = [
     "ANSWER_BUDGET",
-    "ChunkReceived",
-    "ChunkRequested",
+    "ChunksReceived",
+    "ChunksRequested",
     "ConnectionLost",
     "EntriesReceived",
     "EntriesRequested",
@@ -93,9 +93,9 @@ class State(enum.Enum):
     CLOSED = "closed"  # every input is ignored, nothing may be sent
 
 
-_R = TypeVar("_R", GetNodes, GetEntries, GetGroups, GetChunk)
-_REQUESTS = (GetNodes, GetEntries, GetGroups, GetChunk)
-_ANSWERS = (Nodes, Entries, Groups, Chunk)
+_R = TypeVar("_R", GetNodes, GetEntries, GetGroups, GetChunks)
+_REQUESTS = (GetNodes, GetEntries, GetGroups, GetChunks)
+_ANSWERS = (Nodes, Entries, Groups, Chunks)
 _ENDINGS = (Error, Close)
 
 # The whole machine. Receiving: the messages the peer may send in each state and the state each
@@ -114,8 +114,8 @@ _SEND: dict[State, frozenset[type[Any]]] = {
 }
 
 
-_Request = GetNodes | GetEntries | GetGroups | GetChunk
-_Answer = Nodes | Entries | Groups | Chunk
+_Request = GetNodes | GetEntries | GetGroups | GetChunks
+_Answer = Nodes | Entries | Groups | Chunks
 
 
 class _Violation(Exception):
@@ -273,8 +273,8 @@ class Session:
     def request_groups(self, hashes: Iterable[Hash]) -> tuple[int, bytes]:
         return self._request(lambda i: GetGroups(id=i, hashes=tuple(hashes)))
 
-    def request_chunk(self, hash: Hash, size: int) -> tuple[int, bytes]:
-        return self._request(lambda i: GetChunk(id=i, hash=hash, size=size))
+    def request_chunks(self, wanted: Iterable[tuple[Hash, int]]) -> tuple[int, bytes]:
+        return self._request(lambda i: GetChunks(id=i, wanted=tuple(wanted)))
 
     # --- output: answers. Pass everything asked (or a prefix); the session sends the prefix that
     # fits in ANSWER_BUDGET and checks each item is what was asked (else LocalProtocolError).
@@ -298,12 +298,11 @@ class Session:
         items = self._fit(id, groups, asked, lambda group, digest: group_hash(group) == digest)
         return self._answer(id, lambda: Groups(id=id, groups=items))
 
-    def answer_chunk(self, id: int, data: bytes | None) -> bytes:
-        """Read from a file that may have changed? Pass None unless it still hashes right."""
-        asked = self._open(id, GetChunk)
-        if data is not None and (len(data) != asked.size or hash_chunk(data) != asked.hash):
-            raise LocalProtocolError(f"answer to {id}: chunk is not the size and hash asked")
-        return self._answer(id, lambda: Chunk(id=id, data=data))
+    def answer_chunks(self, id: int, chunks: Sequence[bytes | None]) -> bytes:
+        """Read from files that may have changed? Pass None unless a chunk still hashes right."""
+        asked = self._open(id, GetChunks).wanted
+        items = self._fit(id, chunks, asked, _is_chunk)
+        return self._answer(id, lambda: Chunks(id=id, chunks=items))
 
     # --- receiving, by message type ---
 
@@ -319,14 +318,14 @@ class Session:
                 event = PeerRoot(root=root)
             case Peers(peers=peers):
                 event = PeersAnnounced(peers=peers)
-            case GetNodes() | GetEntries() | GetGroups() | GetChunk():
+            case GetNodes() | GetEntries() | GetGroups() | GetChunks():
                 event = self._on_request(message)
             case Nodes() | Groups():
                 event = self._on_hashed(message)
             case Entries():
                 event = self._on_entries(message)
-            case Chunk():
-                event = self._on_chunk(message)
+            case Chunks():
+                event = self._on_chunks(message)
             case Error(code=code, text=text):
                 event = PeerError(code=code, text=text)
             case Close(reason=reason):
@@ -362,8 +361,8 @@ class Session:
                 return EntriesRequested(id=i, wanted=wanted)
             case GetGroups(id=i, hashes=hashes):
                 return GroupsRequested(id=i, hashes=hashes)
-            case GetChunk(id=i, hash=digest, size=size):
-                return ChunkRequested(id=i, hash=digest, size=size)
+            case GetChunks(id=i, wanted=wanted):
+                return ChunksRequested(id=i, wanted=wanted)
 
     def _asked(self, answer: _Answer) -> _Request:
         """The request `answer` answers (closed now), checked for type and length."""
@@ -418,15 +417,20 @@ class Session:
             id=answer.id, entries=tuple(entries), missing=tuple(missing), unanswered=rest
         )
 
-    def _on_chunk(self, answer: Chunk) -> Event:
+    def _on_chunks(self, answer: Chunks) -> Event:
         request = self._asked(answer)
-        assert isinstance(request, GetChunk)
-        data = answer.data
-        if data is not None and len(data) != request.size:
-            raise _Violation(f"chunk of {len(data)} bytes, asked {request.size}")
-        if data is not None and hash_chunk(data) != request.hash:
-            raise _Violation(f"chunk {request.hash.hex()[:16]} does not match its hash")
-        return ChunkReceived(id=answer.id, hash=request.hash, data=data)
+        assert isinstance(request, GetChunks)
+        found: dict[Hash, bytes] = {}
+        missing = []
+        for (digest, size), data in zip(request.wanted, answer.chunks, strict=False):
+            if data is None:
+                missing.append(digest)
+            elif not _is_chunk(data, (digest, size)):
+                raise _Violation(f"chunk {digest.hex()[:16]} is not the size and hash asked")
+            else:
+                found[digest] = data
+        rest = request.wanted[len(answer.chunks) :]
+        return ChunksReceived(id=answer.id, chunks=found, missing=tuple(missing), unanswered=rest)
 
     # --- sending helpers ---
 
@@ -505,7 +509,11 @@ def _items(message: _Request | _Answer) -> tuple[Any, ...]:
             return items
         case Nodes(nodes=items) | Groups(groups=items) | Entries(entries=items):
             return items
-        case GetChunk(hash=digest, size=size):
-            return ((digest, size),)
-        case Chunk(data=data):
-            return (data,)
+        case GetChunks(wanted=items) | Chunks(chunks=items):
+            return items
+
+
+def _is_chunk(data: bytes, wanted: tuple[Hash, int]) -> bool:
+    """Whether `data` is the chunk asked: its exact size, then its BLAKE3 chunk hash."""
+    digest, size = wanted
+    return len(data) == size and hash_chunk(data) == digest

@@ -20,7 +20,7 @@ from typing import Any
 from backer.errors import BackerError, RemoteProtocolError
 from backer.ids import DeviceId, Hash
 from backer.protocol import session as proto
-from backer.protocol.messages import RemoteEntry
+from backer.protocol.messages import MAX_BATCH_CHUNKS, RemoteEntry
 from backer.sync.fetcher import PeerMovedOn, PullReport
 from backer.sync.link import Link
 from backer.sync.pull import pull
@@ -39,7 +39,11 @@ __all__ = [
 # channel over it that failed or was closed (a RemoteProtocolError, e.g. mesh.ChannelError).
 LINK_FAILURES = (RemoteProtocolError, ConnectionError, OSError)
 ANSWERS_IN_FLIGHT = 64  # answers being read from disk at once
-BATCHES_IN_FLIGHT = 16  # our batch requests open at once (+ the pull's chunk window of 64)
+BATCHES_IN_FLIGHT = 16  # our batch requests open at once, chunk requests included
+# The chunks asked in one turn of the event loop travel in one GetChunks of at most this many
+# bytes: large enough that a request's cost is spread over many chunks, small enough that
+# several are in flight at once and the peer's disk, both ciphers and our writes overlap.
+CHUNK_REQUEST_BYTES = 1024 * 1024
 GOSSIP_EVERY = 30.0  # seconds between re-announcements of an unchanged root (also a keepalive)
 # A peer that leaves every one of our requests unanswered this long is stalled (or hostile): the
 # session ends so its requests move to other peers and the pull waiting on them can finish. A
@@ -49,7 +53,7 @@ _PEER_WORKING = (
     proto.NodesRequested,
     proto.EntriesRequested,
     proto.GroupsRequested,
-    proto.ChunkRequested,
+    proto.ChunksRequested,
 )
 # A one-shot session whose pulls stop making progress gives up after this many quiet seconds
 # (a path the peer has that cannot be applied here, for instance), instead of waiting forever.
@@ -134,7 +138,10 @@ class PeerSession:
         self.write_lock = asyncio.Lock()
         self.answers = asyncio.Semaphore(ANSWERS_IN_FLIGHT)
         self.batches = asyncio.Semaphore(BATCHES_IN_FLIGHT)
-        self.chunk_asks: list[tuple[int, Hash, int]] = []
+        # Chunks asked by `chunk()`: their waiters until answered, and those not yet requested.
+        self._chunk_waiters: dict[Hash, list[asyncio.Future[bytes | None]]] = {}
+        self._chunks_unsent: dict[Hash, int] = {}
+        self._chunk_sender: asyncio.Task[None] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self._root_event = replica.watch_root()
@@ -147,8 +154,8 @@ class PeerSession:
 
     @property
     def load(self) -> int:
-        """Our requests this peer has not answered yet."""
-        return len(self.pending)
+        """Our requests this peer has not answered yet, each chunk asked counted."""
+        return len(self.pending) + len(self._chunk_waiters)
 
     async def run(self, steer: Steer | None = None) -> SessionResult:
         """Pump until the session ends (with `steer(self)` running beside, if given); close the
@@ -172,11 +179,15 @@ class PeerSession:
             self._ended = True
             self.replica.unwatch_root(self._root_event)
             gone = PeerGone(self.result.reason or "the session ended")
-            for future in self.pending.values():
+            waiting = [*self.pending.values()]
+            waiting += [f for futures in self._chunk_waiters.values() for f in futures]
+            for future in waiting:
                 if not future.done():
                     future.set_exception(gone)
                     future.exception()  # retrieved here: nobody may be waiting any more
             self.pending.clear()
+            self._chunk_waiters.clear()
+            self._chunks_unsent.clear()
             with contextlib.suppress(*LINK_FAILURES):
                 await self.link.close()
             if self.on_change is not None:
@@ -220,9 +231,6 @@ class PeerSession:
                 self.session.receive_data(data)
             while (event := self.session.next_event()) is not None:
                 await self._handle(event)
-            if self.chunk_asks:
-                asks, self.chunk_asks = self.chunk_asks, []
-                self.tasks.create_task(self._answer_chunks(asks))
             await self._flush()
             if not data:
                 self.end(self.result.reason or "the peer went away", clean=bool(self.result.reason))
@@ -249,13 +257,15 @@ class PeerSession:
                 await self._answer(
                     rid, self.replica.read_groups, hashes, self.session.answer_groups
                 )
-            case proto.ChunkRequested(id=rid, hash=digest, size=size):
-                self.chunk_asks.append((rid, digest, size))  # answered in batches, see _read
+            case proto.ChunksRequested(id=rid, wanted=wanted):
+                await self._answer(
+                    rid, self.replica.read_chunks, wanted, self.session.answer_chunks
+                )
             case (
                 proto.NodesReceived(id=rid)
                 | proto.EntriesReceived(id=rid)
                 | proto.GroupsReceived(id=rid)
-                | proto.ChunkReceived(id=rid)
+                | proto.ChunksReceived(id=rid)
             ):
                 future = self.pending.pop(rid, None)
                 self.answered_at = asyncio.get_running_loop().time()
@@ -295,20 +305,6 @@ class PeerSession:
         # and neither reads, TCP buffers fill and both stall. The Session caps how many
         # requests a peer may leave unanswered, which bounds these tasks.
         self.tasks.create_task(answer())
-
-    async def _answer_chunks(self, asks: list[tuple[int, Hash, int]]) -> None:
-        """Read every chunk asked in one arrival of bytes with one hop to a worker thread."""
-        async with self.answers:
-            found = await asyncio.to_thread(
-                self.replica.read_chunks, [(digest, size) for _, digest, size in asks]
-            )
-            if self.session.state is proto.State.OPEN:
-                await self._send(
-                    b"".join(
-                        self.session.answer_chunk(rid, data)
-                        for (rid, _, _), data in zip(asks, found, strict=True)
-                    )
-                )
 
     async def _watch_answers(self, within: float) -> None:
         """End the session if the peer leaves our requests unanswered for `within` seconds
@@ -407,9 +403,66 @@ class PeerSession:
         return found
 
     async def chunk(self, digest: Hash, size: int) -> bytes | None:
-        event = await self._request(functools.partial(self.session.request_chunk, digest, size))
-        data: bytes | None = event.data
-        return data
+        """One chunk (None: the peer lacks it). Every chunk asked in one turn of the event
+        loop, by any number of callers, travels in one GetChunks (STYLE.md 17); a chunk
+        already asked is not asked twice."""
+        if not self.open:
+            raise PeerGone(self.result.reason or "the session is not open")
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        waiters = self._chunk_waiters.setdefault(digest, [])
+        waiters.append(future)
+        if len(waiters) == 1:
+            self._chunks_unsent[digest] = size
+            if self._chunk_sender is None or self._chunk_sender.done():
+                self._chunk_sender = self.tasks.create_task(self._send_chunk_requests())
+        try:
+            return await future
+        finally:
+            if future.cancelled():  # a hedged request another peer won: forget it if unsent
+                waiters.remove(future)
+                if not waiters and self._chunk_waiters.get(digest) is waiters:
+                    del self._chunk_waiters[digest]
+                    self._chunks_unsent.pop(digest, None)
+
+    async def _send_chunk_requests(self) -> None:
+        await asyncio.sleep(0)  # the other chunks asked in this turn of the loop join the batch
+        while self._chunks_unsent:
+            batch: list[tuple[Hash, int]] = []
+            total = 0
+            for digest, size in self._chunks_unsent.items():
+                if batch and (total + size > CHUNK_REQUEST_BYTES or len(batch) == MAX_BATCH_CHUNKS):
+                    break
+                batch.append((digest, size))
+                total += size
+            for digest, _ in batch:
+                del self._chunks_unsent[digest]
+            self.tasks.create_task(self._fetch_chunks(batch))
+
+    async def _fetch_chunks(self, batch: list[tuple[Hash, int]]) -> None:
+        try:
+            event = await self._batch(functools.partial(self.session.request_chunks, batch))
+        except PeerGone as exc:
+            for digest, _ in batch:
+                self._settle(digest, exc)
+            return
+        for digest, size in batch:
+            if digest in event.chunks:
+                self._settle(digest, event.chunks[digest])
+            elif digest in event.missing:
+                self._settle(digest, None)
+            elif digest in self._chunk_waiters:  # beyond the answer's prefix: ask again
+                self._chunks_unsent[digest] = size
+        if self._chunks_unsent and (self._chunk_sender is None or self._chunk_sender.done()):
+            self._chunk_sender = self.tasks.create_task(self._send_chunk_requests())
+
+    def _settle(self, digest: Hash, outcome: bytes | BaseException | None) -> None:
+        for future in self._chunk_waiters.pop(digest, []):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
 
 # -- one peer: pull whenever its root differs --------------------------------------------------
