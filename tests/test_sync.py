@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backer.ids import Hash
 from backer.index.merkle import EMPTY_ROOT
+from backer.sync import assemble as assemble_module
 from backer.sync import disk as disk_module
-from backer.sync.assemble import LOCAL_BATCH
 from backer.sync.disk import FolderDisk
 from backer.sync.merge import is_conflict_copy
 from backer.sync.peer import SessionResult
@@ -424,27 +423,51 @@ async def test_sync_over_tcp(pair: tuple[Path, Path]) -> None:
     assert snapshot(a) == snapshot(b)
 
 
-async def test_a_large_files_local_chunks_are_read_a_batch_at_a_time(
+async def test_a_small_change_in_a_large_file_copies_the_rest_in_the_kernel(
     pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Found by the side-by-side benchmark: a 4 KiB change in a 256 MiB file made the copy
-    read every chunk it already had into one list, the whole file in memory at once (peaks of
-    335-867 MB). Local chunks are now read, checked and written LOCAL_BATCH at a time."""
+    """A 4 KiB change in a 24 MiB file: the unchanged ranges are copied from the old file by
+    copy_file_range, a few calls for the whole file (runs of neighbouring chunks), never read
+    into memory at once (the side-by-side benchmark once saw peaks of 335-867 MB)."""
     a, b = pair
     big = os.urandom(24 * 1024 * 1024)
     write(a, "big.bin", big)
     await converge(a, b)
-    asked: list[int] = []
-    original = Replica.read_chunks
+    calls: list[int] = []
+    original = os.copy_file_range
 
-    def counting(replica: Replica, wanted: Sequence[tuple[Hash, int]]) -> list[bytes | None]:
-        asked.append(len(wanted))
-        return original(replica, wanted)
+    def counting(src: int, dst: int, count: int, *offsets: int | None) -> int:
+        calls.append(count)
+        return original(src, dst, count, *offsets)
 
-    monkeypatch.setattr(Replica, "read_chunks", counting)
+    monkeypatch.setattr(os, "copy_file_range", counting)
     changed = big[:12_000_000] + os.urandom(4096) + big[12_004_096:]
     write(a, "big.bin", changed, mtime=OLD + 5)
     result = await converge(a, b)
     assert (b / "big.bin").read_bytes() == changed
     assert fetched(result) < 200_000  # the rest came from the old file
-    assert asked and max(asked) <= LOCAL_BATCH < sum(asked)
+    assert 2 <= len(calls) <= 4 and sum(calls) > 23 * 1024 * 1024
+
+
+async def test_local_chunks_that_changed_since_their_scan_are_fetched(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index's places are hints: what is copied from a local file is hashed before it is
+    used, and a chunk that does not match is fetched from the peer instead."""
+    a, b = pair
+    big = os.urandom(4 * 1024 * 1024)
+    write(a, "big.bin", big)
+    await converge(a, b)
+    original = assemble_module._copy_range
+
+    def stale(source_fd: int, fd: int, run: assemble_module._Run) -> int:
+        done = original(source_fd, fd, run)
+        os.pwrite(fd, b"\0" * 100, run.offset)  # as if the local file had been edited there
+        return done
+
+    monkeypatch.setattr(assemble_module, "_copy_range", stale)
+    changed = big + b"tail"
+    write(a, "big.bin", changed, mtime=OLD + 5)
+    result = await converge(a, b)
+    assert (b / "big.bin").read_bytes() == changed
+    assert 0 < fetched(result) < 200_000

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +23,7 @@ from backer.events import Emit, FileProgress
 from backer.ids import Hash
 from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, iter_chunks
-from backer.index.store import StatSig
+from backer.index.store import StatSig, chunk_key
 from backer.paths import parent_of
 from backer.sync.disk import ChangedMeanwhile, sig_of
 from backer.sync.fetcher import Fetcher, PullReport
@@ -37,7 +40,11 @@ __all__ = [
 ]
 
 CHUNK_WINDOW = 64  # chunks in flight (about 1.5 MiB at the 24 KiB mean chunk)
-LOCAL_BATCH = 256  # chunks this folder already has, read and written at a time (about 6 MiB)
+LOCAL_BATCH = 256  # chunks this folder already has, looked up at a time
+VERIFY_BLOCK = 4 * 1024 * 1024  # chunks copied from local files are read back this much at a time
+WRITE_BATCH = 1024 * 1024  # fetched bytes of one file written to disk at a time...
+WRITE_ON_LOOP = 64 * 1024  # ...in a worker thread, unless this little
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
 PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
 UNCHECKED = object()  # "do not compare the stat of what is replaced" (a symlink)
@@ -87,12 +94,16 @@ class Assembler:
         conflict copy) and needs no version."""
         fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
         progress = _Progress(self, dest, source.size, missing)
+        writes = _Writes(fd)
         try:
             try:
                 async with asyncio.TaskGroup() as fetches:
                     for offset, digest, size in missing:
                         await self.window.acquire()
-                        fetches.create_task(self._fetch_into(fd, offset, digest, size, progress))
+                        fetches.create_task(
+                            self._fetch_into(writes, offset, digest, size, progress)
+                        )
+                await writes.flush()
             except BaseExceptionGroup as group:
                 # One plain exception for the caller, who decides per kind (a chunk gone, a
                 # full disk...): a group would slip past its handlers and end the whole pull.
@@ -130,30 +141,67 @@ class Assembler:
             raise
 
     def _copy_local(self, fd: int, chunks: bytes) -> list[tuple[int, Hash, int]]:
-        """Write every chunk this folder already holds; return (offset, hash, size) of the rest.
-        A chunk already in place (left by an abandoned attempt) is kept if it hashes right."""
-        missing = []
-        offset = 0
+        """Copy every chunk this folder already holds into the temp file, in the kernel
+        (`copy_file_range`; neighbouring chunks of one file in one call), then check each
+        copied chunk against its hash; return (offset, hash, size) of the rest. A chunk
+        already in place (left by an abandoned attempt) is kept if it hashes right."""
+        records = list(_placed(chunks))
         resumable = os.fstat(fd).st_size
-        records = list(iter_chunks(chunks))
-        # A batch at a time: a large file's chunks, all read at once, would all be in memory.
-        for start in range(0, len(records), LOCAL_BATCH):
-            batch = records[start : start + LOCAL_BATCH]
-            for (digest, size), data in zip(batch, self.replica.read_chunks(batch), strict=True):
-                if data is not None:
-                    os.pwrite(fd, data, offset)
-                    self.report.bytes_local += size
-                elif (
-                    offset + size <= resumable and hash_chunk(os.pread(fd, size, offset)) == digest
-                ):
-                    self.report.bytes_local += size
+        runs, unplaced = self._plan_runs(records)
+        copied: list[tuple[int, Hash, int]] = []
+        with self.disk.opener() as open_regular:
+            for run in runs:
+                source_fd = open_regular(run.path)
+                if source_fd is not None and _copy_range(source_fd, fd, run) == run.length:
+                    copied += run.records
                 else:
-                    missing.append((offset, digest, size))
-                offset += size
+                    unplaced += run.records
+        unplaced += _unverified(fd, copied, self.report)  # local files changed since their scan
+        missing = []
+        for offset, digest, size in sorted(unplaced):
+            if offset + size <= resumable and hash_chunk(os.pread(fd, size, offset)) == digest:
+                self.report.bytes_local += size
+            else:
+                missing.append((offset, digest, size))
         return missing
 
+    def _plan_runs(
+        self, records: list[tuple[int, Hash, int]]
+    ) -> tuple[list[_Run], list[tuple[int, Hash, int]]]:
+        """Where each chunk can be copied from (the index's hints), in runs of chunks that lie
+        one after another in one local file; the chunks found nowhere."""
+        runs: list[_Run] = []
+        unplaced = []
+        # In batches: a large file's chunk places, looked up all at once, would fill memory.
+        for start in range(0, len(records), LOCAL_BATCH):
+            batch = records[start : start + LOCAL_BATCH]
+            places = self.replica.store.find_chunks(digest for _, digest, _ in batch)
+            for offset, digest, size in batch:
+                candidates = [p for p in places.get(chunk_key(digest), ()) if p.size == size]
+                if not candidates:
+                    unplaced.append((offset, digest, size))
+                    continue
+                last = runs[-1] if runs else None
+                follows = (
+                    None
+                    if last is None or offset != last.offset + last.length
+                    else next(
+                        (p for p in candidates if (p.path, p.offset) == last.source_end),
+                        None,
+                    )
+                )
+                if last is not None and follows is not None:
+                    last.length += size
+                    last.records.append((offset, digest, size))
+                else:
+                    place = candidates[0]
+                    runs.append(
+                        _Run(place.path, place.offset, offset, size, [(offset, digest, size)])
+                    )
+        return runs, unplaced
+
     async def _fetch_into(
-        self, fd: int, offset: int, digest: Hash, size: int, progress: _Progress
+        self, writes: _Writes, offset: int, digest: Hash, size: int, progress: _Progress
     ) -> None:
         try:
             data = await self.fetcher.chunk(digest, size)
@@ -161,7 +209,7 @@ class Assembler:
             self.window.release()
         if data is None:
             raise ChunkGone(digest.hex())
-        os.pwrite(fd, data, offset)
+        await writes.add(offset, data)
         self.report.bytes_fetched += size
         progress.add(size)
 
@@ -193,6 +241,106 @@ class Assembler:
         return self.disk.install_file(
             fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns, sync_dir=False
         )
+
+
+@dataclass(slots=True)
+class _Run:
+    """Chunks that lie one after another both in a local file and in the file being built."""
+
+    path: str  # the local file
+    source_offset: int
+    offset: int  # in the file being built
+    length: int
+    records: list[tuple[int, Hash, int]]
+
+    @property
+    def source_end(self) -> tuple[str, int]:
+        return self.path, self.source_offset + self.length
+
+
+def _placed(chunks: bytes) -> Iterator[tuple[int, Hash, int]]:
+    """(offset, hash, size) of each chunk of a packed chunk list."""
+    offset = 0
+    for digest, size in iter_chunks(chunks):
+        yield offset, digest, size
+        offset += size
+
+
+def _copy_range(source_fd: int, fd: int, run: _Run) -> int:
+    """Copy a run in the kernel; by reads and writes where the kernel cannot (another
+    filesystem on an older kernel). Returns the bytes copied: fewer if the source is shorter
+    now than its index says."""
+    done = 0
+    while done < run.length:
+        at, to, left = run.source_offset + done, run.offset + done, run.length - done
+        try:
+            copied = os.copy_file_range(source_fd, fd, left, at, to)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            data = os.pread(source_fd, min(left, VERIFY_BLOCK), at)
+            copied = os.pwrite(fd, data, to) if data else 0
+        if copied == 0:
+            break
+        done += copied
+    return done
+
+
+def _unverified(
+    fd: int, copied: list[tuple[int, Hash, int]], report: PullReport
+) -> list[tuple[int, Hash, int]]:
+    """Read the copied chunks back a block at a time and hash each (the index's places are
+    hints: a local file may have changed since its last scan); those that do not match."""
+    wrong = []
+    view = memoryview(bytearray(VERIFY_BLOCK))
+    start = 0
+    while start < len(copied):
+        first = copied[start][0]
+        end = start + 1  # one chunk always fits: VERIFY_BLOCK > MAX_CHUNK
+        while (
+            end < len(copied)
+            and copied[end][0] == copied[end - 1][0] + copied[end - 1][2]
+            and copied[end][0] + copied[end][2] - first <= VERIFY_BLOCK
+        ):
+            end += 1
+        last_offset, _, last_size = copied[end - 1]
+        got = os.preadv(fd, [view[: last_offset + last_size - first]], first)
+        for offset, digest, size in copied[start:end]:
+            at = offset - first
+            if at + size <= got and hash_chunk(view[at : at + size]) == digest:
+                report.bytes_local += size
+            else:
+                wrong.append((offset, digest, size))
+        start = end
+    return wrong
+
+
+class _Writes:
+    """Fetched chunks of one file, written to its temp file in batches off the event loop."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.items: list[tuple[int, bytes]] = []
+        self.bytes = 0
+
+    async def add(self, offset: int, data: bytes) -> None:
+        self.items.append((offset, data))
+        self.bytes += len(data)
+        if self.bytes >= WRITE_BATCH:
+            await self.flush()
+
+    async def flush(self) -> None:
+        items, size = self.items, self.bytes
+        self.items, self.bytes = [], 0
+        if size < WRITE_ON_LOOP:
+            _write_all(self.fd, items)  # a small file's chunk or two: cheaper than a thread hop
+        else:
+            await asyncio.to_thread(_write_all, self.fd, items)
+
+
+def _write_all(fd: int, items: list[tuple[int, bytes]]) -> None:
+    for offset, data in items:
+        os.pwrite(fd, data, offset)
 
 
 class _Progress:

@@ -82,28 +82,40 @@ class FolderDisk:
         """`read(rel, offset, size)` like `read_at`, keeping the last few files open between
         calls: reading a file's chunks one by one then opens it (and walks its directories)
         once, not once per chunk."""
+        with self.opener() as open_regular:
+
+            def read(rel: str, offset: int, size: int) -> bytes | None:
+                fd = open_regular(rel)
+                if fd is None:
+                    return None
+                try:
+                    data = os.pread(fd, size, offset)
+                except OSError:
+                    return None
+                return data if len(data) == size else None
+
+            yield read
+
+    @contextlib.contextmanager
+    def opener(self) -> Iterator[Callable[[str], int | None]]:
+        """`open_regular(rel)`: a read-only descriptor of the regular file at `rel` (None if
+        there is none), reached without following symlinks; the last few stay open between
+        calls and all are closed at the end."""
         opened: OrderedDict[str, int | None] = OrderedDict()
 
-        def read(rel: str, offset: int, size: int) -> bytes | None:
+        def open_regular(rel: str) -> int | None:
             if rel in opened:
                 opened.move_to_end(rel)
-                fd = opened[rel]
-            else:
-                fd = opened[rel] = self._open_regular(rel)
-                if len(opened) > _READERS_OPEN:
-                    _, oldest = opened.popitem(last=False)
-                    if oldest is not None:
-                        os.close(oldest)
-            if fd is None:
-                return None
-            try:
-                data = os.pread(fd, size, offset)
-            except OSError:
-                return None
-            return data if len(data) == size else None
+                return opened[rel]
+            fd = opened[rel] = self._open_regular(rel)
+            if len(opened) > _READERS_OPEN:
+                _, oldest = opened.popitem(last=False)
+                if oldest is not None:
+                    os.close(oldest)
+            return fd
 
         try:
-            yield read
+            yield open_regular
         finally:
             for fd in opened.values():
                 if fd is not None:
