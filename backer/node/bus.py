@@ -47,6 +47,12 @@ class Subscription:
             await self._ready.wait()
         return self._items.popleft()
 
+    def take_ready(self) -> list[tuple[float, Event]]:
+        """Every event already waiting, without waiting for more."""
+        ready = list(self._items)
+        self._items.clear()
+        return ready
+
     async def next(self) -> Event:
         return (await self.next_stamped())[1]
 
