@@ -22,7 +22,7 @@ from kademlia.utils import digest
 
 from backer.discovery import records
 from backer.discovery.base import Context, Found
-from backer.discovery.dht import DhtFinder, DhtNode
+from backer.discovery.dht import DhtFinder, DhtNode, source_of
 from backer.discovery.records import (
     DHT_KEY_SIZE,
     EPOCH_SECONDS,
@@ -209,9 +209,49 @@ def test_the_table_stays_bounded_under_a_flood() -> None:
         assert len(table) <= 32
         assert all(len(table.get(k, now=NOW)) <= 8 for k in keys)
     kept = [verify(v, now=NOW, dht_key=k).expiry for k in keys for v in table.get(k, now=NOW)]
-    assert len(kept) == 32 and min(kept) >= NOW + 100 + 400 - 8 * len(keys)
-    # Full of records that outlive it: a record expiring sooner is refused, not swapped in.
-    assert table.put(keys[0], record(dht=keys[0], expiry=NOW + 50), now=NOW) is Put.FULL
+    # Full: a newcomer never displaces a live record, however late it expires.
+    assert sorted(kept) == [int(NOW + 100 + i) for i in range(32)]
+    assert table.put(keys[0], record(dht=keys[0], expiry=NOW + 5000), now=NOW) is Put.FULL
+    # Expired records make room.
+    assert table.put(keys[0], record(dht=keys[0], expiry=NOW + 5000), now=NOW + 120) is Put.STORED
+
+
+def test_one_throwaway_key_cannot_wipe_a_storage_node() -> None:
+    """Found by an attack review: one key sent 4,096 records expiring as late as allowed;
+    every honest record was evicted and honest re-announcements got FULL."""
+    table = RecordTable()
+    honest = [signer() for _ in range(20)]
+    for i, device in enumerate(honest):
+        source = f"198.51.100.{i}"
+        assert table.put(KEY, record(device, expiry=NOW + 600), now=NOW, source=source) is (
+            Put.STORED
+        )
+    attacker = signer()
+    stored = 0
+    for _ in range(4096):
+        key = os.urandom(DHT_KEY_SIZE)
+        latest = record(attacker, dht=key, expiry=NOW + records.MAX_LIFETIME - 1)
+        stored += table.put(key, latest, now=NOW, source="203.0.113.66") is Put.STORED
+    assert stored == table.per_device
+    assert len(table.get(KEY, now=NOW)) == 20
+    for device in honest:  # a re-announcement, expiring later, is always taken
+        assert table.put(KEY, record(device, expiry=NOW + 900), now=NOW) is Put.STORED
+
+
+def test_one_address_with_many_keys_is_capped_per_source_and_per_key() -> None:
+    table = RecordTable(per_key=32, total=4096, per_source=64, per_source_key=8)
+    results = [
+        table.put(KEY, record(), now=NOW, source="203.0.113.66") is Put.STORED for _ in range(20)
+    ]
+    assert sum(results) == 8  # one address cannot fill a folder's key
+    others = [os.urandom(DHT_KEY_SIZE) for _ in range(40)]
+    stored = sum(
+        table.put(k, record(dht=k), now=NOW, source="203.0.113.66") is Put.STORED
+        for k in others
+        for _ in range(3)
+    )
+    assert stored == 64 - 8
+    assert table.put(KEY, record(), now=NOW, source="198.51.100.9") is Put.STORED
 
 
 def test_newest_per_device_orders_by_expiry() -> None:
@@ -639,3 +679,17 @@ async def test_a_finder_keeps_trying_until_its_bootstrap_node_answers() -> None:
         await members.until(lambda: bool(members.found["early"] and members.found["late"]))
         assert members.found["early"][0].addresses == ("127.0.0.1:42002",)
         assert members.found["late"][0].addresses == ("127.0.0.1:42001",)
+
+
+@pytest.mark.parametrize(
+    ("host", "counted_as"),
+    [
+        ("203.0.113.66", "203.0.113.66"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.66", "203.0.113.66"),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_a_store_counts_against_its_ipv4_address_or_ipv6_64(host: str, counted_as: str) -> None:
+    assert source_of(host) == counted_as

@@ -75,6 +75,7 @@ __all__ = [
     "DhtFinder",
     "DhtNode",
     "RecordStorage",
+    "source_of",
 ]
 
 KSIZE = 20
@@ -111,13 +112,14 @@ class RecordStorage(IStorage):  # type: ignore[misc]  # kademlia is untyped
         self.clock = clock
         self.refused = 0  # how many STOREs were dropped as invalid
 
-    def put(self, key: object, value: object) -> bool:
-        """Whether the table now holds `value` under `key` (or a newer record of its device)."""
+    def put(self, key: object, value: object, source: str = "") -> bool:
+        """Whether the table now holds `value` under `key` (or a newer record of its device).
+        `source`: the host that sent it, "" for this node's own."""
         if not isinstance(key, bytes) or not isinstance(value, bytes):
             self.refused += 1
             return False
         try:
-            outcome = self.table.put(key, value, now=self.clock())
+            outcome = self.table.put(key, value, now=self.clock(), source=source_of(source))
         except DecodeError:
             self.refused += 1
             return False
@@ -145,6 +147,20 @@ class RecordStorage(IStorage):  # type: ignore[misc]  # kademlia is untyped
 
     def __len__(self) -> int:
         return len(self.table)
+
+
+def source_of(host: str) -> str:
+    """Who a STORE counts against: its IPv4 address, or the /64 of its IPv6 address (one
+    subscriber's whole allocation, so a host cannot dodge the cap by changing addresses)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return (
+        str(address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else host
+    )
 
 
 # -- the node ----------------------------------------------------------------------------------
@@ -778,7 +794,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untyped
             if name == "ping" and len(args) == 1:
                 reply = self.source_node.id
             elif name == "store" and len(args) == 3:
-                reply = self.storage.put(args[1], args[2])
+                reply = self.storage.put(args[1], args[2], sender[0])
             elif name in ("find_node", "find_value") and len(args) == 2 and _is_id(args[1]):
                 key = args[1]
                 nodes = [list(n) for n in self.router.find_neighbors(Node(key), exclude=source)]

@@ -28,6 +28,7 @@ import hmac
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nacl.bindings
 import nacl.exceptions
@@ -245,17 +246,40 @@ class Put(enum.Enum):
 
 class RecordTable:
     """A bounded set of records per DHT key: at most `per_key` devices per key (the newest
-    record of each) and `total` records in all. When full, the record expiring soonest makes
-    room for one that expires later. Only records that pass `verify` (as a storage node) enter.
+    record of each) and `total` records in all. Only records that pass `verify` (as a storage
+    node) enter.
+
+    Nobody may crowd the others out: one device (public key) holds at most `per_device`
+    records, one source address at most `per_source` (and `per_source_key` under one key),
+    and a newcomer never displaces a live record: when the table or the key is full it is
+    refused until records expire. A device's own newer record always replaces its older one.
+    Records put with no source (`source=""`: the node's own) count against no source.
     """
 
-    def __init__(self, *, per_key: int = 32, total: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        per_key: int = 32,
+        total: int = 4096,
+        per_device: int = 16,
+        per_source: int = 64,
+        per_source_key: int = 8,
+    ) -> None:
         if per_key < 1 or total < per_key:
             raise ValueError("a table holds at least one record per key, and total >= per_key")
+        if min(per_device, per_source, per_source_key) < 1:
+            raise ValueError("every cap is at least one record")
         self.per_key = per_key
         self.total = total
+        self.per_device = per_device
+        self.per_source = per_source
+        self.per_source_key = per_source_key
         self._keys: dict[bytes, dict[bytes, Record]] = {}
         self._count = 0
+        self._sources: dict[tuple[bytes, bytes], str] = {}  # (key, public key) -> who stored it
+        self._by_device: dict[bytes, int] = {}
+        self._by_source: dict[str, int] = {}
+        self._by_source_key: dict[tuple[str, bytes], int] = {}
         # (expiry, key, public key) of every record held, soonest first; entries of records
         # since replaced or removed are skipped when met, and compacted away in bulk.
         self._expiries: list[tuple[int, bytes, bytes]] = []
@@ -263,31 +287,27 @@ class RecordTable:
     def __len__(self) -> int:
         return self._count
 
-    def put(self, key: bytes, data: bytes, *, now: float) -> Put:
+    def put(self, key: bytes, data: bytes, *, now: float, source: str = "") -> Put:
         """Keep `data` under `key` if it is a valid record; DecodeError (with the reason) if
-        it is not."""
+        it is not. `source` is the host that sent it ("" for the node itself)."""
         record = verify(data, now=now, dht_key=key)
-        records = self._keys.get(key, {})
-        held = records.get(record.public_key)
+        held = self._keys.get(key, {}).get(record.public_key)
         if held is not None:
             if held.expiry >= record.expiry:
                 return Put.STALE
+            source = self._sources.get((key, held.public_key), source)
             self._remove(key, held.public_key)
-        elif len(records) >= self.per_key or self._count >= self.total:
+        else:
             self.cull(now=now)
-            records = self._keys.get(key, {})
-            if len(records) >= self.per_key:
-                soonest = min(records.values(), key=lambda r: r.expiry)
-                if soonest.expiry >= record.expiry:
-                    return Put.FULL
-                self._remove(key, soonest.public_key)
-            elif self._count >= self.total:
-                found = self._soonest()
-                if found is None or found[1].expiry >= record.expiry:
-                    return Put.FULL
-                self._remove(found[0], found[1].public_key)
+            if self._crowded(key, record.public_key, source):
+                return Put.FULL
         self._keys.setdefault(key, {})[record.public_key] = record
         self._count += 1
+        self._sources[(key, record.public_key)] = source
+        _count(self._by_device, record.public_key, 1)
+        if source:
+            _count(self._by_source, source, 1)
+            _count(self._by_source_key, (source, key), 1)
         heapq.heappush(self._expiries, (record.expiry, key, record.public_key))
         if len(self._expiries) > 2 * self._count + 64:
             self._expiries = [
@@ -295,6 +315,21 @@ class RecordTable:
             ]
             heapq.heapify(self._expiries)
         return Put.STORED
+
+    def _crowded(self, key: bytes, public_key: bytes, source: str) -> bool:
+        """Whether a new record of `public_key` from `source` would pass a cap."""
+        return (
+            self._count >= self.total
+            or len(self._keys.get(key, {})) >= self.per_key
+            or self._by_device.get(public_key, 0) >= self.per_device
+            or (
+                bool(source)
+                and (
+                    self._by_source.get(source, 0) >= self.per_source
+                    or self._by_source_key.get((source, key), 0) >= self.per_source_key
+                )
+            )
+        )
 
     def get(self, key: bytes, *, now: float) -> list[bytes]:
         """The live records under `key`, latest expiry first."""
@@ -338,3 +373,19 @@ class RecordTable:
         self._count -= 1
         if not records:
             del self._keys[key]
+        _count(self._by_device, public_key, -1)
+        source = self._sources.pop((key, public_key), "")
+        if source:
+            _count(self._by_source, source, -1)
+            _count(self._by_source_key, (source, key), -1)
+
+
+_K = TypeVar("_K")
+
+
+def _count(counts: dict[_K, int], what: _K, change: int) -> None:
+    left = counts.get(what, 0) + change
+    if left > 0:
+        counts[what] = left
+    else:
+        counts.pop(what, None)
