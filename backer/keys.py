@@ -10,7 +10,8 @@ discovery ID and the public folder ID. Pure: no I/O, no clock; imports only `bac
                         +--> read secret --> handshake PSK
 
 A read-only key carries the read secret and the verify key, so it derives the same PSK,
-discovery ID and folder ID as its read-write parent, but never the signing key.
+discovery ID and folder ID as its read-write parent, but never the signing key. Only the folder
+ID is public; the discovery ID is a members' secret (see `FolderKey.discovery_id`).
 """
 
 from __future__ import annotations
@@ -207,7 +208,10 @@ class FolderKey:
 
     @property
     def discovery_id(self) -> bytes:
-        """What the folder is announced under in the DHT (32 bytes): public, reveals no secret."""
+        """The members' name for the folder (32 bytes), kept secret like the key itself: it
+        reveals no key, but whoever holds it can start a handshake far enough to learn a
+        responder's device key (Noise XXpsk3 proves the PSK only in message 3). It is never sent
+        or shown: the DHT, the LAN and connection prefaces carry one-way tags of it."""
         return _derive(_CTX_DISCOVERY_ID, self._verify_key)
 
     @property

@@ -6,6 +6,11 @@
 
 Only moves bytes and keeps time (handshake timeout, keepalives, idle timeout); every decision is
 the Channel's. Imports errors, ids, keys, sync.link and mesh; never discovery.
+
+Who can learn what: the responder's device key travels in message 2, encrypted under keys that
+the folder's discovery ID (in the prologue) and the ephemerals decide, not the PSK (XXpsk3
+mixes it in at message 3). So anyone holding the discovery ID, a members' secret, can learn a
+responder's device key; without it, a dialler gets no further than the preface.
 """
 
 from __future__ import annotations
