@@ -98,17 +98,22 @@ class Listener:
         self._accept = accept
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._bound = ""
 
     @property
     def bound(self) -> str:
-        """The address actually listened on (the real port when asked for port 0)."""
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return format_address(str(host), int(port))
+        """The address actually listened on (the real port when asked for port 0); still the
+        same once stopped, as the status written while the node shuts down names it (reading
+        it from a closed server's sockets raised IndexError, and the node exited 1)."""
+        if not self._bound:
+            raise RuntimeError("the listener has not started")
+        return self._bound
 
     async def start(self) -> None:
         host, port = parse_address(self.address)
         self._server = await asyncio.start_server(self._on_connection, host, port)
+        bound_host, bound_port = self._server.sockets[0].getsockname()[:2]
+        self._bound = format_address(str(bound_host), int(bound_port))
 
     async def stop(self) -> None:
         if self._server is not None:
