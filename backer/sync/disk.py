@@ -164,11 +164,16 @@ class FolderDisk:
             os.close(fd)
         with self.directory(parent_of(rel), create=True) as dir_fd:
             self._clear_for(dir_fd, rel)
+            self.before_swap(rel)
             os.rename(temp, _name(rel), dst_dir_fd=dir_fd)
             if sync_dir:
                 os.fsync(dir_fd)
             # The rename changed the ctime on some filesystems: record what is there now.
             return sig_of(os.stat(_name(rel), dir_fd=dir_fd, follow_symlinks=False))
+
+    def before_swap(self, rel: str) -> None:
+        """The instant between the last look at what is at `rel` and the step that replaces or
+        removes it. Nothing happens here: tests make a user's edit happen at this exact step."""
 
     def sync_dirs(self, rel_dirs: set[str]) -> None:
         """fsync directories, so the renames into them survive a power cut."""
@@ -188,6 +193,7 @@ class FolderDisk:
         os.symlink(target, temp)
         with self.directory(parent_of(rel), create=True) as dir_fd:
             self._clear_for(dir_fd, rel)
+            self.before_swap(rel)
             os.rename(temp, _name(rel), dst_dir_fd=dir_fd)
             os.fsync(dir_fd)
 

@@ -348,6 +348,7 @@ class _Pull:
                 self._record(kept, record.local)
                 return
         else:  # the directories are fsynced by the commit that records the deletion
+            self.disk.before_swap(result.path)
             await asyncio.to_thread(functools.partial(self._archive, result.path, sync=False))
         self._record(result, LocalState())
         self.report.deleted += 1
