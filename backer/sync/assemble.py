@@ -2,8 +2,8 @@
 chunks an abandoned attempt left, and the chunks fetched from peers, then sealed into place.
 
 Owns the chunk window (how many chunk requests a pull keeps in flight), resuming from kept temp
-files, progress events, and the last check before a file is replaced: if the local file changed
-since the pull decided, the local one stays. Imports index, events and sync.
+files and progress events; the disk swaps the file in (checking what it replaces). Imports
+index, events and sync.
 """
 
 from __future__ import annotations
@@ -13,23 +13,20 @@ import contextlib
 import functools
 import os
 from pathlib import Path
-from typing import Protocol
 
 from backer.errors import BackerError
 from backer.events import Emit, FileProgress
 from backer.ids import Hash
 from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, iter_chunks
-from backer.index.store import StatSig
 from backer.paths import parent_of
-from backer.sync.disk import ChangedMeanwhile, sig_of
+from backer.sync.disk import ChangedMeanwhile, Installed
 from backer.sync.fetcher import Fetcher, PullReport
 from backer.sync.replica import Replica
+from backer.sync.swap import Expected
 
 __all__ = [
     "CHUNK_WINDOW",
-    "UNCHECKED",
-    "Archive",
     "Assembler",
     "ChangedMeanwhile",
     "ChunkGone",
@@ -40,13 +37,6 @@ CHUNK_WINDOW = 64  # chunks in flight (about 1.5 MiB at the 24 KiB mean chunk)
 LOCAL_BATCH = 256  # chunks this folder already has, read and written at a time (about 6 MiB)
 PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
 PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
-UNCHECKED = object()  # "do not compare the stat of what is replaced" (a symlink)
-
-
-class Archive(Protocol):
-    """Keeps what is at a path in the versions area (the pull's `_archive`)."""
-
-    def __call__(self, path: str, *, keep_in_place: bool = False) -> None: ...
 
 
 class ChunkGone(BackerError):
@@ -60,14 +50,12 @@ class Assembler:
         fetcher: Fetcher,
         report: PullReport,
         emit: Emit,
-        archive: Archive,
     ) -> None:
         self.replica = replica
         self.disk = replica.disk
         self.fetcher = fetcher
         self.report = report
         self.emit = emit
-        self.archive = archive
         self.label = str(replica.folder)
         self.window = asyncio.Semaphore(CHUNK_WINDOW)
         self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
@@ -77,14 +65,14 @@ class Assembler:
         entry: Entry,
         dest: str,
         source: Entry,
-        expected: StatSig | object | None,
+        expected: Expected,
         *,
         keep_old: bool = True,
-    ) -> StatSig:
+    ) -> Installed:
         """Build `source`'s content into `dest` (recorded as `entry` by the caller); returns
-        the new file's stat. `expected` is what must still be at `dest` (its stat, None for
-        nothing, or UNCHECKED); `keep_old=False` when what it replaces is kept elsewhere (a
-        conflict copy) and needs no version."""
+        what `FolderDisk.install_file` did. `expected` is what must still be at `dest`;
+        `keep_old=False` when what it replaces is kept elsewhere (a conflict copy) and needs
+        no version."""
         fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
         progress = _Progress(self, dest, source.size, missing)
         try:
@@ -173,25 +161,25 @@ class Assembler:
         *,
         dest: str,
         size: int,
-        expected: StatSig | object | None,
+        expected: Expected,
         keep_old: bool,
-    ) -> StatSig:
+    ) -> Installed:
         """Seal the temp file into `dest`, unless `dest` changed since the pull decided."""
         try:
             os.ftruncate(fd, size)
-            now = self.disk.lstat(dest)
-            if expected is not UNCHECKED and (sig_of(now) if now else None) != expected:
-                raise ChangedMeanwhile(dest)
-            if now is not None and keep_old:  # a new path has nothing to keep
-                # Linked, not moved: the rename below replaces the file in one step, so a
-                # crash in between never leaves the path empty (a scan would read a deletion).
-                self.archive(dest, keep_in_place=True)
         except BaseException:
             _discard(fd, temp)
             raise
         self.dirty_dirs.add(parent_of(dest))
         return self.disk.install_file(
-            fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns, sync_dir=False
+            fd,
+            temp,
+            dest,
+            mode=entry.mode,
+            mtime_ns=entry.mtime_ns,
+            expected=expected,
+            keep_old=keep_old,
+            sync_dir=False,
         )
 
 

@@ -153,6 +153,27 @@ class Versions:
                         self._defer_sync(source)
         return self.root.joinpath(*parts[:-1], name)
 
+    def archive_from(
+        self, source_dir: int, name: str, rel_path: str, now: float, *, sync: bool = True
+    ) -> Path:
+        """Move the file or symlink `name` in the open directory `source_dir` (the temp area,
+        where a swap left what it took out of the folder) into the area as a version of
+        `rel_path`, with one rename; `sync` as in `archive`."""
+        check_path(rel_path)
+        parts = rel_path.split("/")
+        with self._lock, _plain_errors("archive", rel_path), self._roots() as (_, marker):
+            area = [VERSIONS_DIR, *parts[:-1]]
+            with _closing(_walk(marker, area, rel_path, mode=_AREA_MODE)) as dest:
+                stored = _free_name(dest, parts[-1], now)
+                os.rename(name, stored, src_dir_fd=source_dir, dst_dir_fd=dest)
+                if sync:
+                    os.fsync(dest)
+                    os.fsync(source_dir)
+                else:
+                    self._defer_sync(dest)
+                    self._defer_sync(source_dir)
+        return self.root.joinpath(*parts[:-1], stored)
+
     def sync_pending(self) -> None:
         """fsync the directories of every archive made with `sync=False` since the last call."""
         with self._lock:
