@@ -1,13 +1,15 @@
 """A user's edit made at the exact step where a pull swaps in, or removes, what is at a path
 (issue 14, cases 1 and 2): the disk's `before_swap` seam makes the edit happen there, and
-nothing the user wrote may be lost, on either replica."""
+nothing the user wrote may be lost, on either replica. Also a subdirectory on another
+filesystem (case 5), where no rename from the temp area can reach."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,50 @@ async def test_a_filesystem_without_exchange_still_installs_and_says_so(
     versions = [p.read_bytes() for p in (b / ".backer/versions").rglob("*") if p.is_file()]
     assert versions == [b"one"]
     assert "RENAME_EXCHANGE" in caplog.text
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Path]:
+    """b/sub is a tmpfs of its own (root), as a subdirectory on a second disk would be."""
+    sub = tmp_path / "b" / "sub"
+    sub.mkdir(parents=True)
+    if os.geteuid() != 0:
+        raise AssertionError("the sub-mount test mounts a tmpfs: it needs root")
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(sub)], check=True
+    )
+    try:
+        yield sub
+    finally:
+        subprocess.run(["umount", "-l", str(sub)], check=False)
+
+
+async def test_a_subdirectory_on_another_filesystem_receives_replaces_and_deletes(
+    tmp_path: Path, mounted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Case 5: a rename from .backer/tmp cannot cross into another filesystem (EXDEV), so the
+    subdirectory never received a file and the pull retried for ever. Temp files for it are
+    made on its own filesystem now; what is replaced or deleted there is copied into the
+    versions area; an edit at the deletion still wins there."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "sub").mkdir()
+    os.chmod(a / "sub", 0o755)
+    for rel, data in {"sub/x.txt": b"one", "sub/gone.txt": b"bye", "sub/kept.txt": b"k"}.items():
+        write(a, rel, data)
+    write(a, "sub/deeper/y.txt", b"deep")
+    await converge(a, b)
+    assert (mounted / "x.txt").read_bytes() == b"one"
+    write(a, "sub/x.txt", b"two", mtime=OLD + 10)
+    os.unlink(a / "sub/gone.txt")
+    os.unlink(a / "sub/kept.txt")
+    done = edit_at_swap(monkeypatch, b, "sub/kept.txt", append(b", edited on b"))
+    await converge(a, b)
+    assert done
+    for folder in (a, b):
+        assert (folder / "sub/x.txt").read_bytes() == b"two"
+        assert not (folder / "sub/gone.txt").exists()
+        assert (folder / "sub/kept.txt").read_bytes() == b"k, edited on b"
+    versions = {p.read_bytes() for p in (b / ".backer/versions").rglob("*") if p.is_file()}
+    assert versions == {b"one", b"bye"}
+    assert not [p for p in mounted.iterdir() if p.name.startswith(".backer-")]

@@ -110,7 +110,8 @@ class Assembler:
     ) -> tuple[int, Path, list[tuple[int, Hash, int]]]:
         """A temp file holding every chunk this folder (or an abandoned attempt at this very
         version) already has; what is still missing."""
-        fd, temp = self.disk.temp_file(entry.leaf_hash().hex()[:32], resume=True)
+        key = entry.leaf_hash().hex()[:32]
+        fd, temp = self.disk.temp_file(key, resume=True, dest=entry.path)
         try:
             return fd, temp, self._copy_local(fd, source.chunks)
         except BaseException:

@@ -65,14 +65,19 @@ class FolderDisk:
     # -- directory handles -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def directory(self, rel_dir: str, *, create: bool = False) -> Iterator[int]:
-        """A file descriptor of folder/rel_dir, reached without following any symlink."""
+    def directory(
+        self, rel_dir: str, *, create: bool = False, nearest: bool = False
+    ) -> Iterator[int]:
+        """A file descriptor of folder/rel_dir, reached without following any symlink; with
+        `nearest`, of its deepest directory that exists."""
         fd = os.open(self.folder, _DIR_FLAGS)
         try:
             for name in rel_dir.split("/") if rel_dir else ():
                 try:
                     child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
+                    if nearest:
+                        break
                     if not create:
                         raise
                     os.mkdir(name, 0o755, dir_fd=fd)
@@ -154,10 +159,17 @@ class FolderDisk:
 
     # -- temp files and installing -----------------------------------------------------------
 
-    def temp_file(self, key: str, *, resume: bool = False) -> tuple[int, Path]:
+    def temp_file(
+        self, key: str, *, resume: bool = False, dest: str | None = None
+    ) -> tuple[int, Path]:
         """A temp file named after `key`, open for reading and writing: emptied, or with
-        `resume` as an earlier, abandoned attempt left it (its bytes are checked before use)."""
+        `resume` as an earlier, abandoned attempt left it (its bytes are checked before use).
+        For a `dest` on another filesystem than the folder's (a subdirectory that is its own
+        mount), an unnamed file on that filesystem instead, which `install_file` names beside
+        `dest` just before it swaps it in (a rename cannot cross filesystems)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
+        if dest is not None and (fd := self._unnamed_beside(dest)) is not None:
+            return fd, self.folder / parent_of(dest) / f".backer-{secrets.token_hex(8)}.part"
         path = self.tmp / f"{key}.part"
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(path, flags if resume else flags | os.O_TRUNC, 0o600)
@@ -193,16 +205,19 @@ class FolderDisk:
         as a conflict copy (`Installed.edit_kept`). With `sync_dir=False` the caller fsyncs
         the directory later (`sync_dirs`), once for many files, before it records them."""
         check_path(rel)
-        try:
-            os.fsync(fd)
-            os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-        finally:
-            os.close(fd)
-        with (
-            self.directory(parent_of(rel), create=True) as dir_fd,
-            _open_dir_fd(temp.parent) as tmp_fd,
-        ):
+        with contextlib.ExitStack() as stack:
+            try:
+                os.fsync(fd)
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+                dir_fd = stack.enter_context(self.directory(parent_of(rel), create=True))
+                if os.fstat(fd).st_nlink == 0:  # unnamed, on the destination's filesystem
+                    os.link(f"/proc/self/fd/{fd}", temp.name, dst_dir_fd=dir_fd)
+                    tmp_fd = dir_fd
+                else:
+                    tmp_fd = stack.enter_context(_open_dir_fd(temp.parent))
+            finally:
+                os.close(fd)
             out = self._swap_in(tmp_fd, temp.name, dir_fd, rel, expected)
             if sync_dir:
                 os.fsync(dir_fd)
@@ -243,6 +258,9 @@ class FolderDisk:
             if not is_expected(found, expected, lambda: os.readlink(name, dir_fd=dir_fd)):
                 raise ChangedMeanwhile(f"{rel} changed since the pull decided")
             self.before_swap(rel)
+            if os.fstat(dir_fd).st_dev != self._home_device():
+                self._remove_elsewhere(dir_fd, rel, expected)
+                return
             stored = self.versions.archive(rel, self.clock(), sync=sync)
             if stored is None or is_expected(
                 os.lstat(stored), expected, lambda: os.readlink(stored), renamed=True
@@ -252,6 +270,25 @@ class FolderDisk:
                 move_noreplace(_AT_FDCWD, str(stored), dir_fd, name)
                 os.fsync(dir_fd)
             raise ChangedMeanwhile(f"{rel} was edited while it was removed")
+
+    def _remove_elsewhere(self, dir_fd: int, rel: str, expected: Expected) -> None:
+        """`remove` on another filesystem: moved out beside itself (a rename cannot reach the
+        versions area), checked there, then copied into the area or moved back."""
+        name, out = _name(rel), f".backer-{secrets.token_hex(8)}.part"
+        try:
+            os.rename(name, out, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        st = os.stat(out, dir_fd=dir_fd, follow_symlinks=False)
+        if is_expected(st, expected, lambda: os.readlink(out, dir_fd=dir_fd), renamed=True):
+            self.versions.archive_from(dir_fd, out, rel, self.clock())
+            return
+        try:
+            move_noreplace(dir_fd, out, dir_fd, name)
+            os.fsync(dir_fd)
+        except FileExistsError:  # the user made a newer one: it wins
+            self.versions.archive_from(dir_fd, out, rel, self.clock())
+        raise ChangedMeanwhile(f"{rel} was edited while it was removed")
 
     def before_swap(self, rel: str) -> None:
         """The instant between the last look at what is at `rel` and the step that replaces or
@@ -265,6 +302,20 @@ class FolderDisk:
                 self.directory(rel_dir) as dir_fd,
             ):
                 os.fsync(dir_fd)
+
+    def _home_device(self) -> int:
+        return os.stat(self.folder / RESERVED_DIR).st_dev
+
+    def _unnamed_beside(self, dest: str) -> int | None:
+        """An unnamed temp file (O_TMPFILE) on the filesystem `dest` will be created on, if
+        that is not the folder's own (None then)."""
+        try:
+            with self.directory(parent_of(dest), nearest=True) as fd:
+                if os.fstat(fd).st_dev == self._home_device():
+                    return None
+                return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=fd)
+        except InvalidPathError:
+            return None  # install_file refuses the path
 
     def _swap_in(
         self, tmp_fd: int, temp: str, dir_fd: int, rel: str, expected: Expected
