@@ -252,3 +252,35 @@ async def test_a_subdirectory_on_another_filesystem_receives_replaces_and_delete
     versions = {p.read_bytes() for p in (b / ".backer/versions").rglob("*") if p.is_file()}
     assert versions == {b"one", b"bye"}
     assert not [p for p in mounted.iterdir() if p.name.startswith(".backer-")]
+
+
+@pytest.fixture
+def small_b(tmp_path: Path) -> Iterator[Path]:
+    """Replica b's whole folder on an 8 MiB tmpfs (root)."""
+    b = tmp_path / "b"
+    b.mkdir()
+    if os.geteuid() != 0:
+        raise AssertionError("the full-disk test mounts a tmpfs: it needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(b)], check=True)
+    try:
+        yield b
+    finally:
+        subprocess.run(["umount", "-l", str(b)], check=False)
+
+
+async def test_versions_never_make_a_pull_fail_for_want_of_space(
+    tmp_path: Path, small_b: Path
+) -> None:
+    """Case 8: each replacement of a large file kept the old one in the versions area until
+    the disk was full and every pull failed with ENOSPC. Old versions now give way, oldest
+    first, before a file is built; a path's newest version is kept."""
+    a = tmp_path / "a"
+    a.mkdir()
+    write(a, "small.txt", b"small")
+    contents = [os.urandom(3 * 1024 * 1024 // 2) for _ in range(7)]
+    for round_, data in enumerate(contents):
+        write(a, "big.bin", data, mtime=OLD + round_)
+        await converge(a, small_b)
+        assert (small_b / "big.bin").read_bytes() == data
+    versions = [p.read_bytes() for p in (small_b / ".backer/versions").rglob("*") if p.is_file()]
+    assert contents[-2] in versions  # the newest version of big.bin stays

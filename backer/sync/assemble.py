@@ -23,6 +23,7 @@ from backer.paths import parent_of
 from backer.sync.disk import ChangedMeanwhile, Installed
 from backer.sync.fetcher import Fetcher, PullReport
 from backer.sync.replica import Replica
+from backer.sync.room import make_room
 from backer.sync.swap import Expected
 
 __all__ = [
@@ -110,6 +111,7 @@ class Assembler:
     ) -> tuple[int, Path, list[tuple[int, Hash, int]]]:
         """A temp file holding every chunk this folder (or an abandoned attempt at this very
         version) already has; what is still missing."""
+        make_room(self.replica.versions, source.size)  # versions never make a pull fail
         key = entry.leaf_hash().hex()[:32]
         fd, temp = self.disk.temp_file(key, resume=True, dest=entry.path)
         try:
