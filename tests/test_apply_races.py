@@ -5,6 +5,7 @@ filesystem (case 5), where no rename from the temp area can reach."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -207,20 +208,24 @@ async def test_a_filesystem_without_exchange_still_installs_and_says_so(
     assert "RENAME_EXCHANGE" in caplog.text
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `path` (root), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        raise AssertionError("this test mounts a tmpfs: it needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 @pytest.fixture
 def mounted(tmp_path: Path) -> Iterator[Path]:
-    """b/sub is a tmpfs of its own (root), as a subdirectory on a second disk would be."""
-    sub = tmp_path / "b" / "sub"
-    sub.mkdir(parents=True)
-    if os.geteuid() != 0:
-        raise AssertionError("the sub-mount test mounts a tmpfs: it needs root")
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(sub)], check=True
-    )
-    try:
+    """b/sub is a tmpfs of its own, as a subdirectory on a second disk would be."""
+    with tmpfs(tmp_path / "b" / "sub", "size=8m,mode=0755") as sub:
         yield sub
-    finally:
-        subprocess.run(["umount", "-l", str(sub)], check=False)
 
 
 async def test_a_subdirectory_on_another_filesystem_receives_replaces_and_deletes(
@@ -256,16 +261,9 @@ async def test_a_subdirectory_on_another_filesystem_receives_replaces_and_delete
 
 @pytest.fixture
 def small_b(tmp_path: Path) -> Iterator[Path]:
-    """Replica b's whole folder on an 8 MiB tmpfs (root)."""
-    b = tmp_path / "b"
-    b.mkdir()
-    if os.geteuid() != 0:
-        raise AssertionError("the full-disk test mounts a tmpfs: it needs root")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(b)], check=True)
-    try:
+    """Replica b's whole folder on an 8 MiB tmpfs."""
+    with tmpfs(tmp_path / "b", "size=8m") as b:
         yield b
-    finally:
-        subprocess.run(["umount", "-l", str(b)], check=False)
 
 
 async def test_versions_never_make_a_pull_fail_for_want_of_space(

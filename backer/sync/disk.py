@@ -442,7 +442,7 @@ class FolderDisk:
 
     def copy_aside(self, rel: str, new_rel: str) -> None:
         """Copy the file or symlink at `rel` to `new_rel` (a conflict copy), leaving `rel` as
-        it is: it keeps its content until its replacement is renamed over it, so a crash in
+        it is: it keeps its content until its replacement is swapped in, so a crash in
         between never leaves the path empty (a scan would read a deletion). A file is copied,
         not linked: two names of one inode would let an edit made at either change both,
         seen by the watcher under one name only. The copy is made in the temp area, fsynced,

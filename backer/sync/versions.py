@@ -145,12 +145,7 @@ class Versions:
                     name = _free_name(dest, parts[-1], now)
                     if not (keep_in_place and _linked(parts[-1], name, source, dest)):
                         _move_in(source, parts[-1], dest, name)
-                    if sync or keep_in_place:
-                        os.fsync(dest)
-                        os.fsync(source)
-                    else:
-                        self._defer_sync(dest)
-                        self._defer_sync(source)
+                    self._settle(dest, source, sync=sync or keep_in_place)
         return self.root.joinpath(*parts[:-1], name)
 
     def archive_from(
@@ -166,12 +161,7 @@ class Versions:
             with _closing(_walk(marker, area, rel_path, mode=_AREA_MODE)) as dest:
                 stored = _free_name(dest, parts[-1], now)
                 _move_in(source_dir, name, dest, stored)
-                if sync:
-                    os.fsync(dest)
-                    os.fsync(source_dir)
-                else:
-                    self._defer_sync(dest)
-                    self._defer_sync(source_dir)
+                self._settle(dest, source_dir, sync=sync)
         return self.root.joinpath(*parts[:-1], stored)
 
     def sync_pending(self) -> None:
@@ -184,6 +174,14 @@ class Versions:
             finally:
                 for fd in pending.values():
                     os.close(fd)
+
+    def _settle(self, dest: int, source: int, *, sync: bool) -> None:
+        """fsync the two directories of a move now, or at the next `sync_pending`."""
+        for dir_fd in (dest, source):
+            if sync:
+                os.fsync(dir_fd)
+            else:
+                self._defer_sync(dir_fd)
 
     def _defer_sync(self, dir_fd: int) -> None:
         st = os.fstat(dir_fd)
