@@ -12,13 +12,16 @@ import itertools
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from backer.index.store import IndexStore
+from backer.sync.disk import FolderDisk
 from backer.sync.replicate import replicate
 
 NAMES = ["a.txt", "b.txt", "dir/c.txt", "dir/d.txt", "dir/sub/e.txt", "f"]
@@ -93,13 +96,38 @@ class Replicas(RuleBasedStateMachine):
             os.rename(source, target)
 
     @rule(one=st.integers(0, REPLICAS - 1), other=st.integers(0, REPLICAS - 1))
-    def sync(self, one: int, other: int) -> None:
+    def sync(self, one: int, other: int, made: Sequence[bytes] = ()) -> None:
         if one == other:
             return
         before = set().union(*(contents(f) for f in self.folders))
         asyncio.run(replicate(self.folders[one], self.folders[other]))
         after = set().union(*(contents(f) for f in self.folders))
-        assert before <= after, f"lost: {before - after}"
+        assert before | set(made) <= after, f"lost: {(before | set(made)) - after}"
+
+    @rule(
+        one=st.integers(0, REPLICAS - 1), other=st.integers(0, REPLICAS - 1), atomic=st.booleans()
+    )
+    def sync_with_an_edit_at_the_swap(self, one: int, other: int, atomic: bool) -> None:
+        """The user saves (atomically, or appends in place) the first path a pull is about to
+        replace or remove, at that exact step: the edit must survive too."""
+        made: list[bytes] = []
+        data = self._unique()
+
+        def edit(disk: FolderDisk, rel: str) -> None:
+            path = disk.folder / rel
+            if made or path.is_symlink() or path.is_dir() or not path.parent.is_dir():
+                return
+            if atomic:
+                (path.parent / ".save.tmp").write_bytes(data)
+                os.rename(path.parent / ".save.tmp", path)
+                made.append(data)
+            elif path.is_file():
+                with path.open("ab") as file:
+                    file.write(data)
+                made.append(path.read_bytes())
+
+        with mock.patch.object(FolderDisk, "before_swap", edit):
+            self.sync(one, other, made)
 
     @invariant()
     def nothing_outside(self) -> None:

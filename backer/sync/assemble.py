@@ -2,8 +2,8 @@
 chunks an abandoned attempt left, and the chunks fetched from peers, then sealed into place.
 
 Owns the chunk window (how many chunk requests a pull keeps in flight), resuming from kept temp
-files, progress events, and the last check before a file is replaced: if the local file changed
-since the pull decided, the local one stays. Imports index, events and sync.
+files and progress events; the disk swaps the file in (checking what it replaces). Imports
+index, events and sync.
 """
 
 from __future__ import annotations
@@ -16,23 +16,22 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from backer.errors import BackerError
 from backer.events import Emit, FileProgress
 from backer.ids import Hash
 from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, iter_chunks
-from backer.index.store import StatSig, chunk_key
+from backer.index.store import chunk_key
 from backer.paths import parent_of
-from backer.sync.disk import ChangedMeanwhile, sig_of
+from backer.sync.disk import ChangedMeanwhile, Installed
 from backer.sync.fetcher import Fetcher, PullReport
 from backer.sync.replica import Replica
+from backer.sync.room import make_room
+from backer.sync.swap import Expected
 
 __all__ = [
     "CHUNK_WINDOW",
-    "UNCHECKED",
-    "Archive",
     "Assembler",
     "ChangedMeanwhile",
     "ChunkGone",
@@ -47,13 +46,6 @@ WRITE_ON_LOOP = 64 * 1024  # ...in a worker thread, unless this little
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
 PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
-UNCHECKED = object()  # "do not compare the stat of what is replaced" (a symlink)
-
-
-class Archive(Protocol):
-    """Keeps what is at a path in the versions area (the pull's `_archive`)."""
-
-    def __call__(self, path: str, *, keep_in_place: bool = False) -> None: ...
 
 
 class ChunkGone(BackerError):
@@ -67,14 +59,12 @@ class Assembler:
         fetcher: Fetcher,
         report: PullReport,
         emit: Emit,
-        archive: Archive,
     ) -> None:
         self.replica = replica
         self.disk = replica.disk
         self.fetcher = fetcher
         self.report = report
         self.emit = emit
-        self.archive = archive
         self.label = str(replica.folder)
         self.window = asyncio.Semaphore(CHUNK_WINDOW)
         self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
@@ -84,14 +74,14 @@ class Assembler:
         entry: Entry,
         dest: str,
         source: Entry,
-        expected: StatSig | object | None,
+        expected: Expected,
         *,
         keep_old: bool = True,
-    ) -> StatSig:
+    ) -> Installed:
         """Build `source`'s content into `dest` (recorded as `entry` by the caller); returns
-        the new file's stat. `expected` is what must still be at `dest` (its stat, None for
-        nothing, or UNCHECKED); `keep_old=False` when what it replaces is kept elsewhere (a
-        conflict copy) and needs no version."""
+        what `FolderDisk.install_file` did. `expected` is what must still be at `dest`;
+        `keep_old=False` when what it replaces is kept elsewhere (a conflict copy) and needs
+        no version."""
         fd, temp, missing = await asyncio.to_thread(self._prepare, entry, source)
         progress = _Progress(self, dest, source.size, missing)
         writes = _Writes(fd)
@@ -133,7 +123,9 @@ class Assembler:
     ) -> tuple[int, Path, list[tuple[int, Hash, int]]]:
         """A temp file holding every chunk this folder (or an abandoned attempt at this very
         version) already has; what is still missing."""
-        fd, temp = self.disk.temp_file(entry.leaf_hash().hex()[:32], resume=True)
+        make_room(self.replica.versions, source.size)  # versions never make a pull fail
+        key = entry.leaf_hash().hex()[:32]
+        fd, temp = self.disk.temp_file(key, resume=True, dest=entry.path)
         try:
             return fd, temp, self._copy_local(fd, source.chunks)
         except BaseException:
@@ -221,25 +213,25 @@ class Assembler:
         *,
         dest: str,
         size: int,
-        expected: StatSig | object | None,
+        expected: Expected,
         keep_old: bool,
-    ) -> StatSig:
+    ) -> Installed:
         """Seal the temp file into `dest`, unless `dest` changed since the pull decided."""
         try:
             os.ftruncate(fd, size)
-            now = self.disk.lstat(dest)
-            if expected is not UNCHECKED and (sig_of(now) if now else None) != expected:
-                raise ChangedMeanwhile(dest)
-            if now is not None and keep_old:  # a new path has nothing to keep
-                # Linked, not moved: the rename below replaces the file in one step, so a
-                # crash in between never leaves the path empty (a scan would read a deletion).
-                self.archive(dest, keep_in_place=True)
         except BaseException:
             _discard(fd, temp)
             raise
         self.dirty_dirs.add(parent_of(dest))
         return self.disk.install_file(
-            fd, temp, dest, mode=entry.mode, mtime_ns=entry.mtime_ns, sync_dir=False
+            fd,
+            temp,
+            dest,
+            mode=entry.mode,
+            mtime_ns=entry.mtime_ns,
+            expected=expected,
+            keep_old=keep_old,
+            sync_dir=False,
         )
 
 

@@ -2,52 +2,82 @@
 one component at a time, never through a symlink, and files are installed atomically.
 
 Owns the temp area (`.backer/tmp/`) and the install sequence: write to a temp file, fsync, set
-mode and mtime, rename into place, fsync the directory. Imports errors, paths, index.
+mode and mtime, swap into place (`swap.py`), check what came out, fsync the directory. What a
+pull replaces or removes goes to the versions area only if it is what the pull expected: a
+user's edit made at that very moment stays in the folder. Imports errors, paths, index and
+sync's swap, merge (conflict names) and versions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import stat as stat_mod
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from backer.errors import BackerError, InvalidPathError
 from backer.index.store import StatSig
 from backer.paths import RESERVED_DIR, check_path, parent_of
+from backer.sync import swap
+from backer.sync.merge import conflict_path_of
+from backer.sync.swap import NO_LINKS, Expected, is_expected, lstat_at, move_noreplace, sig_of
+from backer.sync.versions import Versions
 
-__all__ = ["ChangedMeanwhile", "FolderDisk", "sig_of"]
+__all__ = ["ChangedMeanwhile", "FolderDisk", "Installed", "sig_of"]
+
+_AT_FDCWD = -100
+_COPY_NAMES = 60  # conflict copy names tried for one local edit (one a second of its mtime)
+_log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READERS_OPEN = 16  # files `reader()` keeps open at once
 
 
-def sig_of(st: os.stat_result) -> StatSig:
-    return StatSig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+class Installed(NamedTuple):
+    sig: StatSig  # the installed file's stat
+    edit_kept: str | None  # the conflict copy of a local edit the install took out, if any
 
 
 class FolderDisk:
     """The folder on disk, as seen by code that applies changes from peers."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        versions: Versions | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.folder = folder
         self.tmp = folder / RESERVED_DIR / "tmp"
+        self.versions = versions or Versions(folder)
+        self.clock = clock
+        self.device = 0  # names the conflict copies of local edits (the replica keeps it)
+        self._told_no_exchange = False
 
     # -- directory handles -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def directory(self, rel_dir: str, *, create: bool = False) -> Iterator[int]:
-        """A file descriptor of folder/rel_dir, reached without following any symlink."""
+    def directory(
+        self, rel_dir: str, *, create: bool = False, nearest: bool = False
+    ) -> Iterator[int]:
+        """A file descriptor of folder/rel_dir, reached without following any symlink; with
+        `nearest`, of its deepest directory that exists."""
         fd = os.open(self.folder, _DIR_FLAGS)
         try:
             for name in rel_dir.split("/") if rel_dir else ():
                 try:
                     child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
+                    if nearest:
+                        break
                     if not create:
                         raise
                     os.mkdir(name, 0o755, dir_fd=fd)
@@ -141,10 +171,17 @@ class FolderDisk:
 
     # -- temp files and installing -----------------------------------------------------------
 
-    def temp_file(self, key: str, *, resume: bool = False) -> tuple[int, Path]:
+    def temp_file(
+        self, key: str, *, resume: bool = False, dest: str | None = None
+    ) -> tuple[int, Path]:
         """A temp file named after `key`, open for reading and writing: emptied, or with
-        `resume` as an earlier, abandoned attempt left it (its bytes are checked before use)."""
+        `resume` as an earlier, abandoned attempt left it (its bytes are checked before use).
+        For a `dest` on another filesystem than the folder's (a subdirectory that is its own
+        mount), an unnamed file on that filesystem instead, which `install_file` names beside
+        `dest` just before it swaps it in (a rename cannot cross filesystems)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
+        if dest is not None and (fd := self._unnamed_beside(dest)) is not None:
+            return fd, self.folder / parent_of(dest) / f".backer-{secrets.token_hex(8)}.part"
         path = self.tmp / f"{key}.part"
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(path, flags if resume else flags | os.O_TRUNC, 0o600)
@@ -162,25 +199,112 @@ class FolderDisk:
         return removed
 
     def install_file(
-        self, fd: int, temp: Path, rel: str, *, mode: int, mtime_ns: int, sync_dir: bool = True
-    ) -> StatSig:
-        """Seal the temp file (fsync, mode, mtime) and rename it to `rel`; returns its stat.
-        With `sync_dir=False` the caller fsyncs the directory later (`sync_dirs`), once for
-        many files, before it records them anywhere."""
+        self,
+        fd: int,
+        temp: Path,
+        rel: str,
+        *,
+        mode: int,
+        mtime_ns: int,
+        expected: Expected = None,
+        keep_old: bool = True,
+        sync_dir: bool = True,
+    ) -> Installed:
+        """Seal the temp file (fsync, mode, mtime) and swap it in at `rel`, where `expected`
+        must be (else ChangedMeanwhile, and nothing changes). What the swap takes out goes to
+        the versions area (or away, with `keep_old=False`: it is kept elsewhere), unless it
+        is not what was expected: a user's edit made at that very moment, kept in the folder
+        as a conflict copy (`Installed.edit_kept`). With `sync_dir=False` the caller fsyncs
+        the directory later (`sync_dirs`), once for many files, before it records them."""
         check_path(rel)
-        try:
-            os.fsync(fd)
-            os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-        finally:
-            os.close(fd)
-        with self.directory(parent_of(rel), create=True) as dir_fd:
-            self._clear_for(dir_fd, rel)
-            os.rename(temp, _name(rel), dst_dir_fd=dir_fd)
+        with contextlib.ExitStack() as stack:
+            try:
+                os.fsync(fd)
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+                dir_fd = stack.enter_context(self.directory(parent_of(rel), create=True))
+                if os.fstat(fd).st_nlink == 0:  # unnamed, on the destination's filesystem
+                    os.link(f"/proc/self/fd/{fd}", temp.name, dst_dir_fd=dir_fd)
+                    tmp_fd = dir_fd
+                else:
+                    tmp_fd = stack.enter_context(_open_dir_fd(temp.parent))
+            finally:
+                os.close(fd)
+            out = self._swap_in(tmp_fd, temp.name, dir_fd, rel, expected)
             if sync_dir:
                 os.fsync(dir_fd)
             # The rename changed the ctime on some filesystems: record what is there now.
-            return sig_of(os.stat(_name(rel), dir_fd=dir_fd, follow_symlinks=False))
+            sig = sig_of(os.stat(_name(rel), dir_fd=dir_fd, follow_symlinks=False))
+            if out is None:
+                return Installed(sig, None)
+            return Installed(
+                sig, self._dispose(tmp_fd, out, rel, expected, keep_old=keep_old, sync=sync_dir)
+            )
+
+    def install_symlink(
+        self, rel: str, target: str, expected: Expected = None, *, keep_old: bool = True
+    ) -> str | None:
+        """Swap a symlink to `target` in at `rel`, as `install_file` swaps a file; returns the
+        conflict copy of a local edit it took out, if any."""
+        check_path(rel)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        temp = f"link-{secrets.token_hex(8)}.part"
+        with _open_dir_fd(self.tmp) as tmp_fd:
+            os.symlink(target, temp, dir_fd=tmp_fd)
+            with self.directory(parent_of(rel), create=True) as dir_fd:
+                out = self._swap_in(tmp_fd, temp, dir_fd, rel, expected)
+                os.fsync(dir_fd)
+                if out is None:
+                    return None
+                return self._dispose(tmp_fd, out, rel, expected, keep_old=keep_old, sync=True)
+
+    def remove(self, rel: str, expected: Expected, *, sync: bool = True) -> None:
+        """Move the file or symlink at `rel` into the versions area if it is what the pull
+        expected to remove. Anything else is a local edit, which wins over the deletion: it
+        stays (ChangedMeanwhile), and one made while it is moved out is moved back."""
+        if self.lstat(rel) is None:  # checks the path too
+            return
+        with self.directory(parent_of(rel)) as dir_fd:
+            name = _name(rel)
+            found = lstat_at(dir_fd, name)
+            if not is_expected(found, expected, lambda: os.readlink(name, dir_fd=dir_fd)):
+                raise ChangedMeanwhile(f"{rel} changed since the pull decided")
+            self.before_swap(rel)
+            if os.fstat(dir_fd).st_dev != self._home_device():
+                self._remove_elsewhere(dir_fd, rel, expected)
+                return
+            stored = self.versions.archive(rel, self.clock(), sync=sync)
+            if stored is None or is_expected(
+                os.lstat(stored), expected, lambda: os.readlink(stored), renamed=True
+            ):
+                return
+            with contextlib.suppress(FileExistsError):  # the user made a newer one: it wins
+                move_noreplace(_AT_FDCWD, str(stored), dir_fd, name)
+                os.fsync(dir_fd)
+            raise ChangedMeanwhile(f"{rel} was edited while it was removed")
+
+    def _remove_elsewhere(self, dir_fd: int, rel: str, expected: Expected) -> None:
+        """`remove` on another filesystem: moved out beside itself (a rename cannot reach the
+        versions area), checked there, then copied into the area or moved back."""
+        name, out = _name(rel), f".backer-{secrets.token_hex(8)}.part"
+        try:
+            os.rename(name, out, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        st = os.stat(out, dir_fd=dir_fd, follow_symlinks=False)
+        if is_expected(st, expected, lambda: os.readlink(out, dir_fd=dir_fd), renamed=True):
+            self.versions.archive_from(dir_fd, out, rel, self.clock())
+            return
+        try:
+            move_noreplace(dir_fd, out, dir_fd, name)
+            os.fsync(dir_fd)
+        except FileExistsError:  # the user made a newer one: it wins
+            self.versions.archive_from(dir_fd, out, rel, self.clock())
+        raise ChangedMeanwhile(f"{rel} was edited while it was removed")
+
+    def before_swap(self, rel: str) -> None:
+        """The instant between the last look at what is at `rel` and the step that replaces or
+        removes it. Nothing happens here: tests make a user's edit happen at this exact step."""
 
     def sync_dirs(self, rel_dirs: set[str]) -> None:
         """fsync directories, so the renames into them survive a power cut."""
@@ -191,17 +315,112 @@ class FolderDisk:
             ):
                 os.fsync(dir_fd)
 
-    def install_symlink(self, rel: str, target: str) -> None:
-        check_path(rel)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        temp = self.tmp / f"link-{os.getpid()}-{abs(hash(rel))}.part"
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        os.symlink(target, temp)
-        with self.directory(parent_of(rel), create=True) as dir_fd:
-            self._clear_for(dir_fd, rel)
-            os.rename(temp, _name(rel), dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
+    def _home_device(self) -> int:
+        return os.stat(self.folder / RESERVED_DIR).st_dev
+
+    def _unnamed_beside(self, dest: str) -> int | None:
+        """An unnamed temp file (O_TMPFILE) on the filesystem `dest` will be created on, if
+        that is not the folder's own (None then)."""
+        try:
+            with self.directory(parent_of(dest), nearest=True) as fd:
+                if os.fstat(fd).st_dev == self._home_device():
+                    return None
+                return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=fd)
+        except InvalidPathError:
+            return None  # install_file refuses the path
+
+    def _swap_in(
+        self, tmp_fd: int, temp: str, dir_fd: int, rel: str, expected: Expected
+    ) -> str | None:
+        """Put `temp` (in the temp area) at `rel` in one step, if `expected` is there; returns
+        the temp-area name of what came out (at `temp` after an exchange), None if nothing did.
+        On failure `temp` is deleted and the path is as it was."""
+        name = _name(rel)
+        try:
+            found = lstat_at(dir_fd, name)
+            if not is_expected(found, expected, lambda: os.readlink(name, dir_fd=dir_fd)):
+                raise ChangedMeanwhile(f"{rel} changed since the pull decided")
+            self.before_swap(rel)
+            if expected is None:
+                self._place(tmp_fd, temp, dir_fd, rel)
+                return None
+            try:
+                swap.renameat2(tmp_fd, temp, dir_fd, name, swap.RENAME_EXCHANGE)
+            except FileNotFoundError:
+                if lstat_at(tmp_fd, temp) is None:
+                    raise
+                self._place(tmp_fd, temp, dir_fd, rel)  # deleted meanwhile: edit beats delete
+                return None
+            except OSError as exc:
+                if exc.errno not in swap.UNSUPPORTED:
+                    raise
+                return self._replace_unatomically(tmp_fd, temp, dir_fd, name)
+            return temp
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=tmp_fd)
+            raise
+
+    def _place(self, tmp_fd: int, temp: str, dir_fd: int, rel: str) -> None:
+        """Where nothing is expected, never replace what a user just made there."""
+        try:
+            move_noreplace(tmp_fd, temp, dir_fd, _name(rel))
+        except FileExistsError:
+            raise ChangedMeanwhile(f"{rel} was made here meanwhile") from None
+
+    def _replace_unatomically(self, tmp_fd: int, temp: str, dir_fd: int, name: str) -> str:
+        """Where the filesystem cannot exchange: link the old file into the temp area, then
+        rename the new one over it. A save landing between the two steps is lost there."""
+        if not self._told_no_exchange:
+            self._told_no_exchange = True
+            _log.warning(
+                "%s: the filesystem refuses RENAME_EXCHANGE; a file saved at the very moment "
+                "a pulled version replaces it can be lost here",
+                self.folder,
+            )
+        out = f"out-{secrets.token_hex(8)}.part"
+        try:
+            os.link(name, out, src_dir_fd=dir_fd, dst_dir_fd=tmp_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in NO_LINKS:
+                raise
+            os.rename(name, out, src_dir_fd=dir_fd, dst_dir_fd=tmp_fd)  # empty for an instant
+        os.rename(temp, name, src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)
+        return out
+
+    def _dispose(
+        self, tmp_fd: int, out: str, rel: str, expected: Expected, *, keep_old: bool, sync: bool
+    ) -> str | None:
+        """What a swap took out of `rel`: a version (or nothing, without `keep_old`) if it is
+        what the pull expected; else a local edit, kept in the folder as a conflict copy whose
+        path is returned."""
+        st = os.stat(out, dir_fd=tmp_fd, follow_symlinks=False)
+        if is_expected(st, expected, lambda: os.readlink(out, dir_fd=tmp_fd), renamed=True):
+            if keep_old:
+                self.versions.archive_from(tmp_fd, out, rel, self.clock(), sync=sync)
+            else:
+                os.unlink(out, dir_fd=tmp_fd)
+            return None
+        try:
+            return self._keep_edit(tmp_fd, out, rel, st.st_mtime_ns)
+        except BaseException:
+            # Never left in the temp area, which is pruned: the versions area keeps it.
+            self.versions.archive_from(tmp_fd, out, rel, self.clock())
+            raise
+
+    def _keep_edit(self, tmp_fd: int, out: str, rel: str, mtime_ns: int) -> str:
+        """Move a local edit a swap took out back into the folder, as a conflict copy of `rel`
+        named as every replica names this device's copies."""
+        with self.directory(parent_of(rel)) as dir_fd:
+            for second in range(_COPY_NAMES):
+                copy = conflict_path_of(rel, mtime_ns + second * 1_000_000_000, self.device)
+                try:
+                    move_noreplace(tmp_fd, out, dir_fd, _name(copy))
+                except FileExistsError:
+                    continue
+                os.fsync(dir_fd)
+                return copy
+        raise FileExistsError(errno.EEXIST, f"no free conflict copy name for {rel!r}")
 
     def make_dir(self, rel: str, mode: int) -> None:
         check_path(rel)
@@ -235,7 +454,7 @@ class FolderDisk:
 
     def copy_aside(self, rel: str, new_rel: str) -> None:
         """Copy the file or symlink at `rel` to `new_rel` (a conflict copy), leaving `rel` as
-        it is: it keeps its content until its replacement is renamed over it, so a crash in
+        it is: it keeps its content until its replacement is swapped in, so a crash in
         between never leaves the path empty (a scan would read a deletion). A file is copied,
         not linked: two names of one inode would let an edit made at either change both,
         seen by the watcher under one name only. The copy is made in the temp area, fsynced,
@@ -270,16 +489,6 @@ class FolderDisk:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp, dir_fd=tmp_fd)
-
-    def _clear_for(self, dir_fd: int, rel: str) -> None:
-        """Make room for a file at `rel`: an empty directory in the way is removed."""
-        name = _name(rel)
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if stat_mod.S_ISDIR(st.st_mode):
-            os.rmdir(name, dir_fd=dir_fd)  # OSError if not empty: the caller keeps it
 
 
 class ChangedMeanwhile(BackerError):

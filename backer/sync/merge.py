@@ -26,6 +26,7 @@ __all__ = [
     "Decision",
     "Side",
     "conflict_path",
+    "conflict_path_of",
     "decide",
     "is_conflict_copy",
     "keep_directory",
@@ -130,8 +131,13 @@ def conflict_path(entry: Entry) -> str:
     "extension" too long to fit beside the marker is treated as part of the stem. Raises
     InvalidPathError only if the parent directory leaves no room under the path length limit.
     """
-    name, parent = entry.name, parent_of(entry.path)
-    marker = f"{_MARKER}{_stamp(entry.mtime_ns)}-{_device(entry.modifier)}"
+    return conflict_path_of(entry.path, entry.mtime_ns, entry.modifier)
+
+
+def conflict_path_of(path: str, mtime_ns: int, modifier: int) -> str:
+    """`conflict_path` of a version of `path` with this mtime, made by device `modifier`."""
+    name, parent = path.rpartition("/")[2], parent_of(path)
+    marker = f"{_MARKER}{_stamp(mtime_ns)}-{_device(modifier)}"
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
     if _size(marker + ext) > MAX_NAME_BYTES:
@@ -140,7 +146,7 @@ def conflict_path(entry: Entry) -> str:
     if parent:
         room = min(room, MAX_PATH_BYTES - _size(parent) - 1 - _size(marker + ext))
     if room < 0:
-        raise InvalidPathError(f"no room for a conflict copy of {entry.path!r}")
+        raise InvalidPathError(f"no room for a conflict copy of {path!r}")
     return check_path(join(parent, _shorten(stem, room) + marker + ext))
 
 

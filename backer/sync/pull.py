@@ -5,7 +5,8 @@ differ and the chunk-list groups it lacks, decides each path with the merge rule
 directories first, files through temp files (local chunks copied, the rest fetched with a
 bounded window), deletions last and deepest first, so that a rename or a move finds its content
 still on disk. Nothing is overwritten or deleted without passing through `.backer/versions/`,
-and nothing is replaced that changed locally since it was indexed.
+and nothing is replaced or removed that changed locally since it was indexed: the disk swaps
+and checks what it takes out, and a local edit it meets wins (kept, indexed, synced).
 
 Asks a `Fetcher` for remote data, never a connection (STYLE.md 7). Imports index, protocol,
 sync.
@@ -32,14 +33,15 @@ from backer.events import ConflictFound, Emit, FileUpdated, ignore
 from backer.ids import Hash
 from backer.index import merkle
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash
-from backer.index.store import LocalState, Record, StatSig
+from backer.index.store import LocalState, Record
 from backer.paths import RESERVED_DIR
 from backer.protocol.messages import RemoteEntry
-from backer.sync.assemble import UNCHECKED, Assembler, ChangedMeanwhile, ChunkGone, first_leaf
+from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_leaf
 from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
 from backer.sync.merge import Action, Decision, decide, keep_directory
 from backer.sync.replica import Replica
+from backer.sync.swap import Expected, SymlinkTo
 
 __all__ = ["Fetcher", "PeerMovedOn", "PullReport", "pull"]
 
@@ -88,7 +90,7 @@ class _Pull:
         self.rescan: list[str] = []
         self.current: dict[str, Record] = {}  # local records of the pulled paths, read first
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
-        self.assembler = Assembler(replica, fetcher, self.report, emit, self._archive)
+        self.assembler = Assembler(replica, fetcher, self.report, emit)
 
     async def run(self, remote_root: Hash) -> PullReport:
         if not (self.replica.folder / RESERVED_DIR).is_dir():
@@ -221,7 +223,11 @@ class _Pull:
             deletions.append((decision, record))
         elif result.kind is Kind.DIR:
             if record and not record.entry.deleted and record.entry.kind is not Kind.DIR:
-                await asyncio.to_thread(self._archive, result.path)  # a file became a directory
+                try:  # a file became a directory
+                    await asyncio.to_thread(self.disk.remove, result.path, _expected(record))
+                except ChangedMeanwhile:
+                    self._changed_meanwhile(result.path)
+                    return
             await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
             self._record(result, LocalState())
             self.report.dirs += 1
@@ -229,7 +235,7 @@ class _Pull:
         elif record and not record.entry.deleted and record.entry.kind is Kind.DIR:
             blocked.append((decision, record, remote))  # a directory must go first
         elif result.kind is Kind.SYMLINK:
-            await self._symlink(result)
+            await self._symlink(result, _expected(record), keep_old=not kept_aside)
         else:
             self.report.planned_files += 1
             self.report.planned_bytes += result.size
@@ -244,6 +250,13 @@ class _Pull:
     def _changed_meanwhile(self, path: str) -> None:
         self.report.skipped += 1
         self.rescan.append(path)  # the local edit is indexed, and the next pull decides
+
+    def _edit_kept(self, path: str, copy: str) -> None:
+        """A local edit met the swap that installed `path`: it lives on in `copy`, indexed as
+        a new local file (so it syncs) once the pull ends."""
+        self.report.conflicts += 1
+        self.emit(ConflictFound(folder=self.label, path=path, copy=copy))
+        self.rescan.append(copy)
 
     def _failed(self, path: str, exc: BaseException) -> None:
         self.report.errors.append(f"{path}: {exc}")
@@ -291,31 +304,41 @@ class _Pull:
                 return True
             return False
         if copy.kind is Kind.SYMLINK:
-            await self._symlink(copy)
+            await self._symlink(copy, None)
         elif copy.kind is Kind.FILE:
             await self.files.acquire()
             files.create_task(self._file(copy, copy.path, remote, None))
         return False
 
-    async def _symlink(self, entry: Entry) -> None:
-        await asyncio.to_thread(self._archive, entry.path)
-        await asyncio.to_thread(self.disk.install_symlink, entry.path, entry.target)
+    async def _symlink(self, entry: Entry, expected: Expected, *, keep_old: bool = True) -> None:
+        install = functools.partial(
+            self.disk.install_symlink, entry.path, entry.target, expected, keep_old=keep_old
+        )
+        try:
+            kept = await asyncio.to_thread(install)
+        except ChangedMeanwhile:
+            self._changed_meanwhile(entry.path)
+            return
         self._record(entry, LocalState())
         self.report.symlinks += 1
         self._updated(entry.path, "symlink")
+        if kept is not None:
+            self._edit_kept(entry.path, kept)
 
     async def _file(
         self,
         entry: Entry,
         dest: str,
         source: Entry,
-        expected: StatSig | object | None,
+        expected: Expected,
         *,
         keep_old: bool = True,
     ) -> None:
         """Assemble `source`'s content into `dest` and record it as `entry`."""
         try:
-            sig = await self.assembler.assemble(entry, dest, source, expected, keep_old=keep_old)
+            installed = await self.assembler.assemble(
+                entry, dest, source, expected, keep_old=keep_old
+            )
         except ChunkGone:
             self.report.skipped += 1
             return
@@ -327,9 +350,11 @@ class _Pull:
             return
         finally:
             self.files.release()
-        self._record(entry, LocalState(stat=sig))
+        self._record(entry, LocalState(stat=installed.sig))
         self.report.files += 1
         self._updated(dest, "file")
+        if installed.edit_kept is not None:
+            self._edit_kept(dest, installed.edit_kept)
         if len(self.pending) >= COMMIT_EVERY:
             await self._commit()
 
@@ -348,7 +373,12 @@ class _Pull:
                 self._record(kept, record.local)
                 return
         else:  # the directories are fsynced by the commit that records the deletion
-            await asyncio.to_thread(functools.partial(self._archive, result.path, sync=False))
+            remove = functools.partial(self.disk.remove, result.path, _expected(record), sync=False)
+            try:
+                await asyncio.to_thread(remove)
+            except ChangedMeanwhile:  # edit beats delete: the edit is indexed and wins
+                self._changed_meanwhile(result.path)
+                return
         self._record(result, LocalState())
         self.report.deleted += 1
         self._updated(result.path, "deleted")
@@ -362,23 +392,24 @@ class _Pull:
             if not await asyncio.to_thread(self.disk.remove_dir, result.path):
                 return  # something still lives in it; a later pull or scan sorts it out
         else:
-            await asyncio.to_thread(self._archive, result.path)
+            try:
+                await asyncio.to_thread(self.disk.remove, result.path, _expected(record))
+            except ChangedMeanwhile:
+                self._changed_meanwhile(result.path)
+                return
         if result.kind is Kind.DIR:
             await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
             self._record(result, LocalState())
         elif result.kind is Kind.SYMLINK:
-            await self._symlink(result)
+            await self._symlink(result, None)
         else:
             await self.files.acquire()
             await self._file(result, result.path, remote, None)
 
-    def _archive(self, path: str, *, keep_in_place: bool = False, sync: bool = True) -> None:
-        """Move what is at `path` (a file or symlink) into the versions area (or link it
-        there, for a caller about to rename a replacement over it)."""
+    def _archive(self, path: str) -> None:
+        """Move what is at `path` (a file or symlink) into the versions area."""
         with contextlib.suppress(IsADirectoryError):
-            self.replica.versions.archive(
-                path, self.replica.clock(), keep_in_place=keep_in_place, sync=sync
-            )
+            self.replica.versions.archive(path, self.replica.clock())
 
     def _record(self, entry: Entry, local: LocalState) -> None:
         self.pending.append(Record(entry, local))
@@ -396,12 +427,14 @@ class _Pull:
         self.store.commit(batch)
 
 
-def _expected(record: Record | None) -> StatSig | object | None:
-    """What must still be at a record's path when it is replaced: the file's stat, nothing
-    (None), or _UNCHECKED for a symlink (checked against the index when the pull decided)."""
+def _expected(record: Record | None) -> Expected:
+    """What must still be at a record's path when it is replaced or removed: the file's stat,
+    the symlink's target, or nothing."""
     if record is None or record.entry.deleted:
         return None
-    return record.local.stat if record.entry.kind is Kind.FILE else UNCHECKED
+    if record.entry.kind is Kind.SYMLINK:
+        return SymlinkTo(record.entry.target)
+    return record.local.stat if record.entry.kind is Kind.FILE else None
 
 
 def _disk_matches(record: Record | None, st: os.stat_result | None) -> bool:

@@ -61,10 +61,10 @@ class Replica:
         store.signer = signer_for(key)
         self._verify = VerifyKey(key.verify_key) if key is not None else None
         self.store = store
-        self.device = device
         self.clock = clock
-        self.disk = FolderDisk(folder)
         self.versions = Versions(folder)
+        self.disk = FolderDisk(folder, self.versions, clock=clock)
+        self.device = device
         self.lock = asyncio.Lock()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -93,6 +93,14 @@ class Replica:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.store.close)
+
+    @property
+    def device(self) -> int:
+        return self.disk.device
+
+    @device.setter
+    def device(self, device: int) -> None:
+        self.disk.device = device  # the disk names the conflict copies of local edits
 
     @property
     def root(self) -> Hash:

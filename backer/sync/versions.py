@@ -144,14 +144,25 @@ class Versions:
                 with _closing(_walk(marker, area, rel_path, mode=_AREA_MODE)) as dest:
                     name = _free_name(dest, parts[-1], now)
                     if not (keep_in_place and _linked(parts[-1], name, source, dest)):
-                        os.rename(parts[-1], name, src_dir_fd=source, dst_dir_fd=dest)
-                    if sync or keep_in_place:
-                        os.fsync(dest)
-                        os.fsync(source)
-                    else:
-                        self._defer_sync(dest)
-                        self._defer_sync(source)
+                        _move_in(source, parts[-1], dest, name)
+                    self._settle(dest, source, sync=sync or keep_in_place)
         return self.root.joinpath(*parts[:-1], name)
+
+    def archive_from(
+        self, source_dir: int, name: str, rel_path: str, now: float, *, sync: bool = True
+    ) -> Path:
+        """Move the file or symlink `name` in the open directory `source_dir` (the temp area,
+        where a swap left what it took out of the folder) into the area as a version of
+        `rel_path`, with one rename; `sync` as in `archive`."""
+        check_path(rel_path)
+        parts = rel_path.split("/")
+        with self._lock, _plain_errors("archive", rel_path), self._roots() as (_, marker):
+            area = [VERSIONS_DIR, *parts[:-1]]
+            with _closing(_walk(marker, area, rel_path, mode=_AREA_MODE)) as dest:
+                stored = _free_name(dest, parts[-1], now)
+                _move_in(source_dir, name, dest, stored)
+                self._settle(dest, source_dir, sync=sync)
+        return self.root.joinpath(*parts[:-1], stored)
 
     def sync_pending(self) -> None:
         """fsync the directories of every archive made with `sync=False` since the last call."""
@@ -163,6 +174,14 @@ class Versions:
             finally:
                 for fd in pending.values():
                     os.close(fd)
+
+    def _settle(self, dest: int, source: int, *, sync: bool) -> None:
+        """fsync the two directories of a move now, or at the next `sync_pending`."""
+        for dir_fd in (dest, source):
+            if sync:
+                os.fsync(dir_fd)
+            else:
+                self._defer_sync(dir_fd)
 
     def _defer_sync(self, dir_fd: int) -> None:
         st = os.fstat(dir_fd)
@@ -415,17 +434,39 @@ def _walk_area(fd: int, rel_dir: str, stored_dir: Path) -> Iterator[Version]:
             yield from _walk_area(child, join(rel_dir, name), stored_dir / name)
 
 
-def _copy_into(source: Path, tmp: int, temp: str) -> None:
+def _move_in(source: int, name: str, dest: int, stored: str) -> None:
+    """Rename `name` in `source` to `stored` in `dest`; across filesystems (a folder's
+    subdirectory that is its own mount), copy it whole under a name no version has, rename
+    that, and only then delete the original. The caller fsyncs both directories."""
+    try:
+        os.rename(name, stored, src_dir_fd=source, dst_dir_fd=dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    temp = f".moving-{secrets.token_hex(8)}"  # never parsed as a version
+    try:
+        _copy_into(name, dest, temp, source_dir=source)
+        os.rename(temp, stored, src_dir_fd=dest, dst_dir_fd=dest)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dest)
+        raise
+    os.fsync(dest)  # the copy is in the area for good before the original goes
+    os.unlink(name, dir_fd=source)
+
+
+def _copy_into(source: Path | str, tmp: int, temp: str, *, source_dir: int | None = None) -> None:
     """Copy a version (a file or a symlink, never followed) to `temp` in the open directory
     `tmp`, with the version's mode and mtime, and fsync it."""
-    info = os.lstat(source)
+    info = os.lstat(source, dir_fd=source_dir)
     times = (info.st_atime_ns, info.st_mtime_ns)
     if stat.S_ISLNK(info.st_mode):
-        os.symlink(os.readlink(source), temp, dir_fd=tmp)
+        os.symlink(os.readlink(source, dir_fd=source_dir), temp, dir_fd=tmp)
         os.utime(temp, ns=times, dir_fd=tmp, follow_symlinks=False)
         return
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    with open(os.open(source, flags), "rb") as reader:
+    with open(os.open(source, flags, dir_fd=source_dir), "rb") as reader:
         if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
             raise ValueError(f"{source} is not a regular file or a symlink: cannot restore it")
         create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
