@@ -30,7 +30,7 @@ from backer.sync.merge import conflict_path_of
 from backer.sync.swap import NO_LINKS, Expected, is_expected, lstat_at, move_noreplace, sig_of
 from backer.sync.versions import Versions
 
-__all__ = ["ChangedMeanwhile", "FolderDisk", "Installed", "sig_of"]
+__all__ = ["ChangedMeanwhile", "FolderDisk", "Installed", "seal", "sig_of"]
 
 _AT_FDCWD = -100
 _COPY_NAMES = 60  # conflict copy names tried for one local edit (one a second of its mtime)
@@ -38,6 +38,12 @@ _log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READERS_OPEN = 16  # files `reader()` keeps open at once
+
+
+def seal(fd: int, *, mode: int, mtime_ns: int) -> None:
+    """Give a built temp file the mode and mtime it is installed with."""
+    os.fchmod(fd, mode)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
 class Installed(NamedTuple):
@@ -209,19 +215,22 @@ class FolderDisk:
         expected: Expected = None,
         keep_old: bool = True,
         sync_dir: bool = True,
+        sealed: bool = False,
     ) -> Installed:
-        """Seal the temp file (fsync, mode, mtime) and swap it in at `rel`, where `expected`
+        """Seal the temp file (`seal`, then fsync) and swap it in at `rel`, where `expected`
         must be (else ChangedMeanwhile, and nothing changes). What the swap takes out goes to
         the versions area (or away, with `keep_old=False`: it is kept elsewhere), unless it
         is not what was expected: a user's edit made at that very moment, kept in the folder
         as a conflict copy (`Installed.edit_kept`). With `sync_dir=False` the caller fsyncs
-        the directory later (`sync_dirs`), once for many files, before it records them."""
+        the directory later (`sync_dirs`), once for many files, before it records them; with
+        `sealed` the caller has sealed the file and made it durable (a batch's
+        `swap.sync_filesystems`)."""
         check_path(rel)
         with contextlib.ExitStack() as stack:
             try:
-                os.fsync(fd)
-                os.fchmod(fd, mode)
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
+                if not sealed:
+                    seal(fd, mode=mode, mtime_ns=mtime_ns)
+                    os.fsync(fd)
                 dir_fd = stack.enter_context(self.directory(parent_of(rel), create=True))
                 if os.fstat(fd).st_nlink == 0:  # unnamed, on the destination's filesystem
                     os.link(f"/proc/self/fd/{fd}", temp.name, dst_dir_fd=dir_fd)

@@ -4,7 +4,8 @@
 the old one out in one step, so there is no instant where a user's save can land between the
 last look at a path and its replacement; RENAME_NOREPLACE never replaces what a user just made.
 `Expected` says what a pull means to replace or remove; `is_expected` compares it with what a
-swap actually took out. Linux only, with fallbacks where a filesystem refuses the flags.
+swap actually took out. `sync_filesystems` is the batch's durability barrier (`syncfs(2)`, also
+missing from the os module). Linux only, with fallbacks where a filesystem refuses the flags.
 Imports errors and index.store only.
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "move_noreplace",
     "renameat2",
     "sig_of",
+    "sync_filesystems",
 ]
 
 RENAME_NOREPLACE = 1
@@ -124,6 +126,21 @@ def move_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
         os.unlink(src, dir_fd=src_dir)
 
 
+def sync_filesystems(fds: list[int]) -> None:
+    """Make every file open at `fds` durable with one `syncfs(2)` per filesystem they are on
+    (one journal commit for a batch of files, where an fsync each costs one each); fsync each
+    where the C library has no syncfs."""
+    if _syncfs is None:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    one_per_device = {os.fstat(fd).st_dev: fd for fd in fds}
+    for fd in one_per_device.values():
+        if _syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs: {os.strerror(code)}")
+
+
 def _load() -> Callable[..., int] | None:
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
@@ -137,3 +154,16 @@ def _load() -> Callable[..., int] | None:
 
 
 _renameat2 = _load()
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_syncfs = _load_syncfs()
