@@ -1,7 +1,7 @@
-"""Shared pieces of the benchmarks in bench/: deterministic datasets, the machine description,
-result tables, the docs/benchmarks.md section writer and profile summaries. Measuring
-processes (the launcher, /proc, TCP counters) is `measure`'s job; signatures of whole trees,
-to check copies, are `trees`'.
+"""Shared pieces of the benchmarks in bench/: the machine description, result tables, the
+docs/benchmarks.md section writer and profile summaries, and (re-exported from `datagen`, which
+makes and caches them) the deterministic datasets. Measuring processes (the launcher, /proc, TCP
+counters) is `measure`'s job; signatures of whole trees, to check copies, are `trees`'.
 
 Every benchmark script (`scan_bench.py`; later sync against rsync and Syncthing) runs as
 `python bench/NAME.py`, so bench/ is on sys.path and this module imports as `common`. Nothing in
@@ -11,11 +11,9 @@ like a user does.
 
 from __future__ import annotations
 
-import json
 import marshal
 import os
 import platform
-import random
 import re
 import resource
 import shutil
@@ -27,19 +25,49 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from datagen import (
+    KIB,
+    LARGE,
+    MANY,
+    MIB,
+    OLD_MTIME,
+    QUICK_LARGE,
+    QUICK_MANY,
+    QUICK_SMALL,
+    SMALL,
+    Dataset,
+    DatasetSpec,
+    Shape,
+    SourceSpec,
+    describe,
+    ensure_dataset,
+    warm_page_cache,
+)
+
 __all__ = [
+    "KIB",
+    "LARGE",
+    "MANY",
+    "MIB",
     "OLD_MTIME",
+    "QUICK_LARGE",
+    "QUICK_MANY",
+    "QUICK_SMALL",
+    "SMALL",
     "BenchError",
     "CpuMeter",
     "Dataset",
     "DatasetSpec",
     "ProfileSummary",
     "Row",
+    "Shape",
+    "SourceSpec",
     "backer_command",
     "code_owner",
+    "describe",
     "ensure_command",
     "ensure_dataset",
     "free_port",
@@ -60,12 +88,6 @@ __all__ = [
     "write_doc_section",
 ]
 
-# Bump when the layout or content of generated data changes: cached datasets are then rebuilt.
-GENERATOR_VERSION = 1
-# Every generated file and directory gets this mtime (2020-09-13), far outside any "racy" window,
-# so a rescan measures the steady state and not files re-read because they looked too recent.
-OLD_MTIME = 1_600_000_000
-_WRITE_BLOCK = 4 * 1024 * 1024
 DOC_HEADER = """# Benchmarks
 
 Each family of benchmarks has its own section below, written by its script in `bench/` (which
@@ -80,157 +102,7 @@ class BenchError(Exception):
     """A benchmark could not measure what it set out to (a command failed, a result is absurd)."""
 
 
-# -- datasets ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DatasetSpec:
-    """A deterministic tree of files: the same spec always yields the same names and bytes.
-
-    Files are spread at random (seeded) over `dirs` leaf directories, grouped under about
-    sqrt(dirs) parents; `dirs=0` puts every file at the top. Sizes are uniform in
-    [min_size, max_size]; contents come from the same seeded generator.
-    """
-
-    name: str
-    files: int
-    min_size: int
-    max_size: int
-    dirs: int
-    seed: int
-
-    def layout(self) -> list[tuple[str, int]]:
-        """(relative path, size) of every file, in the order they are generated."""
-        rng = random.Random(f"{self.seed}:layout")
-        parents = max(1, round(self.dirs**0.5))
-        result = []
-        for index in range(self.files):
-            size = rng.randint(self.min_size, self.max_size)
-            if self.dirs:
-                leaf = rng.randrange(self.dirs)
-                result.append((f"p{leaf % parents:03d}/d{leaf:05d}/f{index:07d}.dat", size))
-            else:
-                result.append((f"f{index:07d}.dat", size))
-        return result
-
-
-KIB = 1024
-MIB = 1024 * KIB
-# The datasets every benchmark shares (and caches in its workdir): one definition, so that the
-# scan, sync and encryption figures are always about the same bytes.
-LARGE = DatasetSpec(name="large", files=4, min_size=256 * MIB, max_size=256 * MIB, dirs=0, seed=1)
-SMALL = DatasetSpec(name="small", files=20_000, min_size=KIB, max_size=64 * KIB, dirs=1000, seed=2)
-MANY = DatasetSpec(name="many", files=100_000, min_size=0, max_size=2 * KIB, dirs=1000, seed=3)
-QUICK_LARGE = DatasetSpec(
-    name="quick-large", files=2, min_size=8 * MIB, max_size=8 * MIB, dirs=0, seed=1
-)
-QUICK_SMALL = DatasetSpec(
-    name="quick-small", files=300, min_size=KIB, max_size=64 * KIB, dirs=10, seed=2
-)
-QUICK_MANY = DatasetSpec(
-    name="quick-many", files=2000, min_size=0, max_size=2 * KIB, dirs=20, seed=3
-)
-
-
-def describe(spec: DatasetSpec, *, short: bool = False) -> str:
-    """A dataset in words, for tables and reports."""
-    if spec.min_size == spec.max_size:
-        sizes = f"{spec.min_size / MIB:g} MiB"
-    else:
-        sizes = f"{spec.min_size / KIB:g}-{spec.max_size / KIB:g} KiB"
-    where = f" in {spec.dirs:,} directories" if spec.dirs else ""
-    if short:
-        return f"{spec.files:,} x {sizes}"
-    return f"`{spec.name}`: {spec.files:,} files of {sizes}{where}"
-
-
-@dataclass(frozen=True, slots=True)
-class Dataset:
-    spec: DatasetSpec
-    root: Path
-    files: tuple[tuple[str, int], ...]  # relative path, size
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.files)
-
-    def paths(self) -> list[Path]:
-        return [self.root / rel for rel, _ in self.files]
-
-
-def ensure_dataset(workdir: Path, spec: DatasetSpec, log: Callable[[str], None] = print) -> Dataset:
-    """The dataset for `spec` under `workdir/data/`, generated only if the cached one is missing,
-    was made from another spec or generator version, or no longer matches its manifest (a size
-    or an mtime differs)."""
-    data = workdir / "data"
-    root = data / spec.name
-    manifest = data / f"{spec.name}.json"
-    files = tuple(spec.layout())
-    dataset = Dataset(spec, root, files)
-    expected = {
-        "generator": GENERATOR_VERSION,
-        "spec": asdict(spec),
-        "files": len(files),
-        "bytes": dataset.total_bytes,
-        "mtime": OLD_MTIME,
-    }
-    try:
-        cached = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        cached = None
-    if cached == expected and _intact(dataset):
-        return dataset
-    log(f"generating dataset {spec.name}: {len(files):,} files, {_mb(dataset.total_bytes)} ...")
-    started = time.perf_counter()
-    manifest.unlink(missing_ok=True)
-    shutil.rmtree(root, ignore_errors=True)
-    _generate(dataset)
-    tmp = manifest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(expected, indent=1) + "\n")
-    tmp.replace(manifest)
-    log(f"  done in {time.perf_counter() - started:.1f} s")
-    return dataset
-
-
-def _generate(dataset: Dataset) -> None:
-    rng = random.Random(f"{dataset.spec.seed}:content")
-    dirs: set[Path] = {dataset.root}
-    dataset.root.mkdir(parents=True)
-    for rel, size in dataset.files:
-        path = dataset.root / rel
-        if path.parent not in dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            dirs.update(path.parents)
-        with path.open("wb") as out:
-            left = size
-            while left:
-                block = min(left, _WRITE_BLOCK)
-                out.write(rng.randbytes(block))
-                left -= block
-        os.utime(path, (OLD_MTIME, OLD_MTIME))
-    for directory in sorted(d for d in dirs if d.is_relative_to(dataset.root)):
-        os.utime(directory, (OLD_MTIME, OLD_MTIME))
-
-
-def _intact(dataset: Dataset) -> bool:
-    mtime_ns = OLD_MTIME * 1_000_000_000
-    try:
-        for path, (_, size) in zip(dataset.paths(), dataset.files, strict=True):
-            st = os.stat(path)
-            if st.st_size != size or st.st_mtime_ns != mtime_ns:
-                return False
-    except OSError:
-        return False
-    return True
-
-
-def warm_page_cache(paths: Sequence[Path]) -> None:
-    """Read every file once, so timed runs read from memory and compare computation."""
-    buffer = bytearray(_WRITE_BLOCK)
-    for path in paths:
-        with path.open("rb", buffering=0) as stream:
-            while stream.readinto(buffer):
-                pass
+# -- commands and processes ----------------------------------------------------------------------
 
 
 def ensure_command(command: str, *, package: str) -> str:
@@ -555,7 +427,3 @@ def short_path(filename: str, repo: Path) -> str:
     if path.is_relative_to(repo):
         return str(path.relative_to(repo))
     return path.name
-
-
-def _mb(count: int) -> str:
-    return f"{count / 1e6:,.0f} MB"

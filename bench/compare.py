@@ -2,9 +2,13 @@
 trees and the same changes, in one run on one machine.
 
 For each tree (`small`: 20,000 files of 1-64 KiB in 1,000 directories; `large`: 4 files of
-256 MiB; `mixed`: code, a photo album of 500 files, documents and media) every tool in turn:
+256 MiB; `mixed`: code, a photo album of 500 files, documents and media; `source`: about 7,600
+files shaped like a source checkout, two directories of 1,100 and 1,400 entries; `many`: 100,000
+files of 256 B-4 KiB, 20,000 of them in one directory) every tool in turn:
   - syncs it from a source folder into an empty one: the *initial sync*, from the start of the
     first process until the copy holds every file and the tool says it is done;
+  - the moment that is judged done (no quiet wait: a tool still busy with its own writes is
+    caught), 1 KiB is written into one file of the tree's most crowded directory;
   - then carries changes over (each run a new change, seeded the same for every tool): on
     `large`, 1 byte appended to a file and 4 KiB overwritten in the middle of another; on
     `mixed`, 100 small files edited, 100 deleted and 100 added, and the album directory
@@ -20,8 +24,9 @@ and is measured.
 Run from the repository root with backer installed (`pip install -e .`), as root where rsync,
 syncthing or b3sum are missing (they are installed with apt-get; py-spy with pip):
 
-    python bench/compare.py            # full run (~6 min), rewrites "## Side by side" in the docs
-    python bench/compare.py --quick    # smoke run (~40 s) on tiny trees, writes no docs
+    python bench/compare.py            # full run, rewrites "## Side by side" in the docs
+    python bench/compare.py --quick    # smoke run (~2 min) on tiny trees, writes no docs
+    python bench/compare.py --trees many,source    # only these trees; writes no docs
 
 `python bench/all.py` runs this and the other benchmarks that fit in 15 minutes.
 """
@@ -35,7 +40,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from common import (
@@ -51,25 +56,23 @@ from common import (
     wait_for_quiet,
     write_doc_section,
 )
+from compare_changes import EDIT_AFTER_INITIAL, MUTATIONS, Change, edit_after_initial
 from compare_data import (
     FULL_TREES,
-    MUTATIONS,
     QUICK_TREES,
     TOOL_FILES,
     Tree,
     TreeSpec,
 )
+from compare_oneshot import RsyncSession, b3sum_floor, cp_floor
 from compare_profile import RATE, PySpy, ensure_py_spy
 from compare_report import BACKER, Case, Results
 from compare_tools import (
     SETTLE,
     BackerSession,
     Phase,
-    RsyncSession,
     Session,
     SyncthingSession,
-    b3sum_floor,
-    cp_floor,
 )
 from syncthing import WATCH_DELAY_S
 from trees import (
@@ -93,10 +96,11 @@ class Plan:
     runs: int  # runs of each change (the median is reported); one initial sync each
     quiet_wait: float  # seconds to wait, before each tree, for other processes to go quiet
     full: bool
+    profiled_trees: int = 0  # trees rerun under py-spy: those with the most slow cases (0: all)
 
 
 FULL = Plan(trees=FULL_TREES, runs=3, quiet_wait=10, full=True)
-QUICK = Plan(trees=QUICK_TREES, runs=1, quiet_wait=0, full=False)
+QUICK = Plan(trees=QUICK_TREES, runs=1, quiet_wait=0, full=False, profiled_trees=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,12 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run writes only with this)",
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument(
+        "--trees",
+        help="only these trees, comma-separated (small, large, mixed, source, many); such a "
+        "run writes the docs only with --doc",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
+        if args.trees:
+            plan = replace(plan, trees=pick_trees(plan.trees, args.trees))
         suite = CompareSuite(workdir, plan, profile=not args.no_profile)
         results = suite.run()
     except BenchError as exc:
@@ -127,13 +138,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(results.text())
     print(f"the run took {minutes:.1f} minutes")
-    doc = args.doc or (DOC if plan.full and not args.no_doc else None)
+    doc = args.doc or (DOC if plan.full and not (args.no_doc or args.trees) else None)
     if doc is not None:
         write_doc_section(doc, SECTION, suite.markdown(minutes))
         print(f"\nwrote the {SECTION} section of {doc}")
     if args.json:
         print(json.dumps(results.as_json()))
     return 0
+
+
+def pick_trees(trees: Sequence[TreeSpec], names: str) -> tuple[TreeSpec, ...]:
+    """The trees named (with or without the quick run's `quick-` prefix), in the suite's order."""
+    known = {spec.name.removeprefix("quick-"): spec for spec in trees}
+    wanted = {name.strip().removeprefix("quick-") for name in names.split(",") if name.strip()}
+    unknown = sorted(wanted - set(known))
+    if unknown or not wanted:
+        raise BenchError(f"no tree named {', '.join(unknown)}: the trees are {', '.join(known)}")
+    return tuple(spec for name, spec in known.items() if name in wanted)
 
 
 @dataclass(slots=True)
@@ -222,11 +243,12 @@ class CompareSuite:
             ("Syncthing", lambda base: SyncthingSession(tree, base)),
             ("rsync", lambda base: RsyncSession(tree, base)),
         ]
+        follow = edit_after_initial(tree)
         for tool, make in sessions:
             meter = CpuMeter()
             session = make(self.base / tool.lower())
             with session:
-                self.session(tool, tree, session)
+                self.session(tool, tree, session, follow)
             self.results.raw.append(
                 f"{tool}, `{tree.name}`: other processes used {meter.others():.2f} cores"
             )
@@ -237,10 +259,17 @@ class CompareSuite:
         self.record(initial_case(tree), "b3sum", b3sum_floor(tree, floors))
         shutil.rmtree(floors, ignore_errors=True)
 
-    def session(self, tool: str, tree: Tree, session: Session) -> None:
+    def session(
+        self, tool: str, tree: Tree, session: Session, follow: Callable[[Path], Change]
+    ) -> None:
+        """The initial sync, the edit made the moment it is done, then each change in turn."""
         caches: tuple[SigCache, SigCache] = ({}, {})
         self.record(initial_case(tree), tool, session.initial())
-        self.verify(session.source, session.copy, f"{tool}'s copy of {tree.name}", caches)
+        change = follow(session.source)
+        phase = session.propagate(change, settle=False)
+        self.record(change_case(tree, EDIT_AFTER_INITIAL), tool, phase)
+        what = f"{tool}'s copy of {tree.name} after the initial sync and: {change.label}"
+        self.verify(session.source, session.copy, what, caches)
         for key in tree.spec.mutations:
             mutation = MUTATIONS[key]
             for run in range(self.plan.runs):
@@ -283,20 +312,30 @@ class CompareSuite:
 
     def profile_slow_cases(self, trees: Sequence[Tree]) -> None:
         """Each tree with a case in which backer took longer than a reference runs once more
-        for backer, with py-spy attached during those cases only."""
+        for backer, with py-spy attached during those cases only (in a quick run, only the
+        tree with the most such cases)."""
         assert self.profiler is not None
         slow = {case.key for case in self.results.slow_cases()}
-        for tree in trees:
-            initial = initial_case(tree)
+        counts = {t.name: sum(c.tree == t.name for c in self.results.slow_cases()) for t in trees}
+        chosen = sorted((name for name, n in counts.items() if n), key=lambda name: -counts[name])
+        if self.plan.profiled_trees:
+            chosen = chosen[: self.plan.profiled_trees]
+        for tree in (t for t in trees if t.name in chosen):
+            initial, follow = initial_case(tree), change_case(tree, EDIT_AFTER_INITIAL)
             changes = [k for k in tree.spec.mutations if change_case(tree, k).key in slow]
-            if initial.key not in slow and not changes:
-                continue
             _log(f"-- profiling backer on {tree.name}")
             session = BackerSession(tree, self.base / "profiled")
             with session:
                 session.profiler = self.profiler if initial.key in slow else None
                 session.profile_as = initial.key
-                self.profiled[initial.key] = session.initial().seconds
+                seconds = session.initial().seconds
+                if session.profiler is not None:
+                    self.profiled[initial.key] = seconds
+                if follow.key in slow:
+                    # py-spy attaches first (ATTACH seconds): the edit comes that much later.
+                    session.profiler, session.profile_as = self.profiler, follow.key
+                    change = edit_after_initial(tree)(session.source)
+                    self.profiled[follow.key] = session.propagate(change, settle=False).seconds
                 for key in changes:
                     case = change_case(tree, key)
                     session.profiler, session.profile_as = self.profiler, case.key
@@ -316,7 +355,8 @@ class CompareSuite:
             "Command, from the repository root: `python3 bench/all.py` (every section it lists; "
             f"see its docstring), or this section alone: `{COMMAND}` with backer installed "
             "(`pip install -e .`); the trees are generated once and cached in `--workdir`, "
-            "default `/tmp/backer-bench`; `--quick` is the smoke run the tests use.",
+            "default `/tmp/backer-bench`; `--trees many,source` runs only the trees named (and "
+            "writes no docs); `--quick` is the smoke run the tests use.",
             "",
             _how(self.plan),
             "",
@@ -415,9 +455,14 @@ def _how(plan: Plan) -> str:
         "hashes, each new version of a file read once) and the tool says it is done, as above; "
         "rsync has no watcher, so its figure is the writing of the change plus one `rsync -a "
         f"--delete` run. Each change is made {plan.runs} time(s) (each time a new one, the same "
-        "for every tool; the median is shown), each initial sync once. After every phase the "
-        "copy is compared with its source file by file (BLAKE3 of the contents, outside the "
-        "timing). *Peak RSS*: of each side, the larger shown: for the daemons the kernel's "
+        "for every tool; the median is shown), each initial sync once. *Edit right after the "
+        "initial sync*: the same, but made the moment the initial sync is judged done, with no "
+        "wait for quiet (a tool still busy with its own writes is caught; once per initial "
+        "sync): 1 KiB written in place into the middle of one file of the tree's most crowded "
+        "directory (in `many` its 20,000-entry one); rsync's is one more run. After every phase "
+        "the copy is compared with its source file by file (BLAKE3 of the contents, outside the "
+        "timing; the initial sync's copy after that edit). *Peak RSS*: of each side (node), the "
+        "larger shown, both in *All runs*: for the daemons the kernel's "
         "high-water mark (VmHWM, reset at the start of each change through "
         "`/proc/PID/clear_refs`; Syncthing's monitor process and its syncing child added up); "
         "for rsync the client, and the daemon with the per-connection children it reaped; for "

@@ -9,15 +9,13 @@ RSS of each side, CPU seconds of every process of the tool, bytes on the wire.
 - Syncthing: two instances from `syncthing.SyncthingCluster` (loopback only; discovery, relays
   and NAT off; watcher on, `fsWatcherDelayS=1`). A change has arrived when B's files hold it
   and the REST API of both says idle with nothing left to pull.
-- rsync: `rsync -a --delete` to a loopback rsync daemon (`rsyncd.RsyncDaemon`), one run per
-  phase; it has no watcher, so a change is timed as one run after it.
-- floors for the initial copy: `cp -a` and `b3sum` over the same files.
+- rsync, and the floors for the initial copy (`cp -a`, `b3sum`): `compare_oneshot`.
 
 Daemons (backer, Syncthing) are measured from /proc: CPU time of every process (utime+stime,
 reaped children included) across the phase, and the memory high-water mark (VmHWM), reset at
 the start of each phase; wire bytes are the kernel's tcp_info counters of every connection
-between the two nodes' listening ports. One-shot commands (rsync, cp, b3sum) are measured by
-`common`'s launcher (wait4). Imports common, compare_data, rsyncd and syncthing.
+between the two nodes' listening ports. Imports common, compare_data, compare_changes, measure
+and syncthing.
 """
 
 from __future__ import annotations
@@ -43,33 +41,29 @@ from common import (
     free_port,
     warm_page_cache,
 )
-from compare_data import Change, Expectation, Tree, materialise, whole_tree
+from compare_changes import Change, Expectation, whole_tree
+from compare_data import Tree, materialise
 from measure import (
     TcpCounters,
     peak_rss,
     process_cpu,
     reset_peak_rss,
-    run_measured,
     tcp_connections,
 )
-from rsyncd import RsyncDaemon
 
 __all__ = [
     "SETTLE",
     "BackerSession",
     "Phase",
     "Profiler",
-    "RsyncSession",
     "Session",
     "SyncthingSession",
-    "b3sum_floor",
-    "cp_floor",
 ]
 
 SETTLE = syncthing.WATCH_DELAY_S + syncthing.SETTLE_MARGIN  # quiet seconds before a change
 POLL = 0.01  # seconds between two looks at a copy
 SOURCE_SIDE, COPY_SIDE = "A (source)", "B (copy)"
-PHASE_LIMIT = 600.0  # seconds for one phase to finish
+PHASE_LIMIT = 1800.0  # seconds for one phase to finish (a first sync of `many` takes minutes)
 START_LIMIT = 60.0  # seconds for a daemon to start
 
 
@@ -108,7 +102,11 @@ class Session(Protocol):
 
     def initial(self) -> Phase: ...
 
-    def propagate(self, change: Change) -> Phase: ...
+    def propagate(self, change: Change, *, settle: bool = True) -> Phase:
+        """Apply the change and time it until the copy holds it and the tool is done. With
+        `settle` the tool is first left in step and quiet; without, the change is made at once
+        (right after an initial sync, to catch a tool still busy with it)."""
+        ...
 
 
 # -- measuring daemons -------------------------------------------------------------------------
@@ -123,23 +121,31 @@ class DaemonMeter:
         self.ports = list(ports)
         self._cpu: dict[int, float] = {}
         self._wire: dict[str, TcpCounters] = {}
+        self._stopped: tuple[dict[int, float], dict[str, TcpCounters]] | None = None
 
-    def start(self, *, fresh: bool = False) -> None:
-        """Take the starting counters; `fresh`: the processes are new, count from zero."""
+    def start(self, *, fresh: bool = False, carry: bool = False) -> None:
+        """Take the starting counters; `fresh`: the processes are new, count from zero;
+        `carry`: start where the last phase stopped (its end counters, read a moment ago), so
+        that a phase can follow another without the wait of reading them again."""
         pids = [pid for side in self.sides() for pid in side]
         if fresh:
             self._cpu, self._wire = {}, {}
             return
         for pid in pids:
             reset_peak_rss(pid)
+        if carry and self._stopped is not None:
+            self._cpu, self._wire = self._stopped
+            return
         self._cpu = {pid: process_cpu(pid) for pid in pids}
         self._wire = tcp_connections(self.ports)
 
     def stop(self, seconds: float) -> Phase:
         sides = self.sides()
-        cpu = sum(process_cpu(pid) - self._cpu.get(pid, 0.0) for side in sides for pid in side)
         rss = tuple(sum(peak_rss(pid) for pid in side) for side in sides)
+        ended = {pid: process_cpu(pid) for side in sides for pid in side}
+        cpu = sum(ended[pid] - self._cpu.get(pid, 0.0) for pid in ended)
         now = tcp_connections(self.ports)
+        self._stopped = (ended, now)
         wire = sum(
             counters.payload - (self._wire[local].payload if local in self._wire else 0)
             for local, counters in now.items()
@@ -278,7 +284,7 @@ class BackerSession:
 
     def __enter__(self) -> BackerSession:
         shutil.rmtree(self.base, ignore_errors=True)
-        materialise(self.tree, self.source, private=self.tree.large())
+        materialise(self.tree, self.source, private=self.tree.private())
         home_a, home_b = self.base / "home-a", self.base / "home-b"
         _backer(home_a, "init", str(self.source))
         keys = _backer(home_a, "keys", str(self.source))
@@ -326,13 +332,14 @@ class BackerSession:
                 phase = self.meter.stop(ended - started)
         return phase
 
-    def propagate(self, change: Change) -> Phase:
+    def propagate(self, change: Change, *, settle: bool = True) -> Phase:
         assert self.meter is not None
-        self.settle()
+        if settle:
+            self.settle()
         expectation = change.expectation(self.copy)
         a, b = self.nodes
         with self._profiled({SOURCE_SIDE: a, COPY_SIDE: b}):
-            self.meter.start()
+            self.meter.start(carry=not settle)
             started = time.perf_counter()
             change.apply()
             ended = _wait(expectation, self.in_step, self.check, f"backer: {change.label}")
@@ -388,7 +395,7 @@ class SyncthingSession:
         """A's folder gets the tree before either instance starts, then the cache is warmed and
         the links written out, as for backer's source before its first process starts."""
         if instance.name == "A":
-            materialise(self.tree, instance.folder, private=self.tree.large())
+            materialise(self.tree, instance.folder, private=self.tree.private())
             warm_page_cache(self.tree.paths())
             os.sync()
 
@@ -427,85 +434,14 @@ class SyncthingSession:
         self.cluster.check_loopback_only()
         return phase
 
-    def propagate(self, change: Change) -> Phase:
+    def propagate(self, change: Change, *, settle: bool = True) -> Phase:
         assert self.meter is not None
-        self.cluster.wait_idle()
-        time.sleep(SETTLE)
+        if settle:
+            self.cluster.wait_idle()
+            time.sleep(SETTLE)
         expectation = change.expectation(self.copy)
-        self.meter.start()
+        self.meter.start(carry=not settle)
         started = time.perf_counter()
         change.apply()
         ended = _wait(expectation, self.idle, self.check, f"Syncthing: {change.label}")
         return self.meter.stop(ended - started)
-
-
-# -- rsync and the floors ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class RsyncSession:
-    """`rsync -a --delete --stats SOURCE/ rsync://127.0.0.1:PORT/copy/`, one daemon per run."""
-
-    tree: Tree
-    base: Path
-    source: Path = field(init=False)
-    copy: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.source, self.copy = self.base / "source", self.base / "copy"
-
-    def __enter__(self) -> RsyncSession:
-        shutil.rmtree(self.base, ignore_errors=True)
-        materialise(self.tree, self.source, private=self.tree.large())
-        self.copy.mkdir(parents=True)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def initial(self) -> Phase:
-        warm_page_cache(self.tree.paths())
-        return self._push(None)
-
-    def propagate(self, change: Change) -> Phase:
-        return self._push(change)
-
-    def _push(self, change: Change | None) -> Phase:
-        os.sync()
-        with RsyncDaemon(self.base / "daemon", {"copy": self.copy}) as daemon:
-            started = time.perf_counter()
-            if change is not None:
-                change.apply()
-            applied = time.perf_counter() - started
-            client, stats = daemon.push(self.source, "copy", daemon.port, options=["--delete"])
-        server = daemon.usage
-        assert server is not None
-        return Phase(
-            seconds=applied + client.wall,
-            rss=(client.max_rss, server.max_rss),
-            cpu=client.cpu + server.cpu,
-            wire=stats.total,
-            detail=f"literal data {stats.literal:,} B",
-        )
-
-
-def cp_floor(tree: Tree, base: Path) -> Phase:
-    """`cp -a` of the tree (the source is hard links to the cached data) to a new folder."""
-    source, copy = base / "source", base / "copy"
-    shutil.rmtree(base, ignore_errors=True)
-    materialise(tree, source)
-    warm_page_cache(tree.paths())
-    os.sync()
-    measured = run_measured(["cp", "-a", str(source), str(copy)])
-    return Phase(seconds=measured.wall, rss=(measured.max_rss,), cpu=measured.cpu, wire=0)
-
-
-def b3sum_floor(tree: Tree, base: Path) -> Phase:
-    """`b3sum` over every file of the tree, names through `xargs -0` (as bench/scan_bench.py)."""
-    source = base / "source"
-    if not source.exists():
-        materialise(tree, source)
-    warm_page_cache(tree.paths())
-    names = b"".join(rel.encode() + b"\0" for rel, _ in tree.files)
-    measured = run_measured(["xargs", "-0", "b3sum"], cwd=source, stdin=names, stdout="discard")
-    return Phase(seconds=measured.wall, rss=(measured.max_rss,), cpu=measured.cpu, wire=0)
