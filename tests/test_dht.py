@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import msgpack
+import nacl.bindings
 import nacl.signing
 import pytest
 import umsgpack  # what kademlia's rpcudp sends with
@@ -32,6 +33,7 @@ from backer.discovery.records import (
     Put,
     RecordTable,
     announce_keys,
+    day_key_of,
     dht_key,
     lookup_keys,
     make_record,
@@ -65,12 +67,6 @@ def record(
     )
 
 
-def signed_body(key: nacl.signing.SigningKey, body: bytes, *, dht: bytes = KEY) -> bytes:
-    """A correctly signed record around any body, as a hostile device could make one."""
-    body += records._proof(FOLDER, dht, body)
-    return body + key.sign(records._SIGNED_CONTEXT + dht + body).signature
-
-
 # -- records -----------------------------------------------------------------------------------
 
 
@@ -78,13 +74,14 @@ def test_a_record_round_trips_and_is_small() -> None:
     device = signer()
     data = record(device, addresses=("192.0.2.7:22000", "[2001:db8::1]:22000"))
     found = verify(data, now=NOW, dht_key=KEY, discovery_id=FOLDER)
-    assert found.public_key == bytes(device.verify_key)
+    assert found.device_key == bytes(device.verify_key)
+    assert found.public_key == bytes(day_key_of(device, KEY).verify_key) != found.device_key
     assert found.device == hash_bytes("device id", bytes(device.verify_key))
     assert found.addresses == ("192.0.2.7:22000", "[2001:db8::1]:22000")
     assert found.expiry == int(NOW + 3600) and found.data == data
     most = record(addresses=tuple(f"203.0.113.{i}:65535" for i in range(MAX_ADDRESSES)))
     print(f"\nrecord sizes: 2 addresses {len(data)} B, 8 IPv4 addresses {len(most)} B")
-    assert len(data) < 200 and len(most) < 300
+    assert len(data) < 350 and len(most) < 450
 
 
 def test_making_a_record_refuses_what_verify_would() -> None:
@@ -98,50 +95,73 @@ def test_making_a_record_refuses_what_verify_would() -> None:
         record(addresses=("no port",))
 
 
+def day_public(device: nacl.signing.SigningKey, key: bytes = KEY) -> bytes:
+    """What a storage node knows a device by under `key`: its day key."""
+    return bytes(day_key_of(device, key).verify_key)
+
+
 def _flip(data: bytes, index: int) -> bytes:
     index %= len(data)
     return data[:index] + bytes([data[index] ^ 1]) + data[index + 1 :]
 
 
-HEAD = struct.Struct(">B32sIB")
+HEAD = struct.Struct(">B32sI24s")  # version, day key, expiry, nonce
+INNER = struct.Struct(">32s64sB")  # device key, device signature, address count
 
 
-def _head(key: nacl.signing.SigningKey, count: int, *, version: int = 1) -> bytes:
-    return HEAD.pack(version, bytes(key.verify_key), int(NOW + 60), count)
+def sealed(
+    listing: bytes,
+    count: int,
+    *,
+    version: int = records.RECORD_VERSION,
+    vouch: bytes | None = None,
+    folder: bytes = FOLDER,
+    key: bytes = KEY,
+    day: nacl.signing.SigningKey | None = None,
+) -> bytes:
+    """A record around any listing, sealed and signed correctly (the device's signature too,
+    unless `vouch` is given; by the device's day key unless `day` is given), as a hostile
+    member could make one."""
+    device = signer()
+    day = day or day_key_of(device, key)
+    head = HEAD.pack(version, bytes(day.verify_key), int(NOW + 60), os.urandom(24))
+    if vouch is None:
+        vouch = device.sign(
+            records._DEVICE_CONTEXT + key + head[:-24] + bytes([count]) + listing
+        ).signature
+    inner = INNER.pack(bytes(device.verify_key), vouch, count) + listing
+    body = head + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        inner, key + head, head[-24:], records._members_key(folder, key)
+    )
+    return body + day.sign(records._SIGNED_CONTEXT + key + body).signature
 
 
 def _rejections() -> list[tuple[str, Callable[[], bytes], dict[str, Any], str]]:
     other_folder = FolderKey.generate().discovery_id
-    k = signer()
     addr = b"\x0f192.0.2.7:22000"
     return [
         ("forged signature", lambda: _flip(record(), -1), {}, "signature"),
-        ("altered address", lambda: _flip(record(), HEAD.size + 3), {}, "signature"),
+        ("altered sealed part", lambda: _flip(record(), HEAD.size + 3), {}, "signature"),
         ("altered expiry", lambda: _flip(record(), 36), {}, "signature"),
         ("moved to another key", record, {"dht_key": os.urandom(20)}, "signature"),
-        ("a non-member's proof", lambda: record(folder=other_folder), {}, "proof"),
+        ("a non-member's record", lambda: record(folder=other_folder), {}, "member"),
+        ("a non-member's sealing", lambda: sealed(addr, 1, folder=other_folder), {}, "member"),
         ("expired", lambda: record(expiry=NOW - 1), {}, "expired"),
         ("expires too far ahead", lambda: record(expiry=NOW + MAX_LIFETIME + 10), {}, "ahead"),
         ("oversized", lambda: record() + b"\0" * MAX_RECORD_SIZE, {}, "over"),
-        ("an extra byte", lambda: signed_body(k, _head(k, 1) + addr + b"\0"), {}, "length"),
-        # The address then ends in the signature's first byte: a digit there still parses
-        # (port 2200X), and the length check refuses it instead (1 run in about 25).
-        ("a missing byte", lambda: signed_body(k, _head(k, 1) + addr[:-1]), {}, "address|length"),
-        (
-            "count past the end",
-            lambda: signed_body(k, _head(k, 2) + addr),
-            {},
-            "address|length|past",
-        ),
-        ("no address", lambda: signed_body(k, _head(k, 0)), {}, "addresses"),
-        ("too many addresses", lambda: signed_body(k, _head(k, 9) + addr * 9), {}, "addresses"),
-        ("an address twice", lambda: signed_body(k, _head(k, 2) + addr * 2), {}, "twice"),
-        ("not an address", lambda: signed_body(k, _head(k, 1) + b"\x04nope"), {}, "host:port"),
-        ("bad UTF-8", lambda: signed_body(k, _head(k, 1) + b"\x04\xff:12"), {}, "host:port"),
-        ("unknown version", lambda: signed_body(k, _head(k, 1, version=2) + addr), {}, "version"),
-        ("too short", lambda: b"\x01" * 40, {}, "short"),
+        ("an extra byte", lambda: sealed(addr + b"\0", 1), {}, "length"),
+        ("a missing byte", lambda: sealed(addr[:-1], 1), {}, "short"),
+        ("count past the end", lambda: sealed(addr, 2), {}, "past"),
+        ("no address", lambda: sealed(b"", 0), {}, "addresses"),
+        ("too many addresses", lambda: sealed(addr * 9, 9), {}, "addresses"),
+        ("an address twice", lambda: sealed(addr * 2, 2), {}, "twice"),
+        ("not an address", lambda: sealed(b"\x04nope", 1), {}, "host:port"),
+        ("bad UTF-8", lambda: sealed(b"\x04\xff:12", 1), {}, "host:port"),
+        ("a forged device signature", lambda: sealed(addr, 1, vouch=bytes(64)), {}, "device"),
+        ("unknown version", lambda: sealed(addr, 1, version=1), {}, "version"),
+        ("too short", lambda: b"\x02" * 40, {}, "short"),
         ("not bytes", lambda: cast(bytes, "text"), {}, "bytes"),
-        ("a key not on the curve", lambda: b"\x01" + b"\xff" * 32 + record()[33:], {}, "point"),
+        ("a key not on the curve", lambda: b"\x02" + b"\xff" * 32 + record()[33:], {}, "point"),
     ]
 
 
@@ -157,11 +177,25 @@ def test_a_bad_record_is_refused_with_the_reason(
         verify(data(), **arguments)
 
 
-def test_a_storage_node_checks_all_but_the_proof() -> None:
+def test_a_storage_node_learns_neither_the_device_nor_its_addresses() -> None:
     planted = record(folder=FolderKey.generate().discovery_id)
-    assert verify(planted, now=NOW, dht_key=KEY).addresses  # the storage node cannot tell
-    with pytest.raises(DecodeError, match="proof"):
+    seen = verify(planted, now=NOW, dht_key=KEY)  # the storage node cannot tell
+    assert seen.addresses == () and seen.device_key == b""
+    with pytest.raises(DecodeError, match="member"):
         verify(planted, now=NOW, dht_key=KEY, discovery_id=FOLDER)
+    device = signer()
+    data = record(device, addresses=("192.0.2.7:22000",))
+    assert bytes(device.verify_key) not in data and b"192.0.2.7" not in data
+
+
+def test_a_device_s_records_cannot_be_linked_across_days() -> None:
+    device = signer()
+    tomorrow = dht_key(FOLDER, int(NOW // EPOCH_SECONDS) + 1)
+    today_record = verify(record(device), now=NOW, dht_key=KEY)
+    tomorrow_record = verify(record(device, dht=tomorrow), now=NOW, dht_key=tomorrow)
+    assert today_record.public_key != tomorrow_record.public_key
+    again = verify(record(device), now=NOW, dht_key=KEY)  # a republication replaces its own
+    assert again.public_key == today_record.public_key and again.data != today_record.data
 
 
 def test_dht_keys_hide_the_folder_and_change_each_epoch() -> None:
@@ -232,6 +266,13 @@ def test_one_throwaway_key_cannot_wipe_a_storage_node() -> None:
         key = os.urandom(DHT_KEY_SIZE)
         latest = record(attacker, dht=key, expiry=NOW + records.MAX_LIFETIME - 1)
         stored += table.put(key, latest, now=NOW, source="203.0.113.66") is Put.STORED
+    assert stored == table.per_source
+    # One signing key for every DHT key (an honest device has one per key): capped per key.
+    one_key = signer()
+    stored = sum(
+        table.put(k, sealed(b"\x0f192.0.2.7:22000", 1, key=k, day=one_key), now=NOW) is Put.STORED
+        for k in (os.urandom(DHT_KEY_SIZE) for _ in range(100))
+    )
     assert stored == table.per_device
     assert len(table.get(KEY, now=NOW)) == 20
     for device in honest:  # a re-announcement, expiring later, is always taken
@@ -261,8 +302,8 @@ def test_newest_per_device_orders_by_expiry() -> None:
         for k, e in ((a, 10), (b, 30), (a, 20))
     ]
     assert [(r.public_key, r.expiry) for r in newest_per_device(found)] == [
-        (bytes(b.verify_key), int(NOW + 30)),
-        (bytes(a.verify_key), int(NOW + 20)),
+        (day_public(b), int(NOW + 30)),
+        (day_public(a), int(NOW + 20)),
     ]
 
 
@@ -313,7 +354,7 @@ async def test_thirty_nodes_return_every_device_announced_under_a_key() -> None:
             data = record(device, addresses=(f"127.0.0.1:{40001 + i}",), expiry=expiry)
             async with asyncio.timeout(DEADLINE):
                 assert await nodes[1 + i * 5].put(KEY, data) >= 10
-        want = {bytes(d.verify_key) for d in devices}
+        want = {day_public(d) for d in devices}
         took = []
         for node in nodes:
             start = time.perf_counter()
@@ -335,7 +376,7 @@ async def test_a_lookup_is_the_union_of_what_nodes_hold_not_the_first_answer() -
             node.storage.put(KEY, record(device, expiry=time.time() + 600))
         for node in (nodes[0], nodes[6]):
             found = await node.get(KEY)
-            assert {r.public_key for r in found} == {bytes(d.verify_key) for d in devices}
+            assert {r.public_key for r in found} == {day_public(d) for d in devices}
 
 
 def store_packet(node_id: bytes, key: Any, value: Any, *, msg_id: bytes | None = None) -> bytes:

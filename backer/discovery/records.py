@@ -1,30 +1,32 @@
 """DHT records: what a device stores in the DHT so the members of its folders can find it.
 
-Owns the record format, the DHT keys a folder is announced under, signing and checking a record,
+Owns the record format, the DHT keys a folder is announced under, sealing and checking a record,
 and the bounded table of records a DHT node keeps. Pure: no I/O, no clock (time is an
 argument); imports errors, ids, addresses and pynacl only.
 
-A record says "the device with this Ed25519 key listens at these addresses until `expiry`":
+A record says "this device listens at these addresses until `expiry`", readable by members only:
 
-    version u8 | public key 32 | expiry u32 (unix s) | address count u8
-    | count x (length u8, `host:port` UTF-8) | proof 16 | signature 64
+    version u8 (2) | day key 32 | expiry u32 (unix s) | nonce 24 | sealed | signature 64
+    sealed = XChaCha20-Poly1305(members' key, nonce, ad = DHT key | the 61 bytes before it,
+             device key 32 | device signature 64 | address count u8
+             | count x (length u8, `host:port` UTF-8))
 
 A folder is announced under `dht_key(discovery_id, epoch)`, a hash of its discovery ID and the
-day: DHT nodes and observers see a key that changes every epoch and never the discovery ID, so
-they can neither name the folder nor link it from one day to the next.
-
-The signature (by the device key) covers the DHT key and every byte before it, so a record cannot
-be altered, replayed under another key, or replaced by someone without the device key. The
-proof is a MAC keyed by the discovery ID over the DHT key and the record body: the storage node,
-which does not know the discovery ID, checks size, form, signature and expiry; a member also
-checks the proof, so a non-member cannot plant a record that members accept.
+day; the members' key is derived from the discovery ID and the DHT key, so it changes daily too.
+The day key is an Ed25519 key the device derives from its own key and the DHT key: storage
+nodes check its signature (over the DHT key and every byte before it, so a record cannot be
+altered, replayed under another key, or replaced without it), the size and the expiry, and learn
+nothing else: not the device, not its addresses, and nothing that links one day's record to the
+next. A member opens the sealed part (which proves the record was made by a member) and checks
+the device's own signature inside, which binds the device key to this day key, the DHT key,
+the expiry and the addresses.
 """
 
 from __future__ import annotations
 
 import enum
 import heapq
-import hmac
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ import nacl.signing
 
 from backer.addresses import parse_address
 from backer.errors import DecodeError, InvalidAddressError
-from backer.ids import hash_bytes, secret_tag
+from backer.ids import hash_bytes
 
 __all__ = [
     "DHT_KEY_SIZE",
@@ -45,13 +47,14 @@ __all__ = [
     "MAX_ADDRESS_TEXT",
     "MAX_LIFETIME",
     "MAX_RECORD_SIZE",
-    "PROOF_SIZE",
+    "NONCE_SIZE",
     "RECORD_VERSION",
     "SIGNATURE_SIZE",
     "Put",
     "Record",
     "RecordTable",
     "announce_keys",
+    "day_key_of",
     "dht_key",
     "epoch_of",
     "lookup_keys",
@@ -60,36 +63,43 @@ __all__ = [
     "verify",
 ]
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 1 carried the device key and addresses in the clear: linkable across days
 DHT_KEY_SIZE = 20  # kademlia's 160-bit key space
 EPOCH_SECONDS = 86_400  # the DHT key of a folder changes daily
 MAX_ADDRESSES = 8
 MAX_ADDRESS_TEXT = 255  # one length byte
 MAX_RECORD_SIZE = 1024
 MAX_LIFETIME = 4 * 3600  # a record claiming to live longer than this is refused
-PROOF_SIZE = 16
 SIGNATURE_SIZE = 64
 PUBLIC_KEY_SIZE = 32
+NONCE_SIZE = 24
+TAG_SIZE = 16
 
-_HEAD = struct.Struct(">B32sIB")  # version, public key, expiry, address count
-_SIGNED_CONTEXT = b"backer dht record v1\x00"
+_HEAD = struct.Struct(">B32sI24s")  # version, day key, expiry, nonce
+_INNER = struct.Struct(">32s64sB")  # device key, device signature, address count
+_SIGNED_CONTEXT = b"backer dht record v2\x00"  # the day key's signature over the record
+_DEVICE_CONTEXT = b"backer dht record v2 device\x00"  # the device's, inside
 _MAX_EXPIRY = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Record:
     """A decoded record that passed `verify`. `data` is its exact encoding (what is stored and
-    served again)."""
+    served again). A storage node sees only the day key and the expiry; a member also the
+    device key and the addresses."""
 
-    public_key: bytes
-    addresses: tuple[str, ...]
+    public_key: bytes  # the day key: one per device and DHT key
     expiry: int
     data: bytes = field(repr=False)
+    device_key: bytes = b""  # the device's Ed25519 key (members only)
+    addresses: tuple[str, ...] = ()  # members only
 
     @property
     def device(self) -> bytes:
-        """The device ID (BLAKE3 of the public key), as the mesh names devices."""
-        return hash_bytes("device id", self.public_key)
+        """The device ID (BLAKE3 of the device key), as the mesh names devices."""
+        if not self.device_key:
+            raise ValueError("only a member can read a record's device")
+        return hash_bytes("device id", self.device_key)
 
 
 # -- keys and epochs ---------------------------------------------------------------------------
@@ -137,8 +147,9 @@ def make_record(
     key: bytes,
     addresses: Iterable[str],
     expiry: int,
+    nonce: bytes | None = None,
 ) -> bytes:
-    """Our signed record for the folder `discovery_id` under the DHT key `key`."""
+    """Our sealed, signed record for the folder `discovery_id` under the DHT key `key`."""
     listed = tuple(dict.fromkeys(addresses))
     if not 1 <= len(listed) <= MAX_ADDRESSES:
         raise ValueError(f"a record lists 1 to {MAX_ADDRESSES} addresses, not {len(listed)}")
@@ -146,46 +157,107 @@ def make_record(
         raise ValueError(f"expiry {expiry} out of range")
     if len(key) != DHT_KEY_SIZE:
         raise ValueError(f"a DHT key is {DHT_KEY_SIZE} bytes")
-    parts = [_HEAD.pack(RECORD_VERSION, bytes(device_key.verify_key), expiry, len(listed))]
+    listing = b""
     for address in listed:
         parse_address(address)
         text = address.encode("utf-8")
         if len(text) > MAX_ADDRESS_TEXT:
             raise ValueError(f"address too long: {address!r}")
-        parts.append(bytes([len(text)]) + text)
-    body = b"".join(parts)
-    body += _proof(discovery_id, key, body)
-    record = body + device_key.sign(_SIGNED_CONTEXT + key + body).signature
+        listing += bytes([len(text)]) + text
+    day_key = day_key_of(device_key, key)
+    head = _HEAD.pack(
+        RECORD_VERSION, bytes(day_key.verify_key), expiry, nonce or os.urandom(NONCE_SIZE)
+    )
+    vouched = device_key.sign(
+        _DEVICE_CONTEXT + key + head[:-NONCE_SIZE] + bytes([len(listed)]) + listing
+    ).signature
+    inner = _INNER.pack(bytes(device_key.verify_key), vouched, len(listed)) + listing
+    sealed = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        inner, key + head, head[-NONCE_SIZE:], _members_key(discovery_id, key)
+    )
+    body = head + sealed
+    record = body + day_key.sign(_SIGNED_CONTEXT + key + body).signature
     if len(record) > MAX_RECORD_SIZE:
         raise ValueError(f"a record of {len(record)} bytes is over {MAX_RECORD_SIZE}")
     return record
 
 
+def day_key_of(device_key: nacl.signing.SigningKey, key: bytes) -> nacl.signing.SigningKey:
+    """The key a device signs its records under `key` (one DHT key, so one folder and day)
+    with: derived from its own, so each republication keeps it, unlinkable without it."""
+    return nacl.signing.SigningKey(hash_bytes("dht day key", device_key.encode() + key))
+
+
 def verify(data: bytes, *, now: float, dht_key: bytes, discovery_id: bytes | None = None) -> Record:
     """The record in `data`, stored under `dht_key`; DecodeError saying why it is refused.
 
-    Without `discovery_id` (a storage node) the form, size, signature and expiry are checked;
-    with it (a member) the folder proof too."""
+    Without `discovery_id` (a storage node) the form, size, day-key signature and expiry are
+    checked; with it (a member) the sealed part is opened and checked too."""
     if not isinstance(data, bytes):
         raise DecodeError(f"a record is bytes, not {type(data).__name__}")
     if len(data) > MAX_RECORD_SIZE:
         raise DecodeError(f"a record of {len(data)} bytes is over {MAX_RECORD_SIZE}")
     if len(dht_key) != DHT_KEY_SIZE:
         raise DecodeError(f"a DHT key is {DHT_KEY_SIZE} bytes")
-    if len(data) < _HEAD.size + PROOF_SIZE + SIGNATURE_SIZE:
+    if len(data) < _HEAD.size + TAG_SIZE + _INNER.size + SIGNATURE_SIZE:
         raise DecodeError("a record too short")
-    version, public_key, expiry, count = _HEAD.unpack_from(data)
+    version, day_key, expiry, nonce = _HEAD.unpack_from(data)
     if version != RECORD_VERSION:
         raise DecodeError(f"record version {version}")
+    if expiry <= now:  # before the signature: the cheap checks first
+        raise DecodeError(f"a record expired at {expiry}")
+    if expiry > now + MAX_LIFETIME:
+        raise DecodeError(f"a record claims to live until {expiry}, too far ahead")
+    if not nacl.bindings.crypto_core_ed25519_is_valid_point(day_key):
+        raise DecodeError("a record's day key is not a valid Ed25519 point")
+    body, signature = data[:-SIGNATURE_SIZE], data[-SIGNATURE_SIZE:]
+    try:
+        nacl.signing.VerifyKey(day_key).verify(_SIGNED_CONTEXT + dht_key + body, signature)
+    except nacl.exceptions.BadSignatureError:
+        raise DecodeError(
+            "a record's signature does not match (forged, altered or moved)"
+        ) from None
+    record = Record(public_key=day_key, expiry=expiry, data=data)
+    if discovery_id is None:
+        return record
+    try:
+        inner = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            body[_HEAD.size :],
+            dht_key + body[: _HEAD.size],
+            nonce,
+            _members_key(discovery_id, dht_key),
+        )
+    except nacl.exceptions.CryptoError:
+        raise DecodeError(
+            "a record does not open with the folder's key: not made by a member"
+        ) from None
+    if len(inner) < _INNER.size:
+        raise DecodeError("a record's sealed part is too short")
+    device_key, vouched, count = _INNER.unpack_from(inner)
+    addresses = _addresses(inner[_INNER.size :], count)
+    try:
+        nacl.signing.VerifyKey(device_key).verify(
+            _DEVICE_CONTEXT + dht_key + body[: _HEAD.size - NONCE_SIZE] + inner[_INNER.size - 1 :],
+            vouched,
+        )
+    except (nacl.exceptions.BadSignatureError, ValueError):
+        raise DecodeError("a record's device signature does not match") from None
+    return Record(
+        public_key=day_key, expiry=expiry, data=data, device_key=device_key, addresses=addresses
+    )
+
+
+def _addresses(listing: bytes, count: int) -> tuple[str, ...]:
+    """The `count` addresses of a record's listing, which they must fill exactly."""
     if not 1 <= count <= MAX_ADDRESSES:
         raise DecodeError(f"a record lists 1 to {MAX_ADDRESSES} addresses, not {count}")
-    offset = _HEAD.size
+    offset = 0
     addresses: list[str] = []
     for _ in range(count):
-        if offset >= len(data):
+        if offset >= len(listing):
             raise DecodeError("a record's addresses run past its end")
-        size = data[offset]
-        text = data[offset + 1 : offset + 1 + size]
+        size = listing[offset]
+        text = listing[offset + 1 : offset + 1 + size]
         offset += 1 + size
         if len(text) != size or size == 0:
             raise DecodeError("a record's address is cut short or empty")
@@ -197,26 +269,13 @@ def verify(data: bytes, *, now: float, dht_key: bytes, discovery_id: bytes | Non
         addresses.append(address)
     if len(set(addresses)) != len(addresses):
         raise DecodeError("a record lists an address twice")
-    if len(data) != offset + PROOF_SIZE + SIGNATURE_SIZE:
+    if offset != len(listing):
         raise DecodeError("a record's length does not match its fields (extra or missing bytes)")
-    body, signature = data[:-SIGNATURE_SIZE], data[-SIGNATURE_SIZE:]
-    if expiry <= now:  # before the signature: the cheap checks first
-        raise DecodeError(f"a record expired at {expiry}")
-    if expiry > now + MAX_LIFETIME:
-        raise DecodeError(f"a record claims to live until {expiry}, too far ahead")
-    if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
-        raise DecodeError("a record's public key is not a valid Ed25519 point")
-    try:
-        nacl.signing.VerifyKey(public_key).verify(_SIGNED_CONTEXT + dht_key + body, signature)
-    except nacl.exceptions.BadSignatureError:
-        raise DecodeError(
-            "a record's signature does not match (forged, altered or moved)"
-        ) from None
-    if discovery_id is not None:
-        unproved, proof = body[:-PROOF_SIZE], body[-PROOF_SIZE:]
-        if not hmac.compare_digest(proof, _proof(discovery_id, dht_key, unproved)):
-            raise DecodeError("a record's folder proof does not match: not made by a member")
-    return Record(public_key=public_key, addresses=tuple(addresses), expiry=expiry, data=data)
+    return tuple(addresses)
+
+
+def _members_key(discovery_id: bytes, key: bytes) -> bytes:
+    return hash_bytes("dht record seal", discovery_id + key)
 
 
 def newest_per_device(records: Iterable[Record]) -> list[Record]:
@@ -227,10 +286,6 @@ def newest_per_device(records: Iterable[Record]) -> list[Record]:
         if held is None or record.expiry > held.expiry:
             best[record.public_key] = record
     return sorted(best.values(), key=lambda r: -r.expiry)
-
-
-def _proof(discovery_id: bytes, key: bytes, body: bytes) -> bytes:
-    return secret_tag("dht record", discovery_id, key + body, PROOF_SIZE)
 
 
 # -- what a DHT node keeps ---------------------------------------------------------------------
