@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("backer.protocol",),
     ("backer.sync",),
     ("backer.mesh", "backer.discovery"),
-    ("backer.watch",),
+    ("backer.watch", "backer.inotify"),
     ("backer.node",),
     ("backer.cli", "backer.web", "backer.__main__"),
 ]
