@@ -13,15 +13,16 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from evil import STALL, EvilPeer, forged
+from evil import STALL, EvilPeer, file_entry, forged
 from nodes import Member, cluster, eventually, file_is
 
 from backer.events import Event, PeerDisconnected, PullFinished
 from backer.ids import Hash
 from backer.index import merkle
-from backer.index.entry import VersionVector
+from backer.index.entry import GROUP_MAX, VersionVector, group_hash, pack_chunks
 from backer.keys import FolderKey
-from backer.protocol.messages import RemoteEntry
+from backer.protocol.messages import MAX_CHUNK, RemoteEntry
+from backer.sync.replica import signer_for
 
 DEADLINE = 20.0
 
@@ -231,3 +232,64 @@ async def test_a_peer_that_stalls_does_not_stop_the_victim_syncing_with_others(
         await eventually(lambda: evil.asked["chunks"] > 0, deadline=DEADLINE)
         await still_serving(victim, honest, "during-stall")
     assert not (victim.folder / "stalled.bin").exists()
+
+
+# -- a chunk-list bomb: one 256-record group named 65,536 times (2 MiB on the wire) ----------
+
+
+def _chunk_list_bomb(key: FolderKey, size: int) -> tuple[RemoteEntry, bytes]:
+    """A wire entry whose chunk list would expand to 604 MB, signed if `key` can sign, and
+    the one group it names (no record's hash ends a group early: 256 records a group)."""
+    group = pack_chunks([(os.urandom(31) + b"\xc0", MAX_CHUNK)] * GROUP_MAX)
+    honest = RemoteEntry.from_entry(file_entry("bomb.bin", b"x"))
+    lie = {"groups": (group_hash(group),) * 65536, "chunks": None, "size": size}
+    sign = signer_for(key)
+    signature = sign(forged(honest, **lie).leaf_hash()) if sign is not None else b""
+    return forged(honest, **lie, signature=signature), group
+
+
+def _peak_rss_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) and return its RSS now, in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+@pytest.mark.parametrize(
+    ("tier", "size", "refusal"),
+    [
+        # Read-only: sizes that add up (1 TiB), but no signature: refused before any group.
+        pytest.param("read-only", 2**40, "not signed", id="read-only-key"),
+        # Read-write: 65,536 groups for 1 MiB, refused where the entry is decoded.
+        pytest.param("read-write", 2**20, "groups are more than", id="more-groups-than-size"),
+        # Read-write: 65,536 groups fit 512 MiB, but they hold 16.7 M chunks: counted, refused.
+        pytest.param("read-write", 2**29, "chunks are more than", id="more-chunks-than-size"),
+    ],
+)
+async def test_a_chunk_list_bomb_is_refused_before_it_is_expanded(
+    pair: tuple[Member, Member], key: FolderKey, tier: str, size: int, refusal: str
+) -> None:
+    victim, honest = pair
+    evil_key = key if tier == "read-write" else key.read_only()
+    evil = EvilPeer(evil_key, {})
+    bomb, group = _chunk_list_bomb(evil_key, size)
+    evil.plant([bomb])
+    evil.groups = {group_hash(group): group}
+    baseline = _peak_rss_reset()
+    async with evil.serving(victim.node.listen_address, deadline=DEADLINE):
+        await eventually(
+            lambda: any(refusal in r for r in pull_failures(victim) + disconnect_reasons(victim)),
+            deadline=DEADLINE,
+        )
+        await still_serving(victim, honest, f"after-bomb-{size}")
+    grown = _status_bytes("VmHWM") - baseline
+    assert grown < 200 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+    if tier == "read-only":
+        assert evil.asked["groups"] == 0  # authorization came first
+    assert not (victim.folder / "bomb.bin").exists()

@@ -155,9 +155,10 @@ class Replica:
         for event in self._listeners:
             event.set()
 
-    def trusted(self, entry: Entry) -> bool:
+    def trusted(self, entry: Entry | RemoteEntry) -> bool:
         """Whether a peer's version may be accepted: signed with the folder's key, when the
-        folder has one (a read-only device cannot sign, so its versions are refused)."""
+        folder has one (a read-only device cannot sign, so its versions are refused). Check the
+        wire form: its leaf hash costs one step per group, not per chunk."""
         if self._verify is None:
             return True
         try:
