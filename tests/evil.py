@@ -82,16 +82,16 @@ class EvilPeer:
         self.forged: dict[str, RemoteEntry] = {}
         built = merkle.build((p, e.leaf_hash()) for p, e in self.entries.items())
         self.root, self.nodes = built.root, dict(built.added)
+        self.device_key = nacl.signing.SigningKey.generate()
+        self.asked: Counter[str] = Counter()
+        self.link: SecureLink | None = None
+        self.session: Session | None = None
 
     def plant(self, entries: Sequence[RemoteEntry]) -> None:
         """Serve a tree of exactly these wire entries (forged ones too) instead of `files`."""
         self.entries, self.forged = {}, {e.path: e for e in entries}
         built = merkle.build((e.path, e.leaf_hash()) for e in entries)
         self.root, self.nodes = built.root, dict(built.added)
-        self.device_key = nacl.signing.SigningKey.generate()
-        self.asked: Counter[str] = Counter()
-        self.link: SecureLink | None = None
-        self.session: Session | None = None
 
     # -- what to answer (override to lie) ----------------------------------------------------
 
