@@ -6,20 +6,22 @@ folder, and the node goes on syncing with its honest peer throughout."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import stat
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import msgpack
 import pytest
-from evil import STALL, EvilPeer, file_entry, forged
+from evil import EVIL, STALL, EvilPeer, file_entry, forged
 from nodes import Member, cluster, eventually, file_is
 
 from backer.events import Event, PeerDisconnected, PullFinished
 from backer.ids import Hash
 from backer.index import merkle
-from backer.index.entry import GROUP_MAX, VersionVector, group_hash, pack_chunks
+from backer.index.entry import GROUP_MAX, Entry, Kind, VersionVector, group_hash, pack_chunks
 from backer.keys import FolderKey
 from backer.protocol.messages import MAX_CHUNK, RemoteEntry
 from backer.sync.replica import signer_for
@@ -293,3 +295,25 @@ async def test_a_chunk_list_bomb_is_refused_before_it_is_expanded(
     if tier == "read-only":
         assert evil.asked["groups"] == 0  # authorization came first
     assert not (victim.folder / "bomb.bin").exists()
+
+
+async def test_modes_from_a_peer_lose_special_bits_and_directories_stay_open_to_the_owner(
+    pair: tuple[Member, Member], key: FolderKey
+) -> None:
+    victim, honest = pair
+    evil = EvilPeer(key, {"suid.sh": b"#!/bin/sh\nid\n", "locked/inside.txt": b"inside"})
+    sign = signer_for(key)
+    assert sign is not None
+    locked = Entry(path="locked", kind=Kind.DIR, version=VersionVector(((EVIL, 1),)), modifier=EVIL)
+    suid = dataclasses.replace(evil.entries["suid.sh"], mode=0o6755)
+    planted = [locked, suid, evil.entries["locked/inside.txt"]]
+    evil.plant([RemoteEntry.from_entry(replace_signed(e, sign)) for e in planted])
+    async with evil.serving(victim.node.listen_address, deadline=DEADLINE):
+        await eventually(file_is(victim.folder / "suid.sh", b"#!/bin/sh\nid\n"), deadline=DEADLINE)
+        await eventually(file_is(victim.folder / "locked/inside.txt", b"inside"), deadline=DEADLINE)
+    assert stat.S_IMODE((victim.folder / "suid.sh").stat().st_mode) == 0o755
+    assert stat.S_IMODE((victim.folder / "locked").stat().st_mode) == 0o700
+
+
+def replace_signed(entry: Entry, sign: Callable[[bytes], bytes]) -> Entry:
+    return dataclasses.replace(entry, signature=sign(entry.leaf_hash()))

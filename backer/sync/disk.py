@@ -158,7 +158,7 @@ class FolderDisk:
         check_path(rel)
         try:
             os.fsync(fd)
-            os.fchmod(fd, mode)
+            os.fchmod(fd, mode & 0o777)  # a peer's setuid, setgid or sticky bit is never applied
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)
@@ -203,7 +203,7 @@ class FolderDisk:
                     raise
             child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
-                os.fchmod(child, mode)
+                os.fchmod(child, mode & 0o777 | 0o700)  # and the owner can always enter
             finally:
                 os.close(child)
 
