@@ -300,7 +300,7 @@ async def test_a_chunk_list_bomb_is_refused_before_it_is_expanded(
 async def test_modes_from_a_peer_lose_special_bits_and_directories_stay_open_to_the_owner(
     pair: tuple[Member, Member], key: FolderKey
 ) -> None:
-    victim, honest = pair
+    victim, _honest = pair
     evil = EvilPeer(key, {"suid.sh": b"#!/bin/sh\nid\n", "locked/inside.txt": b"inside"})
     sign = signer_for(key)
     assert sign is not None
