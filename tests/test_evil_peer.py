@@ -82,7 +82,20 @@ def nothing_outside(tmp_path: Path, victim: Member) -> None:
     assert os.path.islink(victim.folder / "link")
 
 
-@pytest.mark.parametrize("path", ["../x", "/etc/x", "a/../../x", "x\x00y", "x\\y", "", "a//x"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../x",
+        "/etc/x",
+        "a/../../x",
+        "x\x00y",
+        "x\\y",
+        "",
+        "a//x",
+        ".Backer/x",
+        "sub/.backer/index.db",
+    ],
+)
 async def test_hostile_paths_in_entries_are_refused(
     pair: tuple[Member, Member], key: FolderKey, tmp_path: Path, path: str
 ) -> None:
@@ -100,7 +113,7 @@ async def test_hostile_paths_in_entries_are_refused(
     await still_serving(victim, honest, "after-paths")
 
 
-@pytest.mark.parametrize("name", ["..", ".", "a\\b", "nul\x00", "a/b", ".backer"])
+@pytest.mark.parametrize("name", ["..", ".", "a\\b", "nul\x00", "a/b", ".backer", ".BACKER"])
 async def test_hostile_names_in_tree_nodes_are_refused(
     pair: tuple[Member, Member], key: FolderKey, tmp_path: Path, name: str
 ) -> None:

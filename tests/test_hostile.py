@@ -169,3 +169,16 @@ async def test_a_pull_expands_a_bounded_number_of_chunk_records_and_leaves_the_r
     assert (second.files, second.deferred, third.files, third.deferred) == (1, 1, 1, 0)
     for path, data in contents.items():
         assert (victim.folder / path).read_bytes() == data
+
+
+async def test_the_watcher_naming_a_nested_share_is_not_an_error(victim: Replica) -> None:
+    for rel in ("sub/.backer/index.db", ".Backer/x"):
+        (victim.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (victim.folder / rel).write_bytes(b"not ours")
+    try:
+        await victim.scan(["sub/.backer/index.db", ".Backer/x", "sub"])
+        assert victim.store.get("sub") is not None
+        assert victim.store.get("sub/.backer/index.db") is None
+        assert victim.store.get(".Backer/x") is None
+    finally:
+        await victim.close()
