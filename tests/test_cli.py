@@ -192,6 +192,27 @@ def test_join_with_a_printed_key(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 1 and "typo" in err
 
 
+def test_a_shared_folder_inside_or_around_another_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outer, home = tmp_path / "outer", tmp_path / "home"
+    (outer / "deep" / "inner").mkdir(parents=True)
+    assert run(capsys, home, "init", str(outer))[0] == 0
+    key = FolderKey.generate()
+    for command in (["init"], ["join", str(key)]):
+        code, _, err = run(capsys, tmp_path / "h2", *command, str(outer / "deep" / "inner"))
+        assert code == 1 and f"inside the shared folder {outer}" in err, err
+        assert not (outer / "deep" / "inner" / ".backer").exists()
+    # The other way round: a new share around an existing one, found however deep it is.
+    for command in (["init"], ["join", str(key)]):
+        code, _, err = run(capsys, tmp_path / "h3", *command, str(tmp_path))
+        assert code == 1 and f"holds the shared folder {outer}" in err, err
+        assert not (tmp_path / ".backer").exists()
+    # Side by side is fine.
+    (tmp_path / "beside").mkdir()
+    assert run(capsys, tmp_path / "h4", "init", str(tmp_path / "beside"))[0] == 0
+
+
 def test_encrypted_sync_with_folder_keys(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
