@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import PYTHON, Running, backer, free_port
 from rich.console import Console
 
 from backer.cli import main
@@ -211,6 +212,36 @@ def test_a_shared_folder_inside_or_around_another_is_refused(
     # Side by side is fine.
     (tmp_path / "beside").mkdir()
     assert run(capsys, tmp_path / "h4", "init", str(tmp_path / "beside"))[0] == 0
+
+
+def test_a_second_backer_run_on_one_home_says_already_running_and_exits_2(
+    tmp_path: Path,
+) -> None:
+    home, folder = tmp_path / "home", tmp_path / "docs"
+    folder.mkdir()
+    backer(home, "init", str(folder))
+    args = ["--listen", f"127.0.0.1:{free_port()}", "--discovery", "none", "--no-watch"]
+    first = Running(home, args)
+    try:
+        first.wait_for("node_started")
+        second = subprocess.run(
+            [*PYTHON, "--home", str(home), "run", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"already running (pid {first.process.pid})" in second.stderr
+        assert first.process.poll() is None  # the first one is undisturbed
+    finally:
+        assert first.stop() == 0
+    # Once it has stopped, the home is free again.
+    again = Running(home, args)
+    try:
+        again.wait_for("node_started")
+    finally:
+        assert again.stop() == 0
 
 
 def test_encrypted_sync_with_folder_keys(
