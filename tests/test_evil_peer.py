@@ -16,7 +16,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from evil import EVIL, STALL, EvilPeer, file_entry, forged
-from nodes import Member, cluster, eventually, file_is
+from nodes import FAST, Member, cluster, eventually, file_is
 
 from backer.events import Event, PeerDisconnected, PullFinished
 from backer.ids import Hash
@@ -330,3 +330,31 @@ async def test_modes_from_a_peer_lose_special_bits_and_directories_stay_open_to_
 
 def replace_signed(entry: Entry, sign: Callable[[bytes], bytes]) -> Entry:
     return dataclasses.replace(entry, signature=sign(entry.leaf_hash()))
+
+
+async def test_a_frame_dripped_a_byte_at_a_time_ends_the_session_at_its_time_bound(
+    tmp_path: Path, key: FolderKey
+) -> None:
+    """An authorized peer that starts an 8 MiB frame and sends it a byte at a time: the frame
+    must be whole within `frame_within` (2 s here, 120 s by default), or the session ends."""
+    options = dataclasses.replace(FAST, frame_within=2.0)
+    async with cluster(tmp_path / "nodes", 2, key=key, options=options) as (victim, honest):
+        evil = EvilPeer(key, {})
+        await asyncio.wait_for(evil.connect(victim.node.listen_address), DEADLINE)
+
+        async def drip() -> None:
+            await evil.send_raw(struct.pack(">I", 8 * 1024 * 1024))
+            while True:
+                await evil.send_raw(b"\x00")
+                await asyncio.sleep(0.1)  # the attacker's pace, not a wait for the victim
+
+        dripping = asyncio.create_task(drip())
+        try:
+            await eventually(
+                lambda: any("frame took over 2 s" in r for r in disconnect_reasons(victim)),
+                deadline=DEADLINE,
+            )
+            await still_serving(victim, honest, "after-drip")
+        finally:
+            dripping.cancel()
+            await evil.close()
