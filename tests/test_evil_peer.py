@@ -18,11 +18,12 @@ import pytest
 from evil import EVIL, STALL, EvilPeer, file_entry, forged
 from nodes import FAST, Member, cluster, eventually, file_is
 
-from backer.events import Event, PeerDisconnected, PullFinished
+from backer.events import ErrorOccurred, Event, PeerDisconnected, PullFinished
 from backer.ids import Hash
 from backer.index import merkle
 from backer.index.entry import GROUP_MAX, Entry, Kind, VersionVector, group_hash, pack_chunks
 from backer.keys import FolderKey
+from backer.mesh.transport import PENDING_PER_SOURCE
 from backer.protocol.messages import MAX_CHUNK, RemoteEntry
 from backer.sync.replica import signer_for
 
@@ -358,3 +359,26 @@ async def test_a_frame_dripped_a_byte_at_a_time_ends_the_session_at_its_time_bou
         finally:
             dripping.cancel()
             await evil.close()
+
+
+async def test_connections_that_never_send_a_preface_are_capped_with_an_event(
+    pair: tuple[Member, Member],
+) -> None:
+    victim, honest = pair
+    host, port = victim.node.listen_address.rsplit(":", 1)
+    crowd = [
+        await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0))
+        for _ in range(PENDING_PER_SOURCE + 8)
+    ]
+    try:
+        await eventually(
+            lambda: any(
+                isinstance(e, ErrorOccurred) and "refusing connections" in e.message
+                for e in events_of(victim)
+            ),
+            deadline=DEADLINE,
+        )
+        await still_serving(victim, honest, "during-crowd")
+    finally:
+        for _, writer in crowd:
+            writer.close()
