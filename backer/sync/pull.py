@@ -99,7 +99,7 @@ class _Pull:
         found = await self._walk(remote_root)
         if not found:
             return self.report
-        remote = self._capped(self._authorized(await self._entries(found)))
+        remote = self._capped(await self._authorized(await self._entries(found)))
         entries = await self._chunk_lists(remote)
         before = self.replica.root
         try:
@@ -141,12 +141,13 @@ class _Pull:
         self.report.entries = len(remote)
         return remote
 
-    def _authorized(self, remote: list[RemoteEntry]) -> list[RemoteEntry]:
+    async def _authorized(self, remote: list[RemoteEntry]) -> list[RemoteEntry]:
         """The entries signed with the folder's key, checked on their wire form (the leaf hash
         covers the group hashes), before a chunk list is fetched or expanded."""
+        trusted = await asyncio.to_thread(lambda: [self.replica.trusted(i) for i in remote])
         admitted = []
-        for item in remote:
-            if self.replica.trusted(item):
+        for item, ok in zip(remote, trusted, strict=True):
+            if ok:
                 admitted.append(item)
             else:
                 self.report.refused += 1
