@@ -2,7 +2,9 @@
 decoder of peer input.
 
 A valid path is relative, uses `/`, is NFC-normalised, has no empty, `.` or `..` component, no
-NUL, no backslash, and does not enter the reserved `.backer` directory. Pure; imports only errors.
+NUL, no backslash, and has no component named `.backer` in any case, at any depth: `.Backer/` is
+`.backer/` on a case-insensitive filesystem, and `sub/.backer/` is another share's own state.
+Pure; imports only errors.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ __all__ = [
     "RESERVED_DIR",
     "check_name",
     "check_path",
+    "is_reserved",
     "join",
     "parent_of",
 ]
@@ -43,8 +46,17 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_path(path: str) -> str:
-    """Return `path` if it is a valid folder-relative path, else raise InvalidPathError."""
+def is_reserved(name: str) -> bool:
+    """Whether `name` is the reserved directory's, in any case."""
+    return name.casefold() == RESERVED_DIR
+
+
+def check_path(path: str, *, indexed: bool = False) -> str:
+    """Return `path` if it is a valid folder-relative path, else raise InvalidPathError.
+
+    `indexed=True` for a path already in this device's index: an index made before reserved
+    names were refused at every depth may still hold `sub/.backer/...`, which must load so
+    that the next scan can forget it."""
     if not path:
         raise InvalidPathError("empty path")
     if path.startswith("/"):
@@ -54,8 +66,8 @@ def check_path(path: str) -> str:
     parts = path.split("/")
     for part in parts:
         check_name(part)
-    if parts[0] == RESERVED_DIR:
-        raise InvalidPathError(f"path {path!r} is inside the reserved {RESERVED_DIR}/ directory")
+    if parts[0] == RESERVED_DIR or (not indexed and any(map(is_reserved, parts))):
+        raise InvalidPathError(f"path {path!r} has the reserved name {RESERVED_DIR}")
     return path
 
 

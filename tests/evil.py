@@ -24,7 +24,7 @@ from backer.mesh.secure import SecureLink, secure
 from backer.mesh.transport import dial
 from backer.protocol import events as ev
 from backer.protocol.codec import frame
-from backer.protocol.messages import Chunks, Entries, GetChunks, Nodes, RemoteEntry
+from backer.protocol.messages import Chunks, Entries, GetChunks, Groups, Nodes, RemoteEntry
 from backer.protocol.session import Session
 from backer.sync.replica import signer_for
 
@@ -64,19 +64,22 @@ def forged(entry: RemoteEntry, **fields: Any) -> RemoteEntry:
 
 
 class EvilPeer:
-    """Serves `files` (path -> content), signed with the folder key. Override the `answer_*`
-    methods to lie; return STALL to never answer."""
+    """Serves `files` (path -> content), signed with the folder key (unsigned, with a read-only
+    key). Override the `answer_*` methods to lie; return STALL to never answer."""
 
     def __init__(self, key: FolderKey, files: dict[str, bytes]) -> None:
         self.key = key
         sign = signer_for(key)
-        assert sign is not None, "the evil peer needs the read-write key"
         self.entries: dict[str, Entry] = {}
         self.data: dict[Hash, bytes] = {}
+        self.groups: dict[Hash, bytes] = {}
         for path, content in files.items():
             entry = file_entry(path, content)
-            self.entries[path] = dataclasses.replace(entry, signature=sign(entry.leaf_hash()))
+            if sign is not None:
+                entry = dataclasses.replace(entry, signature=sign(entry.leaf_hash()))
+            self.entries[path] = entry
             self.data |= chunks_of(content)
+        self.forged: dict[str, RemoteEntry] = {}
         built = merkle.build((p, e.leaf_hash()) for p, e in self.entries.items())
         self.root, self.nodes = built.root, dict(built.added)
         self.device_key = nacl.signing.SigningKey.generate()
@@ -84,13 +87,22 @@ class EvilPeer:
         self.link: SecureLink | None = None
         self.session: Session | None = None
 
+    def plant(self, entries: Sequence[RemoteEntry]) -> None:
+        """Serve a tree of exactly these wire entries (forged ones too) instead of `files`."""
+        self.entries, self.forged = {}, {e.path: e for e in entries}
+        built = merkle.build((e.path, e.leaf_hash()) for e in entries)
+        self.root, self.nodes = built.root, dict(built.added)
+
     # -- what to answer (override to lie) ----------------------------------------------------
 
     def answer_nodes(self, hashes: Sequence[Hash]) -> Any:  # the nodes, or STALL
         return [self.nodes.get(h) for h in hashes]
 
     def answer_entries(self, wanted: Sequence[tuple[str, Hash]]) -> Any:  # entries, or STALL
-        return [self.entries.get(path) for path, _ in wanted]
+        return [self.entries.get(path) or self.forged.get(path) for path, _ in wanted]
+
+    def answer_groups(self, hashes: Sequence[Hash]) -> Any:  # the groups, or STALL
+        return [self.groups.get(h) for h in hashes]
 
     def answer_chunk(self, digest: Hash, size: int) -> Any:  # bytes, None, or STALL
         return self.data.get(digest)
@@ -145,7 +157,7 @@ class EvilPeer:
         """Answer one request, framed by hand: the session's own encoder would refuse to
         send the lies."""
         assert self.link is not None
-        answer: Nodes | Entries | Chunks | None = None
+        answer: Nodes | Entries | Groups | Chunks | None = None
         match event:
             case ev.NodesRequested(id=rid, hashes=hashes):
                 self.asked["nodes"] += 1
@@ -163,6 +175,11 @@ class EvilPeer:
                             for e in entries
                         ),
                     )
+            case ev.GroupsRequested(id=rid, hashes=hashes):
+                self.asked["groups"] += 1
+                groups = self.answer_groups(hashes)
+                if groups is not STALL:
+                    answer = Groups(id=rid, groups=tuple(groups))
             case ev.ChunksRequested(id=rid, wanted=wanted):
                 self.asked["chunks"] += len(wanted)
                 chunks = [self.answer_chunk(digest, size) for digest, size in wanted]

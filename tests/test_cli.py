@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import PYTHON, Running, backer, free_port
 from rich.console import Console
 
 from backer.cli import main
@@ -190,6 +191,57 @@ def test_join_with_a_printed_key(tmp_path: Path, capsys: pytest.CaptureFixture[s
     typo = keys[0][:-1] + ("q" if keys[0][-1] != "q" else "p")
     code, _, err = run(capsys, tmp_path / "h2", "join", typo, str(copy))
     assert code == 1 and "typo" in err
+
+
+def test_a_shared_folder_inside_or_around_another_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outer, home = tmp_path / "outer", tmp_path / "home"
+    (outer / "deep" / "inner").mkdir(parents=True)
+    assert run(capsys, home, "init", str(outer))[0] == 0
+    key = FolderKey.generate()
+    for command in (["init"], ["join", str(key)]):
+        code, _, err = run(capsys, tmp_path / "h2", *command, str(outer / "deep" / "inner"))
+        assert code == 1 and f"inside the shared folder {outer}" in err, err
+        assert not (outer / "deep" / "inner" / ".backer").exists()
+    # The other way round: a new share around an existing one, found however deep it is.
+    for command in (["init"], ["join", str(key)]):
+        code, _, err = run(capsys, tmp_path / "h3", *command, str(tmp_path))
+        assert code == 1 and f"holds the shared folder {outer}" in err, err
+        assert not (tmp_path / ".backer").exists()
+    # Side by side is fine.
+    (tmp_path / "beside").mkdir()
+    assert run(capsys, tmp_path / "h4", "init", str(tmp_path / "beside"))[0] == 0
+
+
+def test_a_second_backer_run_on_one_home_says_already_running_and_exits_2(
+    tmp_path: Path,
+) -> None:
+    home, folder = tmp_path / "home", tmp_path / "docs"
+    folder.mkdir()
+    backer(home, "init", str(folder))
+    args = ["--listen", f"127.0.0.1:{free_port()}", "--discovery", "none", "--no-watch"]
+    first = Running(home, args)
+    try:
+        first.wait_for("node_started")
+        second = subprocess.run(
+            [*PYTHON, "--home", str(home), "run", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"already running (pid {first.process.pid})" in second.stderr
+        assert first.process.poll() is None  # the first one is undisturbed
+    finally:
+        assert first.stop() == 0
+    # Once it has stopped, the home is free again.
+    again = Running(home, args)
+    try:
+        again.wait_for("node_started")
+    finally:
+        assert again.stop() == 0
 
 
 def test_encrypted_sync_with_folder_keys(

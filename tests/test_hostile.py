@@ -15,7 +15,7 @@ from backer.errors import InvalidPathError, RemoteProtocolError
 from backer.ids import Hash
 from backer.index import merkle
 from backer.index.chunker import hash_chunk
-from backer.index.entry import Entry
+from backer.index.entry import Entry, chunk_groups, group_hash
 from backer.protocol.messages import RemoteEntry
 from backer.protocol.session import Session
 from backer.sync.disk import FolderDisk
@@ -141,3 +141,44 @@ async def test_a_hello_naming_another_device_than_the_proved_one_ends_the_sessio
     result = await asyncio.wait_for(running, 10)
     await victim.close()
     assert not result.clean and "another device" in result.reason
+
+
+async def test_a_pull_expands_a_bounded_number_of_chunk_records_and_leaves_the_rest(
+    victim: Replica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    contents = {f"big{n}.bin": os.urandom(4 * 1024 * 1024) for n in range(3)}
+    entries = [file_entry(path, data) for path, data in contents.items()]
+    groups = {group_hash(g): g for e in entries for g in chunk_groups(e.chunks)}
+
+    class Serving(EvilFetcher):
+        async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
+            return {h: groups[h] for h in hashes if h in groups}
+
+    evil = Serving(
+        entries, {d: c for data in contents.values() for d, c in chunks_of(data).items()}
+    )
+    # Each 4 MiB file may hold 512 chunk records: one file fits the budget, two do not.
+    monkeypatch.setattr("backer.sync.pull.PULL_CHUNK_RECORDS", 700)
+    try:
+        first = await pull(victim, evil, evil.root)
+        assert (first.files, first.deferred) == (1, 2)
+        second = await pull(victim, evil, evil.root)
+        third = await pull(victim, evil, evil.root)
+    finally:
+        await victim.close()
+    assert (second.files, second.deferred, third.files, third.deferred) == (1, 1, 1, 0)
+    for path, data in contents.items():
+        assert (victim.folder / path).read_bytes() == data
+
+
+async def test_the_watcher_naming_a_nested_share_is_not_an_error(victim: Replica) -> None:
+    for rel in ("sub/.backer/index.db", ".Backer/x"):
+        (victim.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (victim.folder / rel).write_bytes(b"not ours")
+    try:
+        await victim.scan(["sub/.backer/index.db", ".Backer/x", "sub"])
+        assert victim.store.get("sub") is not None
+        assert victim.store.get("sub/.backer/index.db") is None
+        assert victim.store.get(".Backer/x") is None
+    finally:
+        await victim.close()

@@ -16,7 +16,7 @@ from backer.paths import check_path
 
 @pytest.mark.parametrize(
     "path",
-    ["a", "a/b/c", "ünïcode/ok", "x" * 255, " spaces ", "-dash", ".hidden", "a/.backer"],
+    ["a", "a/b/c", "ünïcode/ok", "x" * 255, " spaces ", "-dash", ".hidden", "a/.backerignore"],
 )
 def test_valid_paths(path: str) -> None:
     assert check_path(path) == path
@@ -36,6 +36,10 @@ def test_valid_paths(path: str) -> None:
         "back\\slash",
         ".backer",
         ".backer/index.db",
+        ".Backer/x",
+        ".BACKER",
+        "sub/.backer/index.db",
+        "a/b/.bAcKeR",
         "x" * 256,
         "e\u0301",  # NFD
         "bad\udcff",  # a surrogate from an undecodable byte
@@ -45,6 +49,12 @@ def test_valid_paths(path: str) -> None:
 def test_invalid_paths(path: str) -> None:
     with pytest.raises(InvalidPathError):
         check_path(path)
+
+
+def test_an_indexed_path_may_hold_a_nested_reserved_name_so_that_it_can_be_forgotten() -> None:
+    assert check_path("sub/.backer/index.db", indexed=True) == "sub/.backer/index.db"
+    with pytest.raises(InvalidPathError):
+        check_path(".backer/index.db", indexed=True)
 
 
 def test_stream_and_buffer_cut_identically() -> None:

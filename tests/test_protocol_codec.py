@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from backer.errors import LocalProtocolError, RemoteProtocolError
 from backer.ids import Hash
+from backer.index.chunker import CHUNK_MIN
 from backer.index.entry import Entry, Kind, VersionVector, chunk_groups, group_hash, pack_chunks
 from backer.protocol.codec import (
     MAX_FRAME,
@@ -435,6 +436,36 @@ def test_to_entry_refuses_a_size_its_chunks_do_not_add_up_to() -> None:
         lying.to_entry(LARGE.chunks)
 
 
+def _many_groups(count: int, size: int) -> dict[str, Any]:
+    """Wire fields of a file whose `count` groups are all one 256-record group."""
+    group = pack_chunks([(bytes(31) + b"\xc0", MAX_CHUNK)] * 256)
+    fields = {f: getattr(RemoteEntry.from_entry(LARGE), f) for f in RemoteEntry.__slots__}
+    return {**fields, "groups": (group_hash(group),) * count, "chunks": None, "size": size}
+
+
+def test_an_entry_with_more_groups_than_its_size_allows_chunks_is_refused_on_decode() -> None:
+    fields = _many_groups(65536, 2**20)  # 1 MiB holds at most 128 chunks, so 128 groups
+    lying = RemoteEntry.__new__(RemoteEntry)
+    for name, value in fields.items():
+        object.__setattr__(lying, name, value)
+    with pytest.raises(RemoteProtocolError, match="groups are more than"):
+        decode(encode(Entries(id=1, entries=(lying,))))
+    RemoteEntry(**_many_groups(128, 2**20))  # as many as the size allows: fine
+
+
+def test_fetched_groups_are_counted_against_the_size_before_they_are_joined() -> None:
+    group = pack_chunks([(bytes(31) + b"\xc0", MAX_CHUNK)] * 256)
+    fetched = {group_hash(group): group}
+    # 65,536 groups fit 512 MiB, but these hold 16.7 M chunks where 512 MiB allows 65,536.
+    lying = RemoteEntry(**_many_groups(65536, 2**29))
+    with pytest.raises(RemoteProtocolError, match="chunks are more than 65536"):
+        lying.check_groups(fetched)
+    short = RemoteEntry(**_many_groups(2, 2 * 256 * MAX_CHUNK - 1))
+    with pytest.raises(RemoteProtocolError, match="does not add up"):
+        short.check_groups(fetched)
+    RemoteEntry(**_many_groups(2, 2 * 256 * MAX_CHUNK)).check_groups(fetched)
+
+
 def test_from_entry_refuses_what_the_protocol_cannot_carry() -> None:
     long_vector = VersionVector(tuple((i, 1) for i in range(MAX_VECTOR + 1)))
     with pytest.raises(ValueError, match="vector"):
@@ -446,7 +477,8 @@ def test_from_entry_refuses_what_the_protocol_cannot_carry() -> None:
     kind=st.sampled_from(list(Kind)),
     deleted=st.booleans(),
     records=st.lists(
-        st.tuples(st.binary(min_size=32, max_size=32), st.integers(1, MAX_CHUNK)), max_size=300
+        st.tuples(st.binary(min_size=32, max_size=32), st.integers(CHUNK_MIN, MAX_CHUNK)),
+        max_size=300,
     ),
     mtime=st.integers(-(2**63), 2**63 - 1),
     counters=st.dictionaries(st.integers(0, 2**64 - 1), st.integers(1, 2**64 - 1), min_size=1),

@@ -12,7 +12,7 @@ import pytest
 
 from backer.errors import LocalProtocolError
 from backer.ids import Hash
-from backer.index.chunker import CHUNK_MAX, chunk_bytes, hash_chunk
+from backer.index.chunker import CHUNK_MAX, CHUNK_MIN, chunk_bytes, hash_chunk
 from backer.index.entry import (
     Entry,
     Kind,
@@ -189,8 +189,8 @@ def test_big_batch_answers_are_cut_to_a_prefix_and_the_rest_reported() -> None:
             kind=Kind.FILE,
             version=VV,
             modifier=1,
-            size=40_000,
-            chunks=pack_chunks([(bytes([n]) * 31 + b"\xff", 1)] * 40_000),
+            size=40_000 * CHUNK_MIN,
+            chunks=pack_chunks([(bytes([n]) * 31 + b"\xff", CHUNK_MIN)] * 40_000),
         )
         for n in range(4)
     ]

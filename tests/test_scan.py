@@ -14,12 +14,13 @@ import pytest
 from backer.errors import FolderMissingError, MassDeletionError
 from backer.index import merkle
 from backer.index.chunker import chunk_bytes
-from backer.index.entry import Kind, iter_chunks
+from backer.index.entry import Entry, Kind, VersionVector, iter_chunks
 from backer.index.scan import ScanReport, scan
-from backer.index.store import IndexStore
+from backer.index.store import IndexStore, LocalState, Record
 
 DEVICE = 0xB0B
 OLD = 1_600_000_000  # an mtime far from "now", so no file is "racy"
+VV = VersionVector(((DEVICE, 1),))
 
 
 def write(folder: Path, rel: str, data: bytes = b"x", mtime: int = OLD) -> Path:
@@ -195,6 +196,40 @@ async def test_ignore_rules(folder: Path, store: IndexStore) -> None:
     report = await rescan(folder, store)
     assert report.deleted == 0
     assert store.get("src") is None and store.get("src/main.c") is None
+    assert_tree_matches_entries(store)
+
+
+async def test_a_nested_share_and_case_variants_of_the_reserved_name_are_never_indexed(
+    folder: Path, store: IndexStore
+) -> None:
+    write(folder, "sub/.backer/index.db", b"another share's live index")
+    write(folder, ".Backer/x")
+    write(folder, "a/b/.BACKER/y")
+    write(folder, "sub/kept.txt")
+    report = await rescan(folder, store)
+    assert set(live(store)) == {"sub", "sub/kept.txt", "a", "a/b"}
+    assert not report.skipped  # left out like an ignored path, not a problem each scan
+    assert_tree_matches_entries(store)
+
+
+async def test_an_index_holding_a_nested_share_from_before_forgets_it(
+    folder: Path, store: IndexStore
+) -> None:
+    write(folder, "sub/.backer/index.db", b"indexed by an older scanner")
+    old_scanner_indexed = [
+        ("sub", Kind.DIR),
+        ("sub/.backer", Kind.DIR),
+        ("sub/.backer/index.db", Kind.FILE),
+    ]
+    store.commit(
+        [
+            Record(Entry(path=path, kind=kind, version=VV, modifier=DEVICE), LocalState())
+            for path, kind in old_scanner_indexed
+        ]
+    )
+    report = await rescan(folder, store)
+    assert report.deleted == 0  # forgotten, not deleted: no peer removes its copy
+    assert "sub/.backer/index.db" not in live(store) and store.get("sub/.backer") is None
     assert_tree_matches_entries(store)
 
 

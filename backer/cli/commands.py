@@ -25,6 +25,7 @@ from backer.cli.common import (
     folder_path,
     human,
     inside_folder,
+    refuse_nested,
 )
 from backer.cli.demo import add_demo_command
 from backer.cli.dht import add_dht_command
@@ -176,6 +177,7 @@ def _cmd_init(home: Home, args: argparse.Namespace) -> int:
         key = FolderKey.parse(existing.key)
         print(f"{folder} is already shared. Its key:\n\n  {key}\n")
         return EXIT_OK
+    refuse_nested(folder)
     key = FolderKey.generate()
     IndexStore.open(folder, create=True).close()
     home.save_config(config.with_folder(FolderConfig(path=str(folder), key=str(key))))
@@ -189,7 +191,6 @@ def _cmd_init(home: Home, args: argparse.Namespace) -> int:
 def _cmd_join(home: Home, args: argparse.Namespace) -> int:
     key = FolderKey.parse(args.key)
     folder = Path(args.dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     config = home.load_config()
     existing = config.folder_for(str(folder))
     if existing is not None:
@@ -197,6 +198,8 @@ def _cmd_join(home: Home, args: argparse.Namespace) -> int:
             raise BackerError(f"{folder} is already shared as another folder")
         print(f"{folder} already joined folder {key.folder_id}")
         return EXIT_OK
+    refuse_nested(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     IndexStore.open(folder, create=True).close()
     home.save_config(config.with_folder(FolderConfig(path=str(folder), key=str(key))))
     tier = "read-write" if key.can_write else "read-only: it receives changes, never sends its own"

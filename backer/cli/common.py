@@ -4,6 +4,7 @@ for people. Imports config, keys, paths.
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = [
     "folder_path",
     "human",
     "inside_folder",
+    "refuse_nested",
 ]
 
 EXIT_OK = 0
@@ -41,6 +43,30 @@ def inside_folder(given: str) -> tuple[Path, str]:
             rel = path.relative_to(folder).as_posix()
             return folder, unicodedata.normalize("NFC", rel)
     raise BackerError(f"{given} is not inside a backer folder (no .backer/ above it)")
+
+
+def refuse_nested(folder: Path) -> None:
+    """BackerError if `folder` lies inside a shared folder or holds one: the outer share would
+    send the inner one's files, and its live index, to every peer as its own."""
+    for parent in folder.parents:
+        if (parent / RESERVED_DIR).is_dir():
+            raise BackerError(
+                f"{folder} is inside the shared folder {parent}: "
+                "a shared folder cannot hold another; share the outer one, or move this out"
+            )
+    if not folder.is_dir():
+        return
+    for where, dirs, _ in os.walk(folder, onerror=_ignore_unreadable):
+        if RESERVED_DIR in dirs and Path(where) != folder:
+            raise BackerError(
+                f"{folder} holds the shared folder {where}: "
+                "a shared folder cannot hold another; share them separately, side by side"
+            )
+        dirs[:] = [d for d in dirs if d != RESERVED_DIR]  # never into an index, ours or not
+
+
+def _ignore_unreadable(_: OSError) -> None:
+    """An unreadable directory cannot be checked; the scanner reports it later."""
 
 
 def folder_path(home: Home, given: str, *, create: bool) -> Path:

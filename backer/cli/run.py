@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -26,7 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from backer.cli.common import EXIT_OK, human
+from backer.cli.common import EXIT_OK, EXIT_USAGE, human
 from backer.config import Home
 from backer.errors import BackerError, ConfigError
 from backer.events import (
@@ -49,7 +53,9 @@ from backer.node.folder import FolderOptions
 from backer.node.node import Node, NodeOptions
 from backer.web import start_web
 
-__all__ = ["TerminalView", "add_run_command", "describe"]
+__all__ = ["RUN_LOCK_FILE", "TerminalView", "add_run_command", "describe"]
+
+RUN_LOCK_FILE = "run.lock"  # in the node's home; holds the running node's pid
 
 
 def add_run_command(commands: Any) -> None:
@@ -124,10 +130,38 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
     folder = FolderOptions(watch=not args.no_watch)
     if args.rescan is not None:
         folder = dataclasses.replace(folder, rescan_every=args.rescan, rescan_unwatched=args.rescan)
-    node = Node(home, config, options=NodeOptions(folder=folder))
-    # kademlia logs a warning for every DHT contact that does not answer: routine, not news.
-    logging.getLogger("kademlia").setLevel(logging.ERROR)
-    return asyncio.run(_run(node, as_json=args.events == "json", web=args.web))
+    with _one_node_per_home(home) as running:
+        if running is not None:
+            pid = f" (pid {running})" if running else ""  # 0: it has not written its pid yet
+            print(f"backer: already running{pid}", file=sys.stderr)
+            return EXIT_USAGE
+        node = Node(home, config, options=NodeOptions(folder=folder))
+        # kademlia logs a warning for every DHT contact that does not answer: routine, not news.
+        logging.getLogger("kademlia").setLevel(logging.ERROR)
+        return asyncio.run(_run(node, as_json=args.events == "json", web=args.web))
+
+
+@contextlib.contextmanager
+def _one_node_per_home(home: Home) -> Iterator[int | None]:
+    """Hold the home's run lock while the block runs, yielding None; or, if another process
+    holds it, yield that process's pid (0 if unknown). Two nodes of one home would fight over
+    its peers, its folders' indexes and its status file. The kernel drops the lock when the
+    holder dies, however it dies: there is no stale lock to clean up."""
+    home.path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home.path / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            running: int | None = int(holder) if holder.isdigit() else 0
+        else:
+            running = None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield running
+    finally:
+        os.close(fd)  # releases the lock
 
 
 async def _run(node: Node, *, as_json: bool, web: bool) -> int:

@@ -207,7 +207,7 @@ class Entry:
     signature: bytes = field(default=b"", compare=False)
 
     def __post_init__(self) -> None:
-        check_path(self.path)
+        check_path(self.path, indexed=True)  # a peer's paths were checked on the wire
         if not isinstance(self.kind, Kind):
             raise ValueError(f"unknown kind {self.kind!r}")
         if self.size < 0 or not 0 <= self.mode <= MAX_MODE:

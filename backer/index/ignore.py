@@ -2,14 +2,15 @@
 
 The file sits at the folder root and is synced like any other file, so every replica ignores the
 same paths (a per-device ignore set is how Syncthing folders end up "out of sync" forever).
-`.backer/` is always ignored. Pure: matching only; the scanner reads the file.
+`.backer/` is always ignored, in any case and at any depth. Pure: matching only; the scanner
+reads the file.
 """
 
 from __future__ import annotations
 
 import pathspec
 
-from backer.paths import RESERVED_DIR
+from backer.paths import is_reserved
 
 __all__ = ["IGNORE_FILE", "IgnoreRules"]
 
@@ -31,7 +32,7 @@ class IgnoreRules:
         )
 
     def ignored(self, path: str, is_dir: bool) -> bool:
-        if path == RESERVED_DIR or path.startswith(RESERVED_DIR + "/"):
+        if any(map(is_reserved, path.split("/"))):  # ours, another share's, or a case variant
             return True
         if self._spec is None:
             return False

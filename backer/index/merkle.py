@@ -22,7 +22,14 @@ import msgpack
 
 from backer.errors import DecodeError
 from backer.ids import HASH_SIZE, Hash, hash_bytes
-from backer.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, RESERVED_DIR, check_name, check_path
+from backer.paths import (
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    RESERVED_DIR,
+    check_name,
+    check_path,
+    is_reserved,
+)
 
 __all__ = [
     "EMPTY_ROOT",
@@ -155,7 +162,7 @@ def update(read: NodeReader, root: Hash, changes: Mapping[str, Hash | None]) -> 
     touched: dict[str, Hash | None] = {}
     dirs: dict[str, set[str]] = {}  # directory path ("" = root) -> names changed in or below it
     for path, leaf in changes.items():
-        check_path(path)
+        check_path(path, indexed=True)
         if leaf is not None:
             _check_hash(leaf)
         touched[path] = leaf
@@ -187,7 +194,7 @@ def build(leaves: Iterable[tuple[str, Hash]]) -> TreeUpdate:
 def lookup(read: NodeReader, root: Hash, path: str) -> Hash | None:
     """The leaf hash of `path`, or None if the path has no leaf (absent, or only a parent)."""
     load = partial(_load, read)
-    *parents, last = check_path(path).split("/")
+    *parents, last = check_path(path, indexed=True).split("/")
     directory = root
     for name in parents:
         item = _find(load, directory, name)
@@ -204,7 +211,7 @@ def leaves(read: NodeReader, root: Hash, prefix: str = "") -> Iterator[tuple[str
     """Every (path, leaf hash) in the directory node `root` whose path is `prefix` ("" for the
     root), sorted depth-first: a directory's own leaf, then its children by name."""
     if prefix:
-        check_path(prefix)
+        check_path(prefix, indexed=True)
     load = partial(_load, read)
     stack = _sorted_children(load, root, prefix)  # explicit stack: paths may be 2,000 levels deep
     while stack:
@@ -304,6 +311,8 @@ class PullWalk:
                 own = mine.get(item.name)
                 if own == item:
                     continue
+                if is_reserved(item.name):  # at any depth, in any case: never from a peer
+                    raise DecodeError(f"the tree holds the reserved name {item.name!r}")
                 path = _child_path(prefix, item.name)
                 if item.subtree:
                     self._frontier.append((_as_side(own), item.hash, 0, path))

@@ -39,7 +39,7 @@ from backer.mesh.transport import dial
 from backer.protocol.messages import MAX_ADDRESSES_PER_PEER, MAX_PEERS_LISTED
 from backer.protocol.session import Session
 from backer.sync.link import Link
-from backer.sync.peer import ANSWER_WITHIN, GOSSIP_EVERY, PeerSession
+from backer.sync.peer import ANSWER_WITHIN, FRAME_WITHIN, GOSSIP_EVERY, PeerSession
 from backer.sync.replica import Replica
 from backer.sync.swarm import FolderPuller
 
@@ -104,6 +104,7 @@ class FolderMesh:
         share_addresses: bool = True,
         gossip_every: float | None = GOSSIP_EVERY,
         answer_within: float | None = ANSWER_WITHIN,
+        frame_within: float | None = FRAME_WITHIN,
         backoff_first: float = BACKOFF_FIRST,
         backoff_max: float = BACKOFF_MAX,
         dialer: Dial = dial,
@@ -120,6 +121,7 @@ class FolderMesh:
         self.share_addresses = share_addresses
         self.gossip_every = gossip_every
         self.answer_within = answer_within
+        self.frame_within = frame_within
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
         self.dialer = dialer
@@ -336,6 +338,7 @@ class FolderMesh:
             on_change=self.puller.poke,
             gossip_every=self.gossip_every,
             answer_within=self.answer_within,
+            frame_within=self.frame_within,
             expect_device=device,
         )
         connection = Connection(

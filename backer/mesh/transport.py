@@ -1,8 +1,10 @@
 """TCP for the mesh: dial a folder's peer, accept connections for any hosted folder.
 
 `dial` opens a connection and sends the folder preface (`mesh.preface`); `Listener` accepts,
-reads a preface, and hands the connection to whoever hosts the folder it names. Everything after
-the preface is the encrypted channel's business. Imports sync.link and mesh.
+reads a preface, and hands the connection to whoever hosts the folder it names. Connections
+still waiting for their preface are capped per source address and in total, below the process's
+file-descriptor limit: past a cap, a new one is closed at once. Everything after the preface is
+the encrypted channel's business. Imports sync.link and mesh.
 """
 
 from __future__ import annotations
@@ -10,19 +12,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from backer.addresses import format_address, parse_address
 from backer.mesh.preface import NONCE_SIZE, PREFACE_SIZE, make_preface, match_preface
 from backer.sync.link import Link, StreamLink
 
-__all__ = ["DIAL_TIMEOUT", "Listener", "PrefixedLink", "dial", "peer_address", "read_preface"]
+__all__ = [
+    "DIAL_TIMEOUT",
+    "PENDING_PER_SOURCE",
+    "Listener",
+    "PrefixedLink",
+    "dial",
+    "peer_address",
+    "pending_limit",
+    "read_preface",
+]
 
 DIAL_TIMEOUT = 5.0
 PREFACE_TIMEOUT = 5.0
+PENDING_PER_SOURCE = 32  # connections from one address still waiting for their preface
+PENDING_MAX = 512  # ... from all addresses, at most (see `pending_limit`)
 
 Accept = Callable[[bytes, Link, str], Awaitable[None]]
+Refused = Callable[[str], None]  # told why, once per burst of refused connections
 
 
 class PrefixedLink:
@@ -88,14 +104,40 @@ async def read_preface(
     return folder, PrefixedLink(link, data[PREFACE_SIZE:])
 
 
+def pending_limit() -> int:
+    """How many connections may wait for their preface at once: PENDING_MAX, or a quarter of
+    the file descriptors this process may open, whichever is less (the rest are for peers,
+    folders and their indexes)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return PENDING_MAX
+    return max(1, min(PENDING_MAX, soft // 4))
+
+
 class Listener:
     """Accepts TCP connections on `address` and passes each to `accept(discovery_id, link,
-    remote_address)` for the folder its preface names; others are closed unanswered."""
+    remote_address)` for the folder its preface names; others are closed unanswered. Past
+    `per_source` connections from one address, or `total` from all, waiting for a preface, a
+    new one is closed at once and `refused` is told (once until the crowd thins out)."""
 
-    def __init__(self, address: str, folders: Callable[[], list[bytes]], accept: Accept) -> None:
+    def __init__(
+        self,
+        address: str,
+        folders: Callable[[], list[bytes]],
+        accept: Accept,
+        *,
+        refused: Refused = lambda _: None,
+        per_source: int = PENDING_PER_SOURCE,
+        total: int | None = None,
+    ) -> None:
         self.address = address
         self._folders = folders
         self._accept = accept
+        self._refused = refused
+        self._per_source = per_source
+        self._total = pending_limit() if total is None else total
+        self._pending: Counter[str] = Counter()  # source host -> connections before the preface
+        self._refusing: set[str] = set()  # sources (and "" for all) told about, not yet relieved
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._bound = ""
@@ -130,16 +172,55 @@ class Listener:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        link = StreamLink(reader, writer)
+        remote = peer_address(link)
+        source = _host(writer)
+        if not self._admit(source, remote):
+            writer.transport.abort()  # no goodbye: it costs nothing, and it was not asked for
+            return
         self._handlers.add(task)
         _tune(writer)
-        link = StreamLink(reader, writer)
         try:
-            remote = peer_address(link)
-            found = await read_preface(link, self._folders())
+            try:
+                found = await read_preface(link, self._folders())
+            finally:
+                self._release(source)
             if found is not None:
                 await self._accept(found[0], found[1], remote)
         finally:
             self._handlers.discard(task)
+
+    def _admit(self, source: str, remote: str) -> bool:
+        if self._pending[source] >= self._per_source:
+            self._refuse(source, f"{self._per_source} connections from {source} wait already")
+            return False
+        if self._pending.total() >= self._total:
+            self._refuse("", f"{self._total} connections wait already")
+            return False
+        self._pending[source] += 1
+        return True
+
+    def _refuse(self, key: str, why: str) -> None:
+        if key not in self._refusing:
+            self._refusing.add(key)
+            self._refused(
+                f"refusing connections before their preface: {why} "
+                "(closed at once until fewer wait)"
+            )
+
+    def _release(self, source: str) -> None:
+        self._pending[source] -= 1
+        if self._pending[source] <= 0:
+            del self._pending[source]
+        if self._pending[source] < self._per_source:
+            self._refusing.discard(source)
+        if self._pending.total() < self._total:
+            self._refusing.discard("")
+
+
+def _host(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 def _tune(writer: asyncio.StreamWriter) -> None:

@@ -48,6 +48,7 @@ class FolderOptions:
     share_addresses: bool = True
     gossip_every: float | None = 30.0
     answer_within: float | None = 30.0  # a peer silent on our requests this long is dropped
+    frame_within: float | None = 120.0  # a frame must arrive within this long of its first byte
     backoff_first: float = 0.5
     backoff_max: float = 60.0
     hedge_after: float = 2.0
@@ -84,6 +85,7 @@ class FolderRunner:
             share_addresses=options.share_addresses,
             gossip_every=options.gossip_every,
             answer_within=options.answer_within,
+            frame_within=options.frame_within,
             backoff_first=options.backoff_first,
             backoff_max=options.backoff_max,
         )

@@ -106,7 +106,12 @@ class Node:
         self.device = DeviceId.from_public_key(bytes(device_key.verify_key))
         try:
             if self.options.listen:
-                self.listener = Listener(config.listen, lambda: list(self.folders), self._accept)
+                self.listener = Listener(
+                    config.listen,
+                    lambda: list(self.folders),
+                    self._accept,
+                    refused=lambda why: self.bus.emit(ErrorOccurred(folder="", message=why)),
+                )
                 try:
                     await self.listener.start()
                 except OSError as exc:

@@ -11,12 +11,13 @@ RemoteProtocolError, the session into LocalProtocolError.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from backer.addresses import parse_address
 from backer.errors import InvalidAddressError, RemoteProtocolError
 from backer.ids import HASH_SIZE, Hash
-from backer.index.chunker import CHUNK_MAX
+from backer.index.chunker import CHUNK_MAX, CHUNK_MIN
 from backer.index.entry import (
     CHUNK_RECORD,
     GROUP_MAX,
@@ -39,6 +40,7 @@ __all__ = [
     "MAX_BATCH_GROUPS",
     "MAX_BATCH_NODES",
     "MAX_CHUNK",
+    "MAX_CHUNK_RECORDS",
     "MAX_GROUPS_PER_ENTRY",
     "MAX_GROUP_BYTES",
     "MAX_ID",
@@ -64,6 +66,7 @@ __all__ = [
     "Peers",
     "RemoteEntry",
     "Root",
+    "max_chunk_records",
 ]
 
 # 2: chunks travel in batches (GetChunks/Chunks), where version 1 asked for one at a time.
@@ -74,6 +77,10 @@ MAX_BATCH_GROUPS = 256  # hashes in one GetGroups, groups in one Groups
 MAX_BATCH_CHUNKS = 256  # (hash, size) pairs in one GetChunks, chunks in one Chunks
 MAX_CHUNK = CHUNK_MAX  # 64 KiB: the largest chunk the chunker cuts
 MAX_GROUPS_PER_ENTRY = 65536  # group hashes of one entry's chunk list
+# Chunk records of one entry's chunk list (144 MiB packed): groups average ~64 records, so this
+# is what 65,536 groups hold in practice (a ~100 GiB file), while a list packed 256 records to
+# a group, which no chunker makes, is refused at a quarter of what it would otherwise expand to.
+MAX_CHUNK_RECORDS = 1 << 22
 MAX_TEXT = 1024  # UTF-8 bytes of an Error text or a Close reason
 MAX_INLINE_CHUNKS = 4096  # a packed chunk list up to this size travels inside its entry
 MAX_NODE_BYTES = 16 * 1024  # larger than any valid tree node (merkle refuses more)
@@ -87,6 +94,13 @@ MAX_CODE = 2**16 - 1
 _MAX_UINT64 = 2**64 - 1
 _MIN_INT64, _MAX_INT64 = -(2**63), 2**63 - 1
 _MAX_MODE = 0o7777
+
+
+def max_chunk_records(size: int) -> int:
+    """The most chunk records a file of `size` bytes may have on the wire: the chunker cuts
+    every chunk but the last at CHUNK_MIN bytes or more (part of the protocol, like the chunk
+    sizes), and no list exceeds MAX_CHUNK_RECORDS."""
+    return min(-(-size // CHUNK_MIN), MAX_CHUNK_RECORDS)
 
 
 class ErrorCode:
@@ -335,16 +349,24 @@ class RemoteEntry:
             raise ValueError("a file has groups exactly when it has bytes")
         elif self.size > len(self.groups) * GROUP_MAX * MAX_CHUNK:
             raise ValueError("size is larger than its groups can hold")
+        elif len(self.groups) > max_chunk_records(self.size):
+            # Every group holds a record at least: more groups than the size allows records is
+            # a chunk list that would expand far beyond what the file could need.
+            raise ValueError(f"{len(self.groups)} groups are more than a {self.size}-byte file has")
         if self.chunks is not None:
             check_chunk_list(self.chunks)
             if _group_hashes(self.chunks) != self.groups:
                 raise ValueError("inline chunk list does not match the group hashes")
             if sum(length for _, length in iter_chunks(self.chunks)) != self.size:
                 raise ValueError("inline chunk lengths do not add up to the size")
+            if len(self.chunks) // CHUNK_RECORD > max_chunk_records(self.size):
+                raise ValueError("inline chunk list has more chunks than its size allows")
 
     @classmethod
     def from_entry(cls, entry: Entry) -> RemoteEntry:
         """The wire form of `entry`; ValueError if it exceeds a protocol limit."""
+        if entry.chunk_count > MAX_CHUNK_RECORDS:
+            raise ValueError(f"{entry.path!r} has more than {MAX_CHUNK_RECORDS} chunks")
         return cls(
             path=entry.path,
             kind=entry.kind,
@@ -374,6 +396,28 @@ class RemoteEntry:
             version=self.version,
             modifier=self.modifier,
         )
+
+    def check_groups(self, fetched: Mapping[Hash, bytes]) -> None:
+        """Before the chunk list is assembled from `fetched` (each group verified by its hash):
+        RemoteProtocolError unless it would hold at most `max_chunk_records(size)` records whose
+        lengths add up to the size. Costs one step per group hash, never the expanded list."""
+        counted: dict[Hash, tuple[int, int]] = {}
+        records = total = 0
+        for digest in self.groups:
+            known = counted.get(digest)
+            if known is None:
+                group = fetched[digest]
+                known = (len(group) // CHUNK_RECORD, sum(n for _, n in iter_chunks(group)))
+                counted[digest] = known
+            records += known[0]
+            total += known[1]
+        if records > max_chunk_records(self.size):
+            raise RemoteProtocolError(
+                f"chunk list of {self.path!r}: {records} chunks are more than "
+                f"{max_chunk_records(self.size)} for {self.size} bytes"
+            )
+        if total != self.size:
+            raise RemoteProtocolError(f"chunk list of {self.path!r} does not add up to its size")
 
     def to_entry(self, chunks: bytes) -> Entry:
         """The full entry, given its packed chunk list (assembled from fetched groups).

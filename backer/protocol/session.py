@@ -183,6 +183,11 @@ class Session:
 
     # --- input ---
 
+    @property
+    def partial_frame(self) -> int:
+        """Bytes received of a frame not yet complete (the pump bounds how long one may take)."""
+        return self._decoder.buffered
+
     def receive_data(self, data: bytes) -> None:
         if self._state is State.CLOSED or self._input_failed or self._eof:
             return

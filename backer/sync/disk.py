@@ -42,7 +42,7 @@ _READERS_OPEN = 16  # files `reader()` keeps open at once
 
 def seal(fd: int, *, mode: int, mtime_ns: int) -> None:
     """Give a built temp file the mode and mtime it is installed with."""
-    os.fchmod(fd, mode)
+    os.fchmod(fd, mode & 0o777)  # a peer's setuid, setgid or sticky bit is never applied
     os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
@@ -443,7 +443,7 @@ class FolderDisk:
                     raise
             child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
-                os.fchmod(child, mode)
+                os.fchmod(child, mode & 0o777 | 0o700)  # and the owner can always enter
             finally:
                 os.close(child)
 

@@ -45,6 +45,7 @@ class PullReport:
     bytes_local: int = 0
     skipped: int = 0  # paths left for a later pull (content no longer on the peer)
     refused: int = 0  # versions without a valid signature (made by a read-only device?)
+    deferred: int = 0  # files left for the next pull: their chunk lists exceeded this one's cap
     errors: list[str] = field(default_factory=list)  # paths refused or failed, with the reason
     planned_files: int = 0  # files this pull set out to write...
     planned_bytes: int = 0  # ...and their bytes (what is left = planned - fetched - local)

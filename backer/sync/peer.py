@@ -15,7 +15,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from backer.errors import BackerError, RemoteProtocolError
 from backer.ids import DeviceId, Hash
@@ -49,6 +49,10 @@ GOSSIP_EVERY = 30.0  # seconds between re-announcements of an unchanged root (al
 # session ends so its requests move to other peers and the pull waiting on them can finish. A
 # working peer answers something far sooner: one 64 KiB chunk in 30 s is 2 kB/s.
 ANSWER_WITHIN = 30.0
+# A frame must arrive within this long of its first byte: a peer dripping a large frame a byte
+# at a time would otherwise hold its buffer and its session for ever (8 MiB in 120 s is 70 KB/s;
+# answers stop at 4 MiB, so 35 KB/s is enough).
+FRAME_WITHIN = 120.0
 _PEER_WORKING = (
     proto.NodesRequested,
     proto.EntriesRequested,
@@ -119,6 +123,7 @@ class PeerSession:
         gossip_every: float | None = None,
         expect_device: bytes | None = None,
         answer_within: float | None = ANSWER_WITHIN,
+        frame_within: float | None = FRAME_WITHIN,
     ) -> None:
         self.replica = replica
         self.link = link
@@ -132,6 +137,8 @@ class PeerSession:
         self.on_peers = on_peers
         self.gossip_every = gossip_every
         self.answer_within = answer_within
+        self.frame_within = frame_within
+        self._frame_since: float | None = None  # when the frame now arriving began
         self.answered_at = 0.0  # when the peer last answered, or we began waiting on it
         self.wake = asyncio.Event()  # the peer's root changed, or it asked us for something
         self.pending: dict[int, asyncio.Future[Any]] = {}
@@ -206,7 +213,7 @@ class PeerSession:
         with contextlib.suppress(*LINK_FAILURES):
             await self.link.close()
 
-    def end(self, reason: str, *, clean: bool) -> None:
+    def end(self, reason: str, *, clean: bool) -> NoReturn:
         """End the session from a task running inside `run` (a steer)."""
         if not self.result.reason:
             self.result.reason, self.result.clean = reason, clean
@@ -223,7 +230,7 @@ class PeerSession:
 
     async def _read(self) -> None:
         while True:
-            data = await self.link.read()
+            data = await self._read_within_frame_bound()
             if not data:
                 self.session.receive_eof()
             else:
@@ -234,6 +241,24 @@ class PeerSession:
             await self._flush()
             if not data:
                 self.end(self.result.reason or "the peer went away", clean=bool(self.result.reason))
+
+    async def _read_within_frame_bound(self) -> bytes:
+        """The link's next bytes; the session ends if a frame begun takes too long to finish."""
+        if self.frame_within is None or not self.session.partial_frame:
+            self._frame_since = None
+            return await self.link.read()
+        loop = asyncio.get_running_loop()
+        if self._frame_since is None:
+            self._frame_since = loop.time()
+        try:
+            async with asyncio.timeout_at(self._frame_since + self.frame_within):
+                return await self.link.read()
+        except TimeoutError:
+            self.end(
+                f"a frame took over {self.frame_within:g} s to arrive "
+                f"({self.session.partial_frame} bytes of it so far)",
+                clean=False,
+            )
 
     async def _handle(self, event: proto.Event) -> None:
         if isinstance(event, _PEER_WORKING):

@@ -35,7 +35,7 @@ from backer.index import merkle
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash
 from backer.index.store import LocalState, Record
 from backer.paths import RESERVED_DIR
-from backer.protocol.messages import RemoteEntry
+from backer.protocol.messages import RemoteEntry, max_chunk_records
 from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_leaf
 from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
@@ -50,6 +50,9 @@ ENTRY_BATCH = 128
 GROUP_BATCH = 256
 FILES_IN_FLIGHT = 16
 COMMIT_EVERY = 1000
+# Chunk records one pull expands at most (36 MiB of chunk lists), counted by what each file's
+# declared size allows; files beyond it wait for the next pull (one is always taken).
+PULL_CHUNK_RECORDS = 1 << 20
 _T = TypeVar("_T")
 # Failures that concern one path (refused as unsafe, or the disk said no): reported, skipped.
 _PATH_ERRORS = (InvalidPathError, OSError)
@@ -98,7 +101,7 @@ class _Pull:
         found = await self._walk(remote_root)
         if not found:
             return self.report
-        remote = await self._entries(found)
+        remote = self._capped(await self._authorized(await self._entries(found)))
         entries = await self._chunk_lists(remote)
         before = self.replica.root
         try:
@@ -140,13 +143,42 @@ class _Pull:
         self.report.entries = len(remote)
         return remote
 
+    async def _authorized(self, remote: list[RemoteEntry]) -> list[RemoteEntry]:
+        """The entries signed with the folder's key, checked on their wire form (the leaf hash
+        covers the group hashes), before a chunk list is fetched or expanded."""
+        trusted = await asyncio.to_thread(lambda: [self.replica.trusted(i) for i in remote])
+        admitted = []
+        for item, ok in zip(remote, trusted, strict=True):
+            if ok:
+                admitted.append(item)
+            else:
+                self.report.refused += 1
+                self._failed(item.path, _UntrustedVersion("not signed with the folder's key"))
+        return admitted
+
+    def _capped(self, remote: list[RemoteEntry]) -> list[RemoteEntry]:
+        """`remote` within this pull's chunk-record budget: files whose chunk lists must be
+        fetched are taken while their declared sizes fit it; the rest wait for the next pull."""
+        taken: list[RemoteEntry] = []
+        budget = PULL_CHUNK_RECORDS
+        for item in remote:
+            if item.chunks is None and item.groups:
+                records = max_chunk_records(item.size)
+                if records > budget and budget < PULL_CHUNK_RECORDS:
+                    self.report.deferred += 1
+                    continue
+                budget -= records
+            taken.append(item)
+        return taken
+
     async def _chunk_lists(self, remote: list[RemoteEntry]) -> list[Entry]:
-        """Whole entries: inline chunk lists as sent, others from local and fetched groups."""
+        """Whole entries: inline chunk lists as sent, others from local and fetched groups,
+        assembled in a worker thread (a long list must not hold up the event loop)."""
         have: dict[Hash, bytes] = {}
         need: list[RemoteEntry] = []
         entries: list[Entry] = []
         for item in remote:
-            inline = item.inline_entry()
+            inline = item.inline_entry()  # at most MAX_INLINE_CHUNKS bytes: cheap on the loop
             if inline is not None:
                 entries.append(inline)
                 continue
@@ -159,11 +191,9 @@ class _Pull:
             *(self.fetcher.groups(batch) for batch in _batches(missing, GROUP_BATCH))
         ):
             have.update(part)
-        for item in need:
-            if all(g in have for g in item.groups):
-                entries.append(item.to_entry(b"".join(have[g] for g in item.groups)))
-            else:
-                self.report.skipped += 1
+        complete = [item for item in need if all(g in have for g in item.groups)]
+        self.report.skipped += len(need) - len(complete)
+        entries += await asyncio.to_thread(_assembled, complete, have)
         return entries
 
     # -- applying ----------------------------------------------------------------------------
@@ -197,10 +227,6 @@ class _Pull:
         deletions: list[tuple[Decision, Record | None]],
         blocked: list[tuple[Decision, Record | None, Entry]],
     ) -> None:
-        if not self.replica.trusted(remote):
-            self.report.refused += 1
-            self._failed(remote.path, _UntrustedVersion("not signed with the folder's key"))
-            return
         record = self.current.get(remote.path)
         decision = decide(record.entry if record else None, remote)
         result = decision.result
@@ -425,6 +451,16 @@ class _Pull:
         self.disk.sync_dirs(dirs)
         self.replica.versions.sync_pending()
         self.store.commit(batch)
+
+
+def _assembled(remote: list[RemoteEntry], groups: dict[Hash, bytes]) -> list[Entry]:
+    """The whole entries, each chunk list counted before it is joined (RemoteProtocolError
+    for one that would exceed what its size allows)."""
+    entries = []
+    for item in remote:
+        item.check_groups(groups)
+        entries.append(item.to_entry(b"".join(groups[g] for g in item.groups)))
+    return entries
 
 
 def _expected(record: Record | None) -> Expected:

@@ -25,6 +25,7 @@ from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_mes
 from backer.index.scan import ScanReport, scan
 from backer.index.store import Forget, IndexStore, chunk_key
 from backer.keys import FolderKey
+from backer.paths import is_reserved
 from backer.protocol.messages import RemoteEntry
 from backer.sync.disk import FolderDisk
 from backer.sync.versions import Versions
@@ -114,6 +115,8 @@ class Replica:
 
     async def scan_locked(self, paths: Iterable[str] | None = None) -> ScanReport:
         """Scan while the caller already holds `lock` (a pull that found a local edit)."""
+        if paths is not None:  # the watcher reports a nested share's `.backer/` too: never ours
+            paths = [p for p in paths if not any(map(is_reserved, p.split("/")))]
         before = self.root
         report = await scan(
             self.folder, self.store, device=self.device, paths=paths, clock=self.clock
@@ -163,9 +166,10 @@ class Replica:
         for event in self._listeners:
             event.set()
 
-    def trusted(self, entry: Entry) -> bool:
+    def trusted(self, entry: Entry | RemoteEntry) -> bool:
         """Whether a peer's version may be accepted: signed with the folder's key, when the
-        folder has one (a read-only device cannot sign, so its versions are refused)."""
+        folder has one (a read-only device cannot sign, so its versions are refused). Check the
+        wire form: its leaf hash costs one step per group, not per chunk."""
         if self._verify is None:
             return True
         try:
