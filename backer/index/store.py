@@ -89,6 +89,7 @@ _ENTRY_COLUMNS = (
 )
 _LOCAL_COLUMNS = "st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name"
 _ALL_COLUMNS = f"{_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}"
+_KNOWN_COLUMNS = f"kind, deleted, mode, target, {_LOCAL_COLUMNS}"
 _LOOKUP_BATCH = 400  # (parent, name) pairs per lookup query
 
 
@@ -248,33 +249,27 @@ class IndexStore:
 
     def get_many(self, paths: Iterable[str]) -> dict[str, Record]:
         """The records of those of `paths` the index holds, 400 paths per query."""
-        pairs = [(parent_of(p), p.rpartition("/")[2]) for p in paths]
         found: dict[str, Record] = {}
-        for start in range(0, len(pairs), _LOOKUP_BATCH):
-            part = pairs[start : start + _LOOKUP_BATCH]
-            with self._lock:
-                rows = self._db.execute(
-                    f"SELECT {_ENTRY_COLUMNS}, {_LOCAL_COLUMNS} FROM entries WHERE (parent, name) "
-                    f"IN (VALUES {','.join(['(?,?)'] * len(part))})",
-                    [value for pair in part for value in pair],
-                ).fetchall()
-            for row in rows:
-                record = _record(row)
-                found[record.entry.path] = record
+        for row in self._by_path(f"{_ENTRY_COLUMNS}, {_LOCAL_COLUMNS}", paths):
+            record = _record(row)
+            found[record.entry.path] = record
         return found
+
+    def known_many(self, paths: Iterable[str]) -> dict[str, Known]:
+        """What is known of those of `paths` the index holds: one indexed lookup per path (by
+        the (parent, name) key), 400 paths per query, never a whole directory's rows."""
+        return {
+            join(parent, name): _known(rest)
+            for parent, name, *rest in self._by_path(f"parent, name, {_KNOWN_COLUMNS}", paths)
+        }
 
     def children(self, parent: str) -> dict[str, Known]:
         """What is known of every path directly inside directory `parent` ("" is the root)."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT name, kind, deleted, mode, target, {_LOCAL_COLUMNS} "
-                "FROM entries WHERE parent=?",
-                (parent,),
+                f"SELECT name, {_KNOWN_COLUMNS} FROM entries WHERE parent=?", (parent,)
             ).fetchall()
-        return {
-            name: Known(Kind(kind), bool(deleted), mode, target, _local(local))
-            for name, kind, deleted, mode, target, *local in rows
-        }
+        return {name: _known(rest) for name, *rest in rows}
 
     def descendants(self, path: str) -> Iterator[Record]:
         """Every record strictly below `path`, deepest first (children before their parents)."""
@@ -458,18 +453,26 @@ class IndexStore:
 
     def _existing(self, paths: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         """(row id, chunk list) of each of `paths` the index already holds."""
+        return {
+            join(parent, name): (row_id, chunks)
+            for parent, name, row_id, chunks in self._by_path("parent, name, id, chunks", paths)
+        }
+
+    def _by_path(self, columns: str, paths: Iterable[str]) -> Iterator[Sequence[Any]]:
+        """`columns` of the rows of those of `paths` the index holds, looked up by their
+        (parent, name) key, `_LOOKUP_BATCH` paths per query."""
         pairs = [(parent_of(p), p.rpartition("/")[2]) for p in paths]
-        found: dict[str, tuple[int, bytes]] = {}
         for start in range(0, len(pairs), _LOOKUP_BATCH):
             part = pairs[start : start + _LOOKUP_BATCH]
-            rows = self._db.execute(
-                "SELECT parent, name, id, chunks FROM entries WHERE (parent, name) IN "
-                f"(VALUES {','.join(['(?,?)'] * len(part))})",
-                [value for pair in part for value in pair],
-            ).fetchall()
-            for parent, name, row_id, chunks in rows:
-                found[join(parent, name)] = (row_id, chunks)
-        return found
+            with self._lock:
+                # Joined, not `(parent, name) IN (VALUES ...)`: SQLite answers that with a
+                # scan of the whole table, and this with one index search per path.
+                rows = self._db.execute(
+                    f"SELECT {columns} FROM (VALUES {','.join(['(?,?)'] * len(part))}) AS wanted "
+                    "CROSS JOIN entries ON parent=wanted.column1 AND name=wanted.column2",
+                    [value for pair in part for value in pair],
+                ).fetchall()
+            yield from rows
 
     def _row(self, record: Record, leaf: Hash) -> tuple[Any, ...]:
         entry, local, stat = record.entry, record.local, record.local.stat
@@ -551,6 +554,11 @@ def _local(columns: Sequence[Any]) -> LocalState:
     st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name = columns
     stat = None if st_size is None else StatSig(st_size, st_mtime_ns, st_ino, st_ctime_ns)
     return LocalState(stat=stat, racy=bool(racy), disk_name=disk_name)
+
+
+def _known(columns: Sequence[Any]) -> Known:
+    kind, deleted, mode, target, *local = columns
+    return Known(Kind(kind), bool(deleted), mode, target, _local(local))
 
 
 def _record(row: Sequence[Any]) -> Record:
