@@ -12,13 +12,14 @@ event loop. Imports only the index layer below it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import stat as stat_mod
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,7 @@ class _Scan:
         self.in_flight: deque[tuple[str, str, bool, Future[_Read]]] = deque()
         self.rules = IgnoreRules()
         self.last_progress = 0.0
+        self.indexed: dict[str, Known | None] = {}  # looked up for anchors and disk names
         self.current = ""
 
     def run(self, paths: list[str] | None) -> ScanReport:
@@ -198,8 +200,7 @@ class _Scan:
             if paths is None:
                 self._walk([("", "")])
             else:
-                for path in sorted(set(paths)):
-                    self._scan_path(check_path(unicodedata.normalize("NFC", path)))
+                self._scan_paths(paths)
             self._drain(0)
             for path in self._retry_unstable():
                 self.counts.unstable.append(path)
@@ -254,27 +255,56 @@ class _Scan:
             rel, disk_rel = stack.pop()
             stack.extend(self._scan_dir(rel, disk_rel, None))
 
-    def _scan_path(self, path: str) -> None:
-        """Rescan one path and what is below it, starting from its nearest indexed directory."""
+    def _scan_paths(self, paths: list[str]) -> None:
+        """Rescan the named paths and what is below them, each from its nearest indexed
+        directory. A name with a single possible spelling on disk costs one stat and one indexed
+        lookup, whatever the size of its directory; the others cost one listing of their
+        directory per batch (their disk spelling may differ from the NFC one)."""
+        named = {check_path(unicodedata.normalize("NFC", path)) for path in paths}
+        named = {path for path in named if not any(up in named for up in _ancestors(path))}
+        self._learn({up for path in named for up in _ancestors(path)})
+        groups: dict[str, set[str]] = {}
+        for path in named:
+            anchor, name = self._anchor(path)
+            groups.setdefault(anchor, set()).add(name)
+        for anchor, names in sorted(groups.items()):
+            disk_anchor = self._disk_path(anchor)
+            plain = {name for name in names if _one_spelling(name)}
+            subdirs = self._scan_named(anchor, disk_anchor, plain) if plain else []
+            if plain != names:
+                subdirs += self._scan_dir(anchor, disk_anchor, names - plain)
+            self._walk(subdirs)
+
+    def _anchor(self, path: str) -> tuple[str, str]:
+        """The nearest indexed directory above `path`, and the name in it that leads to it."""
         parent = parent_of(path)
         while parent:
-            record = self.store.get(parent)
-            if record and record.entry.kind is Kind.DIR and not record.entry.deleted:
+            known = self.indexed.get(parent)
+            if known and known.kind is Kind.DIR and not known.deleted:
                 break
             path, parent = parent, parent_of(parent)
-        self._walk(self._scan_dir(parent, self._disk_path(parent), {path.rpartition("/")[2]}))
+        return parent, path.rpartition("/")[2]
+
+    def _learn(self, paths: set[str]) -> None:
+        """Look up, in one batch, what the index holds of those of `paths` not looked up yet."""
+        missing = paths - self.indexed.keys()
+        if missing:
+            self.indexed.update(dict.fromkeys(missing))
+            self.indexed.update(self.store.known_many(missing))
 
     def _disk_path(self, rel: str) -> str:
         if not rel:
             return ""
-        record = self.store.get(rel)
+        self._learn({rel, *_ancestors(rel)})
+        known = self.indexed[rel]
         name = rel.rpartition("/")[2]
-        if record and record.local.disk_name:
-            name = record.local.disk_name
+        if known and known.local.disk_name:
+            name = known.local.disk_name
         return join(self._disk_path(parent_of(rel)), name)
 
     def _scan_dir(self, rel: str, disk_rel: str, only: set[str] | None) -> list[tuple[str, str]]:
-        """Index the children of one directory; return its subdirectories to walk."""
+        """Index the children of one directory (or its children named `only`) from a listing
+        of it; return the subdirectories to walk."""
         self.counts.dirs += rel != ""
         try:
             listing = list(os.scandir(self._abs(disk_rel)))
@@ -284,16 +314,47 @@ class _Scan:
             # Unreadable is not deleted: keep what the index knows.
             self.counts.skipped.append(Skipped(rel or ".", f"cannot list directory: {exc}"))
             return []
-        known = self.store.children(rel)
+        found = sorted(
+            ((d.name, unicodedata.normalize("NFC", d.name), d) for d in listing),
+            key=lambda pair: (pair[1], pair[0] != pair[1]),  # the NFC spelling wins a clash
+        )
+        children = [
+            (disk_name, name, functools.partial(dirent.stat, follow_symlinks=False))
+            for disk_name, name, dirent in found
+            if only is None or name in only
+        ]
+        known = self.store.children(rel) if only is None else self._known_children(rel, only)
+        subdirs = self._index_children(rel, disk_rel, children, known)
+        self._report_progress(rel)
+        return subdirs
+
+    def _scan_named(self, rel: str, disk_rel: str, names: set[str]) -> list[tuple[str, str]]:
+        """Index the children `names` of one directory, each spelled on disk as named, from a
+        stat of each: the directory is not listed, nor its other children looked up."""
+        children = [
+            (name, name, functools.partial(os.lstat, self._abs(join(disk_rel, name))))
+            for name in sorted(names)
+        ]
+        return self._index_children(rel, disk_rel, children, self._known_children(rel, names))
+
+    def _known_children(self, rel: str, names: set[str]) -> dict[str, Known]:
+        known = self.store.known_many(join(rel, name) for name in names)
+        return {path.rpartition("/")[2]: state for path, state in known.items()}
+
+    def _index_children(
+        self,
+        rel: str,
+        disk_rel: str,
+        children: Sequence[tuple[str, str, Callable[[], os.stat_result]]],
+        known: dict[str, Known],
+    ) -> list[tuple[str, str]]:
+        """Index `children` (disk name, NFC name, how to stat it) of directory `rel`, whose
+        index records are `known`: what is known but not found is deleted (or, if ignored now,
+        forgotten). Returns the subdirectories to walk."""
         seen: set[str] = set()
         dropped: set[str] = set()  # present but ignored: forget rather than tombstone
         subdirs: list[tuple[str, str]] = []
-        for disk_name, name, dirent in sorted(
-            ((d.name, unicodedata.normalize("NFC", d.name), d) for d in listing),
-            key=lambda pair: (pair[1], pair[0] != pair[1]),  # the NFC spelling wins a clash
-        ):
-            if only is not None and name not in only:
-                continue
+        for disk_name, name, stat in children:
             disk_path = join(disk_rel, disk_name)
             problem = _name_problem(disk_name, name, seen)
             if problem:
@@ -301,7 +362,7 @@ class _Scan:
                 continue
             path = join(rel, name)
             try:
-                st = dirent.stat(follow_symlinks=False)
+                st = stat()
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -319,24 +380,23 @@ class _Scan:
                 for below in self.store.descendants(path):  # a directory became a file
                     self._tombstone_record(below)
             if is_dir:
-                self._directory(path, st, known.get(name), local_name)
+                self._directory(path, st, old, local_name)
                 subdirs.append((path, disk_path))
             elif stat_mod.S_ISREG(st.st_mode):
-                self._file(path, disk_path, st, known.get(name), local_name)
+                self._file(path, disk_path, st, old, local_name)
             elif stat_mod.S_ISLNK(st.st_mode):
-                self._symlink(path, disk_path, known.get(name), local_name)
+                self._symlink(path, disk_path, old, local_name)
             else:
                 self.counts.skipped.append(Skipped(path, "not a file, directory or symlink"))
                 seen.discard(name)
         for name, old in known.items():
-            if name in seen or (only is not None and name not in only):
+            if name in seen:
                 continue
             path = join(rel, name)
             if name in dropped:
                 self._forget(path)
             elif not old.deleted:
                 self._tombstone(path)
-        self._report_progress(rel)
         return subdirs
 
     # -- one path ------------------------------------------------------------------------------
@@ -536,6 +596,24 @@ class _Scan:
 
 def _sig(st: os.stat_result) -> StatSig:
     return StatSig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """The directories above `path`, nearest first, the folder's root excluded."""
+    parent = parent_of(path)
+    while parent:
+        yield parent
+        parent = parent_of(parent)
+
+
+# The only characters other than themselves whose NFC form is ASCII: KELVIN SIGN,
+# GREEK QUESTION MARK, GREEK VARIA. An ASCII name without their images has one spelling.
+_ASCII_IMAGES = frozenset("K;`")
+
+
+def _one_spelling(name: str) -> bool:
+    """Whether `name` (NFC) can only be spelled one way on disk, so a stat finds it."""
+    return name.isascii() and _ASCII_IMAGES.isdisjoint(name)
 
 
 def _name_problem(disk_name: str, name: str, seen: set[str]) -> str:
