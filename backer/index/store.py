@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ SCHEMA_VERSION = 2
 # Superseded tree nodes stay readable for this many commits, so a peer descending an older root
 # mostly finds what it asks for (DESIGN.md section 3); older ones are purged.
 KEEP_GENERATIONS = 16
+# Trees this index covers (its own past roots, roots pulled in full), remembered in memory so
+# that a peer announcing one of them is not pulled from.
+COVERED_KEPT = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -181,6 +185,7 @@ class IndexStore:
         self.path = path
         self._root = Hash(self._meta("root", merkle.EMPTY_ROOT))
         self._generation = int.from_bytes(self._meta("generation", b"\0"), "big")
+        self._covered: OrderedDict[Hash, None] = OrderedDict()
         # Signs every entry committed without a signature (a read-write device's own versions,
         # merged vectors, conflict copies); None on a read-only device or without a folder key.
         self.signer: Callable[[bytes], bytes] | None = None
@@ -226,6 +231,21 @@ class IndexStore:
     @property
     def root(self) -> Hash:
         return self._root
+
+    def covers(self, root: Hash) -> bool:
+        """Whether every entry of the tree `root` is here with the same or a dominating version
+        (or was forgotten here, as ignored now), so a pull towards it can bring nothing: the
+        empty tree, a root this index had before (an entry is only ever replaced by one whose
+        version dominates it), or one noted by `note_covered`; the last COVERED_KEPT."""
+        return root == merkle.EMPTY_ROOT or root in self._covered
+
+    def note_covered(self, root: Hash) -> None:
+        """Note a tree whose every entry was merged into this index (a pull with nothing
+        skipped or failed): that stays true, as entries only move on to dominating versions."""
+        self._covered[root] = None
+        self._covered.move_to_end(root)
+        if len(self._covered) > COVERED_KEPT:
+            self._covered.popitem(last=False)
 
     def local_device(self) -> int:
         """A 64-bit device key of this index's own, for replicas used without a node home
@@ -406,6 +426,8 @@ class IndexStore:
                     self._db.execute("ROLLBACK")
                 self._generation = int.from_bytes(self._meta("generation", b"\0"), "big")
                 raise
+        if tree.root != self._root:
+            self.note_covered(self._root)
         self._root = tree.root
         return tree.root
 

@@ -68,11 +68,14 @@ async def pull(
     """Pull everything `remote_root` has that this replica lacks or has older, telling `emit`
     about each path written, each conflict and the progress of large files. Raises the first
     failure plainly (RemoteProtocolError, PeerMovedOn...), never an exception group."""
-    async with replica.lock:
+    async with replica.pulling():
         try:
-            return await _Pull(replica, fetcher, emit, report or PullReport()).run(remote_root)
+            done = await _Pull(replica, fetcher, emit, report or PullReport()).run(remote_root)
         except BaseExceptionGroup as group:
             raise first_leaf(group) from None
+        if not done.errors and not done.skipped:
+            replica.store.note_covered(remote_root)  # every path of it was decided and applied
+        return done
 
 
 class _Pull:
@@ -98,16 +101,13 @@ class _Pull:
             return self.report
         remote = await self._entries(found)
         entries = await self._chunk_lists(remote)
-        before = self.replica.root
         try:
             await self._apply(entries)
         finally:
             await self._commit()
             if self.rescan:
                 await self.replica.scan_locked(self.rescan)
-            if self.replica.root != before:
-                self.replica.notify()
-        return self.report
+        return self.report  # `Replica.pulling` announces the new root
 
     # -- learning what differs ---------------------------------------------------------------
 
@@ -136,6 +136,7 @@ class _Pull:
         ):
             remote.extend(part)
         self.report.entries = len(remote)
+        self.report.skipped += len(found) - len(remote)  # no peer answered them: left for later
         return remote
 
     async def _chunk_lists(self, remote: list[RemoteEntry]) -> list[Entry]:
@@ -360,7 +361,8 @@ class _Pull:
         if record.entry.kind is Kind.DIR:
             await self._commit()
             if not await asyncio.to_thread(self.disk.remove_dir, result.path):
-                return  # something still lives in it; a later pull or scan sorts it out
+                self.report.skipped += 1  # something still lives in it; a later pull decides
+                return
         else:
             await asyncio.to_thread(self._archive, result.path)
         if result.kind is Kind.DIR:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -66,6 +66,7 @@ class Replica:
         self.disk = FolderDisk(folder)
         self.versions = Versions(folder)
         self.lock = asyncio.Lock()
+        self._pull_began_at: Hash | None = None  # our root when the pull under way began
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -97,6 +98,31 @@ class Replica:
     @property
     def root(self) -> Hash:
         return self.store.root
+
+    @property
+    def settled_root(self) -> Hash:
+        """The root to announce: ours, but while a pull fills the replica, the one it began
+        from. A half-filled tree is a mix of ours and the peer's, with nothing a peer lacks: a
+        peer pulling towards it would walk it for nothing (and an initial sync of a large
+        folder passes through hundreds of them)."""
+        return self.root if self._pull_began_at is None else self._pull_began_at
+
+    @contextlib.asynccontextmanager
+    async def pulling(self) -> AsyncIterator[None]:
+        """Hold the replica for a pull; announce (notify) the root it leads to once it ends."""
+        async with self.lock:
+            before = self._pull_began_at = self.root
+            try:
+                yield
+            finally:
+                self._pull_began_at = None
+                if self.root != before:
+                    self.notify()
+
+    def has_all_of(self, root: Hash) -> bool:
+        """Whether a pull towards a peer's `root` cannot bring anything: it is ours, the empty
+        tree, one we had before or one we pulled in full (`IndexStore.covers`)."""
+        return root == self.root or self.store.covers(root)
 
     # -- local changes ---------------------------------------------------------------------
 
