@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import sys
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from benchrun import run_quick
+from test_scan import DEVICE, OLD, live, write
 
 from backer.index import scan as scan_module
 from backer.index.entry import Kind
@@ -21,38 +22,9 @@ from backer.index.store import IndexStore
 from backer.sync.replica import Replica
 from backer.sync.replicate import replicate
 
-DEVICE = 0xB0B
-OLD = 1_600_000_000  # far from "now": no file is racy
-
-
-def write(folder: Path, rel: str, data: bytes = b"x", mtime: int = OLD) -> Path:
-    path = folder / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.utime(path, (mtime, mtime))
-    return path
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    root = tmp_path / "folder"
-    root.mkdir()
-    IndexStore.open(root, create=True).close()
-    return root
-
-
-@pytest.fixture
-def store(folder: Path) -> Iterator[IndexStore]:
-    with IndexStore.open(folder) as opened:
-        yield opened
-
 
 async def rescan(folder: Path, store: IndexStore, paths: list[str] | None = None) -> ScanReport:
     return await scan(folder, store, device=DEVICE, paths=paths)
-
-
-def live(store: IndexStore) -> dict[str, Kind]:
-    return {e.path: e.kind for e in store.entries() if not e.deleted}
 
 
 class Calls:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_scan_paths import write
+from test_scan import write
 
 from backer.events import Event, PullStarted
 from backer.ids import Hash
