@@ -16,7 +16,7 @@ from backer.events import Event, PullStarted
 from backer.ids import Hash
 from backer.index.entry import Entry, Kind, VersionVector
 from backer.index.merkle import EMPTY_ROOT
-from backer.index.store import IndexStore, Record
+from backer.index.store import KEEP_GENERATIONS, IndexStore, Record
 from backer.sync import pull as pull_module
 from backer.sync.link import memory_pipe
 from backer.sync.peer import PeerSession
@@ -122,12 +122,37 @@ async def test_a_filling_copy_announces_no_half_filled_root(
 async def test_a_change_on_the_copy_still_reaches_the_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pull_module, "COMMIT_EVERY", 5)
-    source, copy = source_folder(tmp_path, 100), tmp_path / "copy"
+    monkeypatch.setattr(pull_module, "COMMIT_EVERY", 5)  # a few commits: fewer than 8
+    source, copy = source_folder(tmp_path, 20), tmp_path / "copy"
     write(copy, "mine.txt", b"made on the copy")
     by_source, _ = await sync_as_nodes(source, copy)
     assert (source / "mine.txt").read_bytes() == b"made on the copy"
     assert len(by_source.pulls()) == 1  # towards the copy's own root, once
+
+
+async def test_a_long_pull_announces_its_progress_before_the_old_tree_is_purged(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    replica = await Replica.open(folder, device=1, create=True)
+    try:
+        began = replica.store.commit([Record(_entry("mine", 1))])
+        async with replica.pulling():
+            for n in range(KEEP_GENERATIONS // 2):
+                assert replica.settled_root == began  # its nodes are all still there
+                replica.store.commit([Record(_entry(f"pulled-{n}", 1))])
+            assert replica.settled_root == replica.root != began
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        copy = await Replica.open(empty, device=2, create=True)
+        async with copy.pulling():
+            for n in range(KEEP_GENERATIONS + 1):
+                copy.store.commit([Record(_entry(f"pulled-{n}", 1))])
+            assert copy.settled_root == EMPTY_ROOT  # nothing to walk, nothing to purge
+        await copy.close()
+    finally:
+        await replica.close()
 
 
 def test_an_index_remembers_the_roots_it_had(tmp_path: Path) -> None:

@@ -232,6 +232,11 @@ class IndexStore:
     def root(self) -> Hash:
         return self._root
 
+    @property
+    def generation(self) -> int:
+        """Commits so far: a node replaced by commit g is kept until commit g+KEEP_GENERATIONS."""
+        return self._generation
+
     def covers(self, root: Hash) -> bool:
         """Whether every entry of the tree `root` is here with the same or a dominating version
         (or was forgotten here, as ignored now), so a pull towards it can bring nothing: the

@@ -22,8 +22,9 @@ from backer.errors import InvalidPathError
 from backer.ids import Hash
 from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_message
+from backer.index.merkle import EMPTY_ROOT
 from backer.index.scan import ScanReport, scan
-from backer.index.store import Forget, IndexStore, chunk_key
+from backer.index.store import KEEP_GENERATIONS, Forget, IndexStore, chunk_key
 from backer.keys import FolderKey
 from backer.protocol.messages import RemoteEntry
 from backer.sync.disk import FolderDisk
@@ -67,6 +68,7 @@ class Replica:
         self.versions = Versions(folder)
         self.lock = asyncio.Lock()
         self._pull_began_at: Hash | None = None  # our root when the pull under way began
+        self._pull_began_generation = 0
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -104,14 +106,23 @@ class Replica:
         """The root to announce: ours, but while a pull fills the replica, the one it began
         from. A half-filled tree is a mix of ours and the peer's, with nothing a peer lacks: a
         peer pulling towards it would walk it for nothing (and an initial sync of a large
-        folder passes through hundreds of them)."""
-        return self.root if self._pull_began_at is None else self._pull_began_at
+        folder passes through hundreds of them). Once the pull has committed so often that the
+        old tree's nodes are about to be purged (a peer could no longer walk it, and it may hold
+        a change of ours), the current root is announced after all; the empty tree has none."""
+        began = self._pull_began_at
+        if began is None:
+            return self.root
+        commits = self.store.generation - self._pull_began_generation
+        if began == EMPTY_ROOT or commits < KEEP_GENERATIONS // 2:
+            return began
+        return self.root
 
     @contextlib.asynccontextmanager
     async def pulling(self) -> AsyncIterator[None]:
         """Hold the replica for a pull; announce (notify) the root it leads to once it ends."""
         async with self.lock:
             before = self._pull_began_at = self.root
+            self._pull_began_generation = self.store.generation
             try:
                 yield
             finally:
