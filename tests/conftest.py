@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from backer.index.store import IndexStore
 
 _skipped: list[str] = []
 
@@ -24,3 +29,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             + ", ".join(_skipped),
             red=True,
         )
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """An empty folder set up for backer (its `.backer/` index made)."""
+    root = tmp_path / "folder"
+    root.mkdir()
+    IndexStore.open(root, create=True).close()
+    return root
+
+
+@pytest.fixture
+def store(folder: Path) -> Iterator[IndexStore]:
+    """The open index of `folder`."""
+    with IndexStore.open(folder) as opened:
+        yield opened

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,6 @@ def write(folder: Path, rel: str, data: bytes = b"x", mtime: int = OLD) -> Path:
     path.write_bytes(data)
     os.utime(path, (mtime, mtime))
     return path
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    root = tmp_path / "folder"
-    root.mkdir()
-    IndexStore.open(root, create=True).close()
-    return root
-
-
-@pytest.fixture
-def store(folder: Path) -> Iterator[IndexStore]:
-    with IndexStore.open(folder) as opened:
-        yield opened
 
 
 async def rescan(folder: Path, store: IndexStore, **kwargs: object) -> ScanReport:

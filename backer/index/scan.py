@@ -5,31 +5,40 @@ ctime) changed or was too recent to trust; a vanished path becomes a tombstone; 
 changes while it is read is left as it was and reported for a later rescan; names that are not
 UTF-8, clash after NFC normalisation, or are special files are skipped with a reason.
 
-All disk work runs in a worker thread (and hashing in a small pool), so `scan` never blocks the
-event loop. Imports only the index layer below it.
+A scan of named paths (the watcher's batches) costs a stat and an indexed lookup per path, not a
+listing of its directory. All disk work runs in a worker thread (and hashing in a small pool), so
+`scan` never blocks the event loop. What a scan writes to the index, and the deletion guard, is
+`scan_records`'s. Imports only the index layer below it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import stat as stat_mod
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from backer.errors import FolderMissingError, InvalidPathError, MassDeletionError
+from backer.errors import FolderMissingError, InvalidPathError
 from backer.ids import Hash
 from backer.index.chunker import SMALL_FILE, chunk_bytes, chunk_stream
-from backer.index.entry import Entry, Kind, VersionVector
+from backer.index.entry import Kind
 from backer.index.ignore import IGNORE_FILE, IgnoreRules
-from backer.index.store import Forget, IndexStore, Known, LocalState, Record, StatSig
+from backer.index.scan_records import (
+    MAX_DELETE_SHARE,
+    Counts,
+    OnDisk,
+    Recorder,
+    Skipped,
+)
+from backer.index.store import IndexStore, Known, LocalState, StatSig
 from backer.paths import RESERVED_DIR, check_name, check_path, join, parent_of
 
 __all__ = ["ScanProgress", "ScanReport", "Skipped", "scan"]
@@ -37,11 +46,7 @@ __all__ = ["ScanProgress", "ScanReport", "Skipped", "scan"]
 # A file modified this close to the moment it was read may change again within the same
 # timestamp tick without its stat changing; it is re-read on the next scan (git's "racy" files).
 RACY_WINDOW_NS = 2_000_000_000
-BATCH_RECORDS = 2000
-BATCH_BYTES = 256 * 1024 * 1024
 MAX_IN_FLIGHT = 64
-MAX_DELETE_SHARE = 0.5  # of the folder's live paths, vanishing in one scan: a vanished disk?
-MASS_DELETE_MIN = 10  # fewer vanished paths than this are never a mass deletion
 INLINE_READ = 1024 * 1024  # files up to this size are hashed on the walking thread
 PROGRESS_INTERVAL = 0.1
 
@@ -53,12 +58,6 @@ class ScanProgress:
     files_hashed: int
     bytes_hashed: int
     current: str
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    path: str
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,52 +109,12 @@ async def scan(
     return await asyncio.to_thread(job.run, None if paths is None else list(paths))
 
 
-class _OnDisk(NamedTuple):
-    """The synced fields of what a path holds on disk now (an Entry without its version)."""
-
-    path: str
-    kind: Kind
-    size: int
-    mtime_ns: int
-    mode: int
-    target: str
-    chunks: bytes
-
-    @classmethod
-    def of(cls, entry: Entry) -> _OnDisk:
-        if entry.deleted:
-            return cls(entry.path, entry.kind, -1, 0, 0, "", b"")  # equals nothing on disk
-        return cls(
-            entry.path,
-            entry.kind,
-            entry.size,
-            entry.mtime_ns,
-            entry.mode,
-            entry.target,
-            entry.chunks,
-        )
-
-
 @dataclass(slots=True)
 class _Read:
     chunks: bytes = b""
     size: int = 0
     stat: os.stat_result | None = None
     problem: str = ""  # "" ok, "vanished", "unstable", or an error text
-
-
-@dataclass(slots=True)
-class _Counts:
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    bytes: int = 0
-    updated: int = 0
-    deleted: int = 0
-    hashed_files: int = 0
-    hashed_bytes: int = 0
-    skipped: list[Skipped] = field(default_factory=list)
-    unstable: list[str] = field(default_factory=list)
 
 
 class _Scan:
@@ -178,16 +137,20 @@ class _Scan:
         self.progress = progress
         self.clock = clock
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="backer-hash")
-        self.counts = _Counts()
-        self.batch: list[Record | Forget] = []
-        self.batch_bytes = 0
-        self.tombstones: list[Record] = []  # recorded last, after the deletion guard
-        self.created = 0
-        self.allow_deletions = allow_deletions
-        self.max_delete_share = max_delete_share
+        self.counts = Counts()
+        self.records = Recorder(
+            folder,
+            store,
+            device=device,
+            clock=clock,
+            counts=self.counts,
+            allow_deletions=allow_deletions,
+            max_delete_share=max_delete_share,
+        )
         self.in_flight: deque[tuple[str, str, bool, Future[_Read]]] = deque()
         self.rules = IgnoreRules()
         self.last_progress = 0.0
+        self.indexed: dict[str, Known | None] = {}  # looked up for anchors and disk names
         self.current = ""
 
     def run(self, paths: list[str] | None) -> ScanReport:
@@ -198,20 +161,12 @@ class _Scan:
             if paths is None:
                 self._walk([("", "")])
             else:
-                for path in sorted(set(paths)):
-                    self._scan_path(check_path(unicodedata.normalize("NFC", path)))
+                self._scan_paths(paths)
             self._drain(0)
             for path in self._retry_unstable():
                 self.counts.unstable.append(path)
         self._check_marker()  # a disk unmounted mid-scan must not commit its "deletions"
-        root = self._commit()
-        if self.tombstones:
-            self._guard_deletions()
-            for record in self.tombstones:
-                self._add(record)
-            self.counts.updated += len(self.tombstones)
-            self.counts.deleted += len(self.tombstones)
-            root = self._commit()
+        root = self.records.finish()
         c = self.counts
         return ScanReport(
             root=root,
@@ -254,27 +209,56 @@ class _Scan:
             rel, disk_rel = stack.pop()
             stack.extend(self._scan_dir(rel, disk_rel, None))
 
-    def _scan_path(self, path: str) -> None:
-        """Rescan one path and what is below it, starting from its nearest indexed directory."""
+    def _scan_paths(self, paths: list[str]) -> None:
+        """Rescan the named paths and what is below them, each from its nearest indexed
+        directory. A name with a single possible spelling on disk costs one stat and one indexed
+        lookup, whatever the size of its directory; the others cost one listing of their
+        directory per batch (their disk spelling may differ from the NFC one)."""
+        named = {check_path(unicodedata.normalize("NFC", path)) for path in paths}
+        named = {path for path in named if not any(up in named for up in _ancestors(path))}
+        self._learn({up for path in named for up in _ancestors(path)})
+        groups: dict[str, set[str]] = {}
+        for path in named:
+            anchor, name = self._anchor(path)
+            groups.setdefault(anchor, set()).add(name)
+        for anchor, names in sorted(groups.items()):
+            disk_anchor = self._disk_path(anchor)
+            plain = {name for name in names if _one_spelling(name)}
+            subdirs = self._scan_named(anchor, disk_anchor, plain) if plain else []
+            if plain != names:
+                subdirs += self._scan_dir(anchor, disk_anchor, names - plain)
+            self._walk(subdirs)
+
+    def _anchor(self, path: str) -> tuple[str, str]:
+        """The nearest indexed directory above `path`, and the name in it that leads to it."""
         parent = parent_of(path)
         while parent:
-            record = self.store.get(parent)
-            if record and record.entry.kind is Kind.DIR and not record.entry.deleted:
+            known = self.indexed.get(parent)
+            if known and known.kind is Kind.DIR and not known.deleted:
                 break
             path, parent = parent, parent_of(parent)
-        self._walk(self._scan_dir(parent, self._disk_path(parent), {path.rpartition("/")[2]}))
+        return parent, path.rpartition("/")[2]
+
+    def _learn(self, paths: set[str]) -> None:
+        """Look up, in one batch, what the index holds of those of `paths` not looked up yet."""
+        missing = paths - self.indexed.keys()
+        if missing:
+            self.indexed.update(dict.fromkeys(missing))
+            self.indexed.update(self.store.known_many(missing))
 
     def _disk_path(self, rel: str) -> str:
         if not rel:
             return ""
-        record = self.store.get(rel)
+        self._learn({rel, *_ancestors(rel)})
+        known = self.indexed[rel]
         name = rel.rpartition("/")[2]
-        if record and record.local.disk_name:
-            name = record.local.disk_name
+        if known and known.local.disk_name:
+            name = known.local.disk_name
         return join(self._disk_path(parent_of(rel)), name)
 
     def _scan_dir(self, rel: str, disk_rel: str, only: set[str] | None) -> list[tuple[str, str]]:
-        """Index the children of one directory; return its subdirectories to walk."""
+        """Index the children of one directory (or its children named `only`) from a listing
+        of it; return the subdirectories to walk."""
         self.counts.dirs += rel != ""
         try:
             listing = list(os.scandir(self._abs(disk_rel)))
@@ -284,16 +268,47 @@ class _Scan:
             # Unreadable is not deleted: keep what the index knows.
             self.counts.skipped.append(Skipped(rel or ".", f"cannot list directory: {exc}"))
             return []
-        known = self.store.children(rel)
+        found = sorted(
+            ((d.name, unicodedata.normalize("NFC", d.name), d) for d in listing),
+            key=lambda pair: (pair[1], pair[0] != pair[1]),  # the NFC spelling wins a clash
+        )
+        children = [
+            (disk_name, name, functools.partial(dirent.stat, follow_symlinks=False))
+            for disk_name, name, dirent in found
+            if only is None or name in only
+        ]
+        known = self.store.children(rel) if only is None else self._known_children(rel, only)
+        subdirs = self._index_children(rel, disk_rel, children, known)
+        self._report_progress(rel)
+        return subdirs
+
+    def _scan_named(self, rel: str, disk_rel: str, names: set[str]) -> list[tuple[str, str]]:
+        """Index the children `names` of one directory, each spelled on disk as named, from a
+        stat of each: the directory is not listed, nor its other children looked up."""
+        children = [
+            (name, name, functools.partial(os.lstat, self._abs(join(disk_rel, name))))
+            for name in sorted(names)
+        ]
+        return self._index_children(rel, disk_rel, children, self._known_children(rel, names))
+
+    def _known_children(self, rel: str, names: set[str]) -> dict[str, Known]:
+        known = self.store.known_many(join(rel, name) for name in names)
+        return {path.rpartition("/")[2]: state for path, state in known.items()}
+
+    def _index_children(
+        self,
+        rel: str,
+        disk_rel: str,
+        children: Sequence[tuple[str, str, Callable[[], os.stat_result]]],
+        known: dict[str, Known],
+    ) -> list[tuple[str, str]]:
+        """Index `children` (disk name, NFC name, how to stat it) of directory `rel`, whose
+        index records are `known`: what is known but not found is deleted (or, if ignored now,
+        forgotten). Returns the subdirectories to walk."""
         seen: set[str] = set()
         dropped: set[str] = set()  # present but ignored: forget rather than tombstone
         subdirs: list[tuple[str, str]] = []
-        for disk_name, name, dirent in sorted(
-            ((d.name, unicodedata.normalize("NFC", d.name), d) for d in listing),
-            key=lambda pair: (pair[1], pair[0] != pair[1]),  # the NFC spelling wins a clash
-        ):
-            if only is not None and name not in only:
-                continue
+        for disk_name, name, stat in children:
             disk_path = join(disk_rel, disk_name)
             problem = _name_problem(disk_name, name, seen)
             if problem:
@@ -301,7 +316,7 @@ class _Scan:
                 continue
             path = join(rel, name)
             try:
-                st = dirent.stat(follow_symlinks=False)
+                st = stat()
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -317,26 +332,25 @@ class _Scan:
             old = known.get(name)
             if old and old.kind is Kind.DIR and not old.deleted and not is_dir:
                 for below in self.store.descendants(path):  # a directory became a file
-                    self._tombstone_record(below)
+                    self.records.tombstone_record(below)
             if is_dir:
-                self._directory(path, st, known.get(name), local_name)
+                self._directory(path, st, old, local_name)
                 subdirs.append((path, disk_path))
             elif stat_mod.S_ISREG(st.st_mode):
-                self._file(path, disk_path, st, known.get(name), local_name)
+                self._file(path, disk_path, st, old, local_name)
             elif stat_mod.S_ISLNK(st.st_mode):
-                self._symlink(path, disk_path, known.get(name), local_name)
+                self._symlink(path, disk_path, old, local_name)
             else:
                 self.counts.skipped.append(Skipped(path, "not a file, directory or symlink"))
                 seen.discard(name)
         for name, old in known.items():
-            if name in seen or (only is not None and name not in only):
+            if name in seen:
                 continue
             path = join(rel, name)
             if name in dropped:
-                self._forget(path)
+                self.records.forget(path)
             elif not old.deleted:
-                self._tombstone(path)
-        self._report_progress(rel)
+                self.records.tombstone(path)
         return subdirs
 
     # -- one path ------------------------------------------------------------------------------
@@ -347,10 +361,10 @@ class _Scan:
         mode = stat_mod.S_IMODE(st.st_mode)
         if old and old.kind is Kind.DIR and not old.deleted and old.mode == mode:
             if old.local.disk_name != local:
-                self._keep(path, LocalState(disk_name=local))
+                self.records.keep(path, LocalState(disk_name=local))
             return
-        fresh = self._fresh(path, kind=Kind.DIR, mode=mode)
-        self._update(fresh, LocalState(disk_name=local), indexed=old is not None)
+        fresh = OnDisk(path, kind=Kind.DIR, mode=mode)
+        self.records.update(fresh, LocalState(disk_name=local), indexed=old is not None)
 
     def _symlink(self, path: str, disk_path: str, old: Known | None, local: str | None) -> None:
         try:
@@ -366,8 +380,8 @@ class _Scan:
         self.counts.symlinks += 1
         if old and old.kind is Kind.SYMLINK and not old.deleted and old.target == target:
             return
-        self._update(
-            self._fresh(path, kind=Kind.SYMLINK, target=target), LocalState(disk_name=local)
+        self.records.update(
+            OnDisk(path, kind=Kind.SYMLINK, target=target), LocalState(disk_name=local)
         )
 
     def _file(
@@ -414,9 +428,9 @@ class _Scan:
         st = read.stat
         self.counts.hashed_files += 1
         self.counts.hashed_bytes += read.size
-        self.batch_bytes += read.size
+        self.records.batch_bytes += read.size
         racy = time.time_ns() - st.st_mtime_ns < RACY_WINDOW_NS
-        fresh = self._fresh(
+        fresh = OnDisk(
             path,
             kind=Kind.FILE,
             size=read.size,
@@ -424,7 +438,8 @@ class _Scan:
             mode=stat_mod.S_IMODE(st.st_mode),
             chunks=read.chunks,
         )
-        self._update(fresh, LocalState(stat=_sig(st), racy=racy, disk_name=local), indexed=indexed)
+        local_state = LocalState(stat=_sig(st), racy=racy, disk_name=local)
+        self.records.update(fresh, local_state, indexed=indexed)
 
     def _retry_unstable(self) -> list[str]:
         """Read once more what changed while being read; what still moves stays unindexed."""
@@ -437,94 +452,6 @@ class _Scan:
         still, self.counts.unstable = self.counts.unstable, []
         return still
 
-    # -- records -------------------------------------------------------------------------------
-
-    def _update(self, fresh: _OnDisk, local: LocalState, *, indexed: bool = True) -> None:
-        """Record what is on disk now; a new version only if a synced field differs.
-        `indexed=False` says the index has no record of the path (saves a lookup)."""
-        previous = self.store.get(fresh.path) if indexed else None
-        if previous and _OnDisk.of(previous.entry) == fresh:
-            self._add(Record(previous.entry, local))
-            return
-        base = previous.entry.version if previous else VersionVector()
-        entry = Entry(
-            version=base.bump(self.device, int(self.clock())),
-            modifier=self.device,
-            **fresh._asdict(),
-        )
-        self._add(Record(entry, local))
-        self.counts.updated += 1
-        if previous is None or previous.entry.deleted:
-            self.created += 1
-
-    def _fresh(
-        self,
-        path: str,
-        *,
-        kind: Kind,
-        size: int = 0,
-        mtime_ns: int = 0,
-        mode: int = 0,
-        target: str = "",
-        chunks: bytes = b"",
-    ) -> _OnDisk:
-        return _OnDisk(path, kind, size, mtime_ns, mode, target, chunks)
-
-    def _keep(self, path: str, local: LocalState) -> None:
-        previous = self.store.get(path)
-        if previous:
-            self._add(Record(previous.entry, local))
-
-    def _tombstone(self, path: str) -> None:
-        previous = self.store.get(path)
-        if previous is None:
-            return
-        if previous.entry.kind is Kind.DIR:
-            for below in self.store.descendants(path):
-                self._tombstone_record(below)
-        self._tombstone_record(previous)
-
-    def _tombstone_record(self, record: Record) -> None:
-        old = record.entry
-        if old.deleted:
-            return
-        version = old.version.bump(self.device, int(self.clock()))
-        tombstone = Entry(
-            path=old.path, kind=old.kind, deleted=True, version=version, modifier=self.device
-        )
-        self.tombstones.append(Record(tombstone))
-
-    def _guard_deletions(self) -> None:
-        """Refuse to record a mass disappearance: a vanished disk or a bad mount looks like
-        "everything was deleted", and a mesh would faithfully delete it everywhere."""
-        if self.allow_deletions:
-            return
-        stats = self.store.stats()
-        live = stats.files + stats.dirs + stats.symlinks
-        vanished = len(self.tombstones) - self.created  # a move deletes and creates alike
-        if vanished >= MASS_DELETE_MIN and vanished > self.max_delete_share * live:
-            raise MassDeletionError(
-                f"{vanished} of {live} paths in {self.folder} vanished in one scan; not "
-                "recording them as deleted, so no peer deletes its copies. If you did delete "
-                "them, scan again allowing deletions (`backer scan --allow-deletions`)",
-                vanished=vanished,
-                live=live,
-            )
-
-    def _forget(self, path: str) -> None:
-        for below in self.store.descendants(path):
-            self._add(Forget(below.entry.path))
-        self._add(Forget(path))
-
-    def _add(self, change: Record | Forget) -> None:
-        self.batch.append(change)
-        if len(self.batch) >= BATCH_RECORDS or self.batch_bytes >= BATCH_BYTES:
-            self._commit()
-
-    def _commit(self) -> Hash:
-        batch, self.batch, self.batch_bytes = self.batch, [], 0
-        return self.store.commit(batch)
-
     def _report_progress(self, current: str) -> None:
         now = time.monotonic()
         if self.progress is None or now - self.last_progress < PROGRESS_INTERVAL:
@@ -536,6 +463,24 @@ class _Scan:
 
 def _sig(st: os.stat_result) -> StatSig:
     return StatSig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """The directories above `path`, nearest first, the folder's root excluded."""
+    parent = parent_of(path)
+    while parent:
+        yield parent
+        parent = parent_of(parent)
+
+
+# The only characters other than themselves whose NFC form is ASCII: KELVIN SIGN,
+# GREEK QUESTION MARK, GREEK VARIA. An ASCII name without their images has one spelling.
+_ASCII_IMAGES = frozenset("K;`")
+
+
+def _one_spelling(name: str) -> bool:
+    """Whether `name` (NFC) can only be spelled one way on disk, so a stat finds it."""
+    return name.isascii() and _ASCII_IMAGES.isdisjoint(name)
 
 
 def _name_problem(disk_name: str, name: str, seen: set[str]) -> str:

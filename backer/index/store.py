@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ SCHEMA_VERSION = 2
 # Superseded tree nodes stay readable for this many commits, so a peer descending an older root
 # mostly finds what it asks for (DESIGN.md section 3); older ones are purged.
 KEEP_GENERATIONS = 16
+# Trees this index covers (its own past roots, roots pulled in full), remembered in memory so
+# that a peer announcing one of them is not pulled from.
+COVERED_KEPT = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -89,6 +93,7 @@ _ENTRY_COLUMNS = (
 )
 _LOCAL_COLUMNS = "st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name"
 _ALL_COLUMNS = f"{_ENTRY_COLUMNS}, leaf, {_LOCAL_COLUMNS}"
+_KNOWN_COLUMNS = f"kind, deleted, mode, target, {_LOCAL_COLUMNS}"
 _LOOKUP_BATCH = 400  # (parent, name) pairs per lookup query
 
 
@@ -180,6 +185,7 @@ class IndexStore:
         self.path = path
         self._root = Hash(self._meta("root", merkle.EMPTY_ROOT))
         self._generation = int.from_bytes(self._meta("generation", b"\0"), "big")
+        self._covered: OrderedDict[Hash, None] = OrderedDict()
         # Signs every entry committed without a signature (a read-write device's own versions,
         # merged vectors, conflict copies); None on a read-only device or without a folder key.
         self.signer: Callable[[bytes], bytes] | None = None
@@ -226,6 +232,26 @@ class IndexStore:
     def root(self) -> Hash:
         return self._root
 
+    @property
+    def generation(self) -> int:
+        """Commits so far: a node replaced by commit g is kept until commit g+KEEP_GENERATIONS."""
+        return self._generation
+
+    def covers(self, root: Hash) -> bool:
+        """Whether every entry of the tree `root` is here with the same or a dominating version
+        (or was forgotten here, as ignored now), so a pull towards it can bring nothing: the
+        empty tree, a root this index had before (an entry is only ever replaced by one whose
+        version dominates it), or one noted by `note_covered`; the last COVERED_KEPT."""
+        return root == merkle.EMPTY_ROOT or root in self._covered
+
+    def note_covered(self, root: Hash) -> None:
+        """Note a tree whose every entry was merged into this index (a pull with nothing
+        skipped or failed): that stays true, as entries only move on to dominating versions."""
+        self._covered[root] = None
+        self._covered.move_to_end(root)
+        if len(self._covered) > COVERED_KEPT:
+            self._covered.popitem(last=False)
+
     def local_device(self) -> int:
         """A 64-bit device key of this index's own, for replicas used without a node home
         (the in-memory API, examples); made once and kept in the index."""
@@ -248,33 +274,27 @@ class IndexStore:
 
     def get_many(self, paths: Iterable[str]) -> dict[str, Record]:
         """The records of those of `paths` the index holds, 400 paths per query."""
-        pairs = [(parent_of(p), p.rpartition("/")[2]) for p in paths]
         found: dict[str, Record] = {}
-        for start in range(0, len(pairs), _LOOKUP_BATCH):
-            part = pairs[start : start + _LOOKUP_BATCH]
-            with self._lock:
-                rows = self._db.execute(
-                    f"SELECT {_ENTRY_COLUMNS}, {_LOCAL_COLUMNS} FROM entries WHERE (parent, name) "
-                    f"IN (VALUES {','.join(['(?,?)'] * len(part))})",
-                    [value for pair in part for value in pair],
-                ).fetchall()
-            for row in rows:
-                record = _record(row)
-                found[record.entry.path] = record
+        for row in self._by_path(f"{_ENTRY_COLUMNS}, {_LOCAL_COLUMNS}", paths):
+            record = _record(row)
+            found[record.entry.path] = record
         return found
+
+    def known_many(self, paths: Iterable[str]) -> dict[str, Known]:
+        """What is known of those of `paths` the index holds: one indexed lookup per path (by
+        the (parent, name) key), 400 paths per query, never a whole directory's rows."""
+        return {
+            join(parent, name): _known(rest)
+            for parent, name, *rest in self._by_path(f"parent, name, {_KNOWN_COLUMNS}", paths)
+        }
 
     def children(self, parent: str) -> dict[str, Known]:
         """What is known of every path directly inside directory `parent` ("" is the root)."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT name, kind, deleted, mode, target, {_LOCAL_COLUMNS} "
-                "FROM entries WHERE parent=?",
-                (parent,),
+                f"SELECT name, {_KNOWN_COLUMNS} FROM entries WHERE parent=?", (parent,)
             ).fetchall()
-        return {
-            name: Known(Kind(kind), bool(deleted), mode, target, _local(local))
-            for name, kind, deleted, mode, target, *local in rows
-        }
+        return {name: _known(rest) for name, *rest in rows}
 
     def descendants(self, path: str) -> Iterator[Record]:
         """Every record strictly below `path`, deepest first (children before their parents)."""
@@ -411,6 +431,8 @@ class IndexStore:
                     self._db.execute("ROLLBACK")
                 self._generation = int.from_bytes(self._meta("generation", b"\0"), "big")
                 raise
+        if tree.root != self._root:
+            self.note_covered(self._root)
         self._root = tree.root
         return tree.root
 
@@ -458,18 +480,26 @@ class IndexStore:
 
     def _existing(self, paths: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         """(row id, chunk list) of each of `paths` the index already holds."""
+        return {
+            join(parent, name): (row_id, chunks)
+            for parent, name, row_id, chunks in self._by_path("parent, name, id, chunks", paths)
+        }
+
+    def _by_path(self, columns: str, paths: Iterable[str]) -> Iterator[Sequence[Any]]:
+        """`columns` of the rows of those of `paths` the index holds, looked up by their
+        (parent, name) key, `_LOOKUP_BATCH` paths per query."""
         pairs = [(parent_of(p), p.rpartition("/")[2]) for p in paths]
-        found: dict[str, tuple[int, bytes]] = {}
         for start in range(0, len(pairs), _LOOKUP_BATCH):
             part = pairs[start : start + _LOOKUP_BATCH]
-            rows = self._db.execute(
-                "SELECT parent, name, id, chunks FROM entries WHERE (parent, name) IN "
-                f"(VALUES {','.join(['(?,?)'] * len(part))})",
-                [value for pair in part for value in pair],
-            ).fetchall()
-            for parent, name, row_id, chunks in rows:
-                found[join(parent, name)] = (row_id, chunks)
-        return found
+            with self._lock:
+                # Joined, not `(parent, name) IN (VALUES ...)`: SQLite answers that with a
+                # scan of the whole table, and this with one index search per path.
+                rows = self._db.execute(
+                    f"SELECT {columns} FROM (VALUES {','.join(['(?,?)'] * len(part))}) AS wanted "
+                    "CROSS JOIN entries ON parent=wanted.column1 AND name=wanted.column2",
+                    [value for pair in part for value in pair],
+                ).fetchall()
+            yield from rows
 
     def _row(self, record: Record, leaf: Hash) -> tuple[Any, ...]:
         entry, local, stat = record.entry, record.local, record.local.stat
@@ -551,6 +581,11 @@ def _local(columns: Sequence[Any]) -> LocalState:
     st_size, st_mtime_ns, st_ino, st_ctime_ns, racy, disk_name = columns
     stat = None if st_size is None else StatSig(st_size, st_mtime_ns, st_ino, st_ctime_ns)
     return LocalState(stat=stat, racy=bool(racy), disk_name=disk_name)
+
+
+def _known(columns: Sequence[Any]) -> Known:
+    kind, deleted, mode, target, *local = columns
+    return Known(Kind(kind), bool(deleted), mode, target, _local(local))
 
 
 def _record(row: Sequence[Any]) -> Record:

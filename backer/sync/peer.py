@@ -128,7 +128,7 @@ class PeerSession:
         self.replica = replica
         self.link = link
         self.session = proto.Session(
-            device=device, folder=folder, root=replica.root, peer_device=expect_device
+            device=device, folder=folder, root=replica.settled_root, peer_device=expect_device
         )
         self.result = SessionResult()
         self.peer_root: Hash | None = None
@@ -153,7 +153,7 @@ class PeerSession:
         self.bytes_received = 0
         self._root_event = replica.watch_root()
         self._ended = False
-        self.announced = replica.root  # the root our Hello carries
+        self.announced = replica.settled_root  # the root our Hello carries
 
     @property
     def open(self) -> bool:
@@ -360,8 +360,9 @@ class PeerSession:
             await self.announce_root(again=self.gossip_every is not None)
 
     async def announce_root(self, *, again: bool = False) -> None:
-        """Send our root if the peer has not heard it yet (or `again`)."""
-        root = self.replica.root
+        """Send our settled root (`Replica.settled_root`) if the peer has not heard it yet
+        (or `again`)."""
+        root = self.replica.settled_root
         if (root != self.announced or again) and self.session.state is proto.State.OPEN:
             self.announced = root
             await self._send(self.session.announce_root(root))
@@ -502,6 +503,9 @@ async def _pull_from_one(peer: PeerSession, *, until_in_sync: bool, stuck_after:
             changed.clear()
             target, local = peer.peer_root, replica.root
             if target is not None and target != local and (target, local) != fruitless:
+                if replica.has_all_of(target):
+                    fruitless = (target, local)  # nothing to pull: wait for its next root
+                    continue
                 try:
                     peer.result.pulls.append(await pull(replica, peer, target))
                 except PeerMovedOn:

@@ -73,11 +73,14 @@ async def pull(
     """Pull everything `remote_root` has that this replica lacks or has older, telling `emit`
     about each path written, each conflict and the progress of large files. Raises the first
     failure plainly (RemoteProtocolError, PeerMovedOn...), never an exception group."""
-    async with replica.lock:
+    async with replica.pulling():
         try:
-            return await _Pull(replica, fetcher, emit, report or PullReport()).run(remote_root)
+            done = await _Pull(replica, fetcher, emit, report or PullReport()).run(remote_root)
         except BaseExceptionGroup as group:
             raise first_leaf(group) from None
+        if not done.errors and not done.skipped:
+            replica.store.note_covered(remote_root)  # every path of it was decided and applied
+        return done
 
 
 class _Pull:
@@ -103,16 +106,13 @@ class _Pull:
             return self.report
         remote = self._capped(await self._authorized(await self._entries(found)))
         entries = await self._chunk_lists(remote)
-        before = self.replica.root
         try:
             await self._apply(entries)
         finally:
             await self._commit()
             if self.rescan:
                 await self.replica.scan_locked(self.rescan)
-            if self.replica.root != before:
-                self.replica.notify()
-        return self.report
+        return self.report  # `Replica.pulling` announces the new root
 
     # -- learning what differs ---------------------------------------------------------------
 
@@ -141,6 +141,7 @@ class _Pull:
         ):
             remote.extend(part)
         self.report.entries = len(remote)
+        self.report.skipped += len(found) - len(remote)  # no peer answered them: left for later
         return remote
 
     async def _authorized(self, remote: list[RemoteEntry]) -> list[RemoteEntry]:
@@ -416,7 +417,8 @@ class _Pull:
         if record.entry.kind is Kind.DIR:
             await self._commit()
             if not await asyncio.to_thread(self.disk.remove_dir, result.path):
-                return  # something still lives in it; a later pull or scan sorts it out
+                self.report.skipped += 1  # something still lives in it; a later pull decides
+                return
         else:
             try:
                 await asyncio.to_thread(self.disk.remove, result.path, _expected(record))

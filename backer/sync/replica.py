@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -22,8 +22,9 @@ from backer.errors import InvalidPathError
 from backer.ids import Hash
 from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_message
+from backer.index.merkle import EMPTY_ROOT
 from backer.index.scan import ScanReport, scan
-from backer.index.store import Forget, IndexStore, chunk_key
+from backer.index.store import KEEP_GENERATIONS, Forget, IndexStore, chunk_key
 from backer.keys import FolderKey
 from backer.paths import is_reserved
 from backer.protocol.messages import RemoteEntry
@@ -67,6 +68,8 @@ class Replica:
         self.disk = FolderDisk(folder, self.versions, clock=clock)
         self.device = device
         self.lock = asyncio.Lock()
+        self._pull_began_at: Hash | None = None  # our root when the pull under way began
+        self._pull_began_generation = 0
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -106,6 +109,40 @@ class Replica:
     @property
     def root(self) -> Hash:
         return self.store.root
+
+    @property
+    def settled_root(self) -> Hash:
+        """The root to announce: ours, but while a pull fills the replica, the one it began
+        from. A half-filled tree is a mix of ours and the peer's, with nothing a peer lacks: a
+        peer pulling towards it would walk it for nothing (and an initial sync of a large
+        folder passes through hundreds of them). Once the pull has committed so often that the
+        old tree's nodes are about to be purged (a peer could no longer walk it, and it may hold
+        a change of ours), the current root is announced after all; the empty tree has none."""
+        began = self._pull_began_at
+        if began is None:
+            return self.root
+        commits = self.store.generation - self._pull_began_generation
+        if began == EMPTY_ROOT or commits < KEEP_GENERATIONS // 2:
+            return began
+        return self.root
+
+    @contextlib.asynccontextmanager
+    async def pulling(self) -> AsyncIterator[None]:
+        """Hold the replica for a pull; announce (notify) the root it leads to once it ends."""
+        async with self.lock:
+            before = self._pull_began_at = self.root
+            self._pull_began_generation = self.store.generation
+            try:
+                yield
+            finally:
+                self._pull_began_at = None
+                if self.root != before:
+                    self.notify()
+
+    def has_all_of(self, root: Hash) -> bool:
+        """Whether a pull towards a peer's `root` cannot bring anything: it is ours, the empty
+        tree, one we had before or one we pulled in full (`IndexStore.covers`)."""
+        return root == self.root or self.store.covers(root)
 
     # -- local changes ---------------------------------------------------------------------
 

@@ -250,8 +250,9 @@ class FolderPuller:
         self.poke()
 
     def wanted(self) -> Hash | None:
-        """The root to pull next: the one most open sessions announce, among those that differ
-        from ours and are not waiting out a failed attempt."""
+        """The root to pull next: the one most open sessions announce, among those that may
+        hold something we lack (not ours, not empty, not one we had before) and are not
+        waiting out a failed attempt."""
         local = self.replica.root
         now = self.clock()
         votes = Counter(
@@ -259,7 +260,7 @@ class FolderPuller:
             for s in self.sources
             if s.open
             and s.peer_root is not None
-            and s.peer_root != local
+            and not self.replica.has_all_of(s.peer_root)
             and self._retry.get((s.peer_root, local), (0.0, 0.0))[0] <= now
         )
         return votes.most_common(1)[0][0] if votes else None
