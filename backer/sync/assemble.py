@@ -39,11 +39,11 @@ __all__ = [
     "first_leaf",
 ]
 
-CHUNK_WINDOW = 64  # chunks in flight (about 1.5 MiB at the 24 KiB mean chunk)
+CHUNK_WINDOW = 128  # chunks of one file in flight (about 3 MiB at the 24 KiB mean chunk)
 DISK_BATCH = 64  # files started, or sealed and swapped in, with one worker-thread hop
 LOCAL_BATCH = 256  # chunks this folder already has, looked up at a time
 VERIFY_BLOCK = 4 * 1024 * 1024  # chunks copied from local files are read back this much at a time
-WRITE_BATCH = 1024 * 1024  # fetched bytes of one file written to disk at a time...
+WRITE_BATCH = 256 * 1024  # fetched bytes of one file written to disk at a time...
 WRITE_ON_LOOP = 64 * 1024  # ...in a worker thread, unless this little
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
@@ -326,8 +326,11 @@ def _unverified(
 ) -> list[tuple[int, Hash, int]]:
     """Read the copied chunks back a block at a time and hash each (the index's places are
     hints: a local file may have changed since its last scan); those that do not match."""
-    wrong = []
-    view = memoryview(bytearray(VERIFY_BLOCK))
+    wrong: list[tuple[int, Hash, int]] = []
+    if not copied:
+        return wrong
+    last_offset, _, last_size = copied[-1]
+    view = memoryview(bytearray(min(VERIFY_BLOCK, last_offset + last_size - copied[0][0])))
     start = 0
     while start < len(copied):
         first = copied[start][0]
@@ -335,7 +338,7 @@ def _unverified(
         while (
             end < len(copied)
             and copied[end][0] == copied[end - 1][0] + copied[end - 1][2]
-            and copied[end][0] + copied[end][2] - first <= VERIFY_BLOCK
+            and copied[end][0] + copied[end][2] - first <= len(view)
         ):
             end += 1
         last_offset, _, last_size = copied[end - 1]

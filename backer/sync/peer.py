@@ -44,6 +44,10 @@ BATCHES_IN_FLIGHT = 16  # our batch requests open at once, chunk requests includ
 # bytes: large enough that a request's cost is spread over many chunks, small enough that
 # several are in flight at once and the peer's disk, both ciphers and our writes overlap.
 CHUNK_REQUEST_BYTES = 1024 * 1024
+# While this many chunk requests are unanswered, chunks asked meanwhile wait until they fill a
+# request or an answer comes (as Nagle's algorithm holds small segments): otherwise each answer
+# frees room for only as many chunks as it carried, and requests shrink to a few chunks each.
+CHUNK_REQUESTS_AHEAD = 2
 GOSSIP_EVERY = 30.0  # seconds between re-announcements of an unchanged root (also a keepalive)
 # A peer that leaves every one of our requests unanswered this long is stalled (or hostile): the
 # session ends so its requests move to other peers and the pull waiting on them can finish. A
@@ -149,6 +153,7 @@ class PeerSession:
         self._chunk_waiters: dict[Hash, list[asyncio.Future[bytes | None]]] = {}
         self._chunks_unsent: dict[Hash, int] = {}
         self._chunk_sender: asyncio.Task[None] | None = None
+        self._chunk_requests_open = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         self._root_event = replica.watch_root()
@@ -439,8 +444,7 @@ class PeerSession:
         waiters.append(future)
         if len(waiters) == 1:
             self._chunks_unsent[digest] = size
-            if self._chunk_sender is None or self._chunk_sender.done():
-                self._chunk_sender = self.tasks.create_task(self._send_chunk_requests())
+            self._send_chunks_soon()
         try:
             return await future
         finally:
@@ -450,9 +454,19 @@ class PeerSession:
                     del self._chunk_waiters[digest]
                     self._chunks_unsent.pop(digest, None)
 
+    def _send_chunks_soon(self) -> None:
+        if self._chunk_sender is None or self._chunk_sender.done():
+            self._chunk_sender = self.tasks.create_task(self._send_chunk_requests())
+
     async def _send_chunk_requests(self) -> None:
         await asyncio.sleep(0)  # the other chunks asked in this turn of the loop join the batch
         while self._chunks_unsent:
+            if (
+                self._chunk_requests_open >= CHUNK_REQUESTS_AHEAD
+                and len(self._chunks_unsent) < MAX_BATCH_CHUNKS
+                and sum(self._chunks_unsent.values()) < CHUNK_REQUEST_BYTES
+            ):
+                return  # the next answer sends them, with whatever joined them by then
             batch: list[tuple[Hash, int]] = []
             total = 0
             for digest, size in self._chunks_unsent.items():
@@ -462,6 +476,7 @@ class PeerSession:
                 total += size
             for digest, _ in batch:
                 del self._chunks_unsent[digest]
+            self._chunk_requests_open += 1
             self.tasks.create_task(self._fetch_chunks(batch))
 
     async def _fetch_chunks(self, batch: list[tuple[Hash, int]]) -> None:
@@ -471,6 +486,10 @@ class PeerSession:
             for digest, _ in batch:
                 self._settle(digest, exc)
             return
+        finally:
+            self._chunk_requests_open -= 1
+            if self._chunks_unsent and self.open:
+                self._send_chunks_soon()
         for digest, size in batch:
             if digest in event.chunks:
                 self._settle(digest, event.chunks[digest])
@@ -478,8 +497,7 @@ class PeerSession:
                 self._settle(digest, None)
             elif digest in self._chunk_waiters:  # beyond the answer's prefix: ask again
                 self._chunks_unsent[digest] = size
-        if self._chunks_unsent and (self._chunk_sender is None or self._chunk_sender.done()):
-            self._chunk_sender = self.tasks.create_task(self._send_chunk_requests())
+                self._send_chunks_soon()
 
     def _settle(self, digest: Hash, outcome: bytes | BaseException | None) -> None:
         for future in self._chunk_waiters.pop(digest, []):

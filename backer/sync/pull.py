@@ -48,7 +48,7 @@ __all__ = ["Fetcher", "PeerMovedOn", "PullReport", "pull"]
 NODE_BATCH = 256
 ENTRY_BATCH = 128
 GROUP_BATCH = 256
-FILES_IN_FLIGHT = 16
+FILES_IN_FLIGHT = 64  # files being built at once: small files are sealed in batches of up to this
 COMMIT_EVERY = 1000
 # Chunk records one pull expands at most (36 MiB of chunk lists), counted by what each file's
 # declared size allows; files beyond it wait for the next pull (one is always taken).
