@@ -45,9 +45,9 @@ class EvilFetcher:
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
         return {}
 
-    async def chunk(self, digest: Hash, size: int) -> bytes | None:
-        self.chunks_asked += 1
-        return self.data.get(digest)
+    async def chunks(self, wanted: Sequence[tuple[Hash, int]]) -> dict[Hash, bytes]:
+        self.chunks_asked += len(wanted)
+        return {digest: self.data[digest] for digest, _ in wanted if digest in self.data}
 
 
 @pytest.fixture
@@ -86,11 +86,11 @@ async def test_chunks_that_do_not_match_are_never_written(victim: Replica) -> No
     lying = {digest: os.urandom(len(data)) for digest, data in chunks_of(wanted).items()}
 
     class Liar(EvilFetcher):
-        async def chunk(self, digest: Hash, size: int) -> bytes | None:
-            data = lying[digest]
-            if hash_chunk(data) != digest:  # what the session's check does on the wire
-                raise RemoteProtocolError("chunk does not match its hash")
-            return data
+        async def chunks(self, wanted: Sequence[tuple[Hash, int]]) -> dict[Hash, bytes]:
+            for digest, _ in wanted:
+                if hash_chunk(lying[digest]) != digest:  # the session's check on the wire
+                    raise RemoteProtocolError("chunk does not match its hash")
+            return {digest: lying[digest] for digest, _ in wanted}
 
     evil = Liar([entry], lying)
     try:

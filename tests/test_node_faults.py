@@ -13,6 +13,7 @@ from nodes import FAST, eventually, file_is, make_member
 
 from backer.errors import RemoteProtocolError
 from backer.events import FileProgress, PeerDisconnected, PullFinished
+from backer.ids import Hash
 from backer.keys import FolderKey
 from backer.node.node import Node, NodeOptions
 from backer.sync.link import memory_pipe
@@ -114,7 +115,7 @@ async def test_a_session_whose_channel_failed_closes_quietly_and_its_requests_mo
 
         end_a.write = failed_channel  # type: ignore[method-assign]
         with pytest.raises(PeerGone, match="connection failed"):
-            await one.chunk(bytes(32), 10)  # type: ignore[arg-type]
+            await one.chunks([(Hash(bytes(32)), 10)])
         await one.close("replaced by a newer connection")
         assert one.result.reason == "replaced by a newer connection"
     finally:

@@ -1,5 +1,5 @@
-"""A session's chunk fetching: every chunk asked in one turn of the event loop travels in one
-GetChunks, a chunk asked twice is asked once, and a caller that gives up leaves nothing behind."""
+"""A session's chunk fetching: the chunks asked together travel in one GetChunks, a chunk asked
+twice is asked once, and a caller that gives up leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ async def test_chunks_asked_together_travel_in_one_request(holder: Replica, tmp_
     got: list[bytes | None] = []
 
     async def fetch(peer: PeerSession) -> None:
-        got.extend(await asyncio.gather(*(peer.chunk(d, s) for d, s in wanted)))
+        found = await peer.chunks(wanted)
+        got.extend(found.get(d) for d, _ in wanted)
         assert peer.load == 0
 
     await fetching(holder, tmp_path, fetch, requests)
@@ -100,8 +101,9 @@ async def test_a_chunk_asked_twice_is_asked_once_and_a_missing_one_is_none(
     got: list[bytes | None] = []
 
     async def fetch(peer: PeerSession) -> None:
-        asked = [peer.chunk(digest, size), peer.chunk(digest, size), peer.chunk(Hash(bytes(32)), 5)]
-        got.extend(await asyncio.gather(*asked))
+        asked = [peer.chunks([(digest, size)]), peer.chunks([(digest, size), (Hash(bytes(32)), 5)])]
+        first, second = await asyncio.gather(*asked)
+        got.extend([first.get(digest), second.get(digest), second.get(Hash(bytes(32)))])
 
     await fetching(holder, tmp_path, fetch, requests)
     assert requests == [2]
@@ -113,7 +115,7 @@ async def test_a_caller_that_gives_up_leaves_no_waiter(holder: Replica, tmp_path
     requests: list[int] = []
 
     async def fetch(peer: PeerSession) -> None:
-        waiting = asyncio.ensure_future(peer.chunk(digest, size))
+        waiting = asyncio.ensure_future(peer.chunks([(digest, size)]))
         await asyncio.sleep(0)  # it has asked (the request may or may not be out yet)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -32,7 +32,7 @@ class FakePeer:
         self.peer_root: Hash | None = root
         self.open = True
         self.load = 0
-        self.chunks = chunks or {}
+        self.held = chunks or {}
         self.stall = stall
         self.gone = gone
         self.asked: list[Hash] = []
@@ -45,7 +45,7 @@ class FakePeer:
 
     async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
         await self._serve()
-        return {h: self.chunks[h] for h in hashes if h in self.chunks}
+        return {h: self.held[h] for h in hashes if h in self.held}
 
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
         return await self.nodes(hashes)
@@ -54,14 +54,14 @@ class FakePeer:
         await self._serve()
         return []
 
-    async def chunk(self, digest: Hash, size: int) -> bytes | None:
-        self.asked.append(digest)
-        self.load += 1
+    async def chunks(self, wanted: Sequence[tuple[Hash, int]]) -> dict[Hash, bytes]:
+        self.asked += [digest for digest, _ in wanted]
+        self.load += len(wanted)
         try:
             await self._serve()
-            return self.chunks.get(digest)
+            return {digest: self.held[digest] for digest, _ in wanted if digest in self.held}
         finally:
-            self.load -= 1
+            self.load -= len(wanted)
 
 
 def digest(n: int) -> Hash:
@@ -72,8 +72,8 @@ async def test_chunks_spread_over_the_peers_that_hold_the_root() -> None:
     held = {digest(n): bytes([n]) * 10 for n in range(40)}
     peers = [FakePeer(b"a", chunks=held), FakePeer(b"b", chunks=held)]
     swarm = Swarm(lambda: peers, ROOT)
-    got = await asyncio.gather(*(swarm.chunk(d, 10) for d in held))
-    assert got == list(held.values())
+    got = await asyncio.gather(*(swarm.chunks([(d, 10)]) for d in held))
+    assert [found[d] for found, d in zip(got, held, strict=True)] == list(held.values())
     assert all(peer.asked for peer in peers)  # both served some
     assert sum(len(peer.asked) for peer in peers) == len(held)  # each chunk asked once
 
@@ -82,7 +82,7 @@ async def test_a_peer_with_the_announced_root_is_asked_first() -> None:
     held = {digest(1): b"x" * 10}
     moved_on, current = FakePeer(b"a", root=OTHER_ROOT, chunks=held), FakePeer(b"b", chunks=held)
     swarm = Swarm(lambda: [moved_on, current], ROOT)
-    assert await swarm.chunk(digest(1), 10) == b"x" * 10
+    assert await swarm.chunks([(digest(1), 10)]) == {digest(1): b"x" * 10}
     assert current.asked and not moved_on.asked
 
 
@@ -91,7 +91,7 @@ async def test_a_vanished_peer_s_request_moves_to_another_at_once() -> None:
     gone, alive = FakePeer(b"a", gone=True), FakePeer(b"b", chunks=held)
     gone.load, alive.load = 0, 5  # the vanished one looks best
     swarm = Swarm(lambda: [gone, alive], ROOT, hedge_after=60)
-    assert await asyncio.wait_for(swarm.chunk(digest(1), 10), 5) == b"x" * 10
+    assert await asyncio.wait_for(swarm.chunks([(digest(1), 10)]), 5) == {digest(1): b"x" * 10}
     assert swarm.stats.moved == 1 and swarm.stats.hedged == 0
 
 
@@ -100,15 +100,27 @@ async def test_a_slow_peer_s_request_is_also_asked_of_another() -> None:
     slow, fast = FakePeer(b"a", chunks=held, stall=True), FakePeer(b"b", chunks=held)
     fast.load = 5  # the stalled one looks best
     swarm = Swarm(lambda: [slow, fast], ROOT, hedge_after=0.05)
-    assert await asyncio.wait_for(swarm.chunk(digest(1), 10), 5) == b"x" * 10
+    assert await asyncio.wait_for(swarm.chunks([(digest(1), 10)]), 5) == {digest(1): b"x" * 10}
     assert swarm.stats.hedged == 1
 
 
 async def test_a_chunk_nobody_has_is_none_after_asking_everyone() -> None:
     peers = [FakePeer(b"a"), FakePeer(b"b"), FakePeer(b"c", root=OTHER_ROOT)]
     swarm = Swarm(lambda: peers, ROOT)
-    assert await swarm.chunk(digest(9), 10) is None
+    assert await swarm.chunks([(digest(9), 10)]) == {}
     assert all(peer.asked == [digest(9)] for peer in peers)
+
+
+async def test_the_chunks_of_a_run_one_peer_lacks_are_asked_of_the_next() -> None:
+    a = FakePeer(b"a", chunks={digest(1): b"one"})
+    b = FakePeer(b"b", chunks={digest(1): b"one", digest(2): b"two"})
+    b.load = 5  # a is asked first
+    swarm = Swarm(lambda: [a, b], ROOT)
+    assert await swarm.chunks([(digest(1), 3), (digest(2), 3)]) == {
+        digest(1): b"one",
+        digest(2): b"two",
+    }
+    assert a.asked == [digest(1), digest(2)] and b.asked == [digest(2)]
 
 
 async def test_batch_items_one_peer_lacks_are_asked_of_the_next() -> None:

@@ -1,7 +1,8 @@
 """Building one pulled file: a temp file filled from the chunks this folder already has, the
 chunks an abandoned attempt left, and the chunks fetched from peers, then sealed into place.
 
-Owns the chunk window (how many chunk requests a pull keeps in flight), resuming from kept temp
+Owns the pull's byte window and the runs a file's missing chunks are asked in (the chunk is
+the unit of dedup and verification, the run of transfer), resuming from kept temp
 files and progress events; the disk swaps the file in (checking what it replaces). Imports
 index, events and sync.
 """
@@ -24,6 +25,7 @@ from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, iter_chunks
 from backer.index.store import chunk_key
 from backer.paths import parent_of
+from backer.protocol.messages import MAX_BATCH_CHUNKS
 from backer.sync.batch import ThreadBatcher
 from backer.sync.disk import ChangedMeanwhile, Installed, seal
 from backer.sync.fetcher import Fetcher, PullReport
@@ -32,19 +34,20 @@ from backer.sync.room import make_room
 from backer.sync.swap import Expected, sync_filesystems
 
 __all__ = [
-    "CHUNK_WINDOW",
+    "RUN_BYTES",
+    "WINDOW_BYTES",
     "Assembler",
     "ChangedMeanwhile",
     "ChunkGone",
     "first_leaf",
 ]
 
-CHUNK_WINDOW = 128  # chunks of one file in flight (about 3 MiB at the 24 KiB mean chunk)
+WINDOW_BYTES = 8 * 1024 * 1024  # chunks of one pull asked and not yet received
+RUN_BYTES = 1024 * 1024  # the missing chunks of a file are asked for this much at a time
 DISK_BATCH = 64  # files started, or sealed and swapped in, with one worker-thread hop
 LOCAL_BATCH = 256  # chunks this folder already has, looked up at a time
 VERIFY_BLOCK = 4 * 1024 * 1024  # chunks copied from local files are read back this much at a time
-WRITE_BATCH = 256 * 1024  # fetched bytes of one file written to disk at a time...
-WRITE_ON_LOOP = 64 * 1024  # ...in a worker thread, unless this little
+WRITE_ON_LOOP = 64 * 1024  # a run is written in a worker thread, unless this little
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 PROGRESS_FROM = 4 * 1024 * 1024  # files this large report their progress...
 PROGRESS_STEP = 4 * 1024 * 1024  # ...every this many bytes
@@ -68,7 +71,7 @@ class Assembler:
         self.report = report
         self.emit = emit
         self.label = str(replica.folder)
-        self.window = asyncio.Semaphore(CHUNK_WINDOW)
+        self.window = _Window(WINDOW_BYTES)
         self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
         # Files started or finished together share one worker-thread hop, and a batch of
         # finished files one durability barrier (STYLE.md 17): with thousands of small files
@@ -97,16 +100,12 @@ class Assembler:
         no version."""
         fd, temp, missing = await self._preparing.submit((entry, source))
         progress = _Progress(self, dest, source.size, missing)
-        writes = _Writes(fd)
         try:
             try:
                 async with asyncio.TaskGroup() as fetches:
-                    for offset, digest, size in missing:
-                        await self.window.acquire()
-                        fetches.create_task(
-                            self._fetch_into(writes, offset, digest, size, progress)
-                        )
-                await writes.flush()
+                    for run in _runs(missing):
+                        await self.window.take(_bytes_of(run))
+                        fetches.create_task(self._fetch_run(fd, run, progress))
             except BaseExceptionGroup as group:
                 # One plain exception for the caller, who decides per kind (a chunk gone, a
                 # full disk...): a group would slip past its handlers and end the whole pull.
@@ -195,16 +194,22 @@ class Assembler:
                     )
         return runs, unplaced
 
-    async def _fetch_into(
-        self, writes: _Writes, offset: int, digest: Hash, size: int, progress: _Progress
+    async def _fetch_run(
+        self, fd: int, run: list[tuple[int, Hash, int]], progress: _Progress
     ) -> None:
+        """Fetch a run of a file's missing chunks with one request and write them."""
+        size = _bytes_of(run)
         try:
-            data = await self.fetcher.chunk(digest, size)
+            found = await self.fetcher.chunks([(digest, length) for _, digest, length in run])
         finally:
-            self.window.release()
-        if data is None:
-            raise ChunkGone(digest.hex())
-        await writes.add(offset, data)
+            self.window.give(size)
+        if len(found) < len({digest for _, digest, _ in run}):
+            raise ChunkGone(next(d.hex() for _, d, _ in run if d not in found))
+        writes = [(offset, found[digest]) for offset, digest, _ in run]
+        if size < WRITE_ON_LOOP:
+            _write_all(fd, writes)  # a small file's chunk or two: cheaper than a thread hop
+        else:
+            await asyncio.to_thread(_write_all, fd, writes)
         self.report.bytes_fetched += size
         progress.add(size)
 
@@ -353,27 +358,42 @@ def _unverified(
     return wrong
 
 
-class _Writes:
-    """Fetched chunks of one file, written to its temp file in batches off the event loop."""
+class _Window:
+    """Bytes of chunks asked and not yet received, for one pull: a run waits for room (a run
+    larger than the whole window waits for an empty one)."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.items: list[tuple[int, bytes]] = []
-        self.bytes = 0
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free = capacity
+        self._changed = asyncio.Event()
 
-    async def add(self, offset: int, data: bytes) -> None:
-        self.items.append((offset, data))
-        self.bytes += len(data)
-        if self.bytes >= WRITE_BATCH:
-            await self.flush()
+    async def take(self, size: int) -> None:
+        while self.free < min(size, self.capacity):
+            self._changed.clear()
+            await self._changed.wait()
+        self.free -= size
 
-    async def flush(self) -> None:
-        items, size = self.items, self.bytes
-        self.items, self.bytes = [], 0
-        if size < WRITE_ON_LOOP:
-            _write_all(self.fd, items)  # a small file's chunk or two: cheaper than a thread hop
-        else:
-            await asyncio.to_thread(_write_all, self.fd, items)
+    def give(self, size: int) -> None:
+        self.free += size
+        self._changed.set()
+
+
+def _runs(missing: list[tuple[int, Hash, int]]) -> list[list[tuple[int, Hash, int]]]:
+    """The missing chunks of a file, in requests of up to RUN_BYTES (the chunk is the unit of
+    dedup and verification, the run the unit of transfer)."""
+    runs: list[list[tuple[int, Hash, int]]] = []
+    size = 0
+    for record in missing:
+        if not runs or size + record[2] > RUN_BYTES or len(runs[-1]) == MAX_BATCH_CHUNKS:
+            runs.append([])
+            size = 0
+        runs[-1].append(record)
+        size += record[2]
+    return runs
+
+
+def _bytes_of(run: list[tuple[int, Hash, int]]) -> int:
+    return sum(size for _, _, size in run)
 
 
 def _write_all(fd: int, items: list[tuple[int, bytes]]) -> None:

@@ -25,7 +25,10 @@ class Fetcher(Protocol):
 
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
 
-    async def chunk(self, digest: Hash, size: int) -> bytes | None: ...
+    async def chunks(self, wanted: Sequence[tuple[Hash, int]]) -> dict[Hash, bytes]:
+        """The chunks of these (hash, size) pairs the peer has (those it lacks are left out),
+        fetched together: the run, not the chunk, is the unit of transfer."""
+        ...
 
 
 class PeerMovedOn(BackerError):

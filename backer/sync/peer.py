@@ -433,26 +433,38 @@ class PeerSession:
             todo = list(event.unanswered)
         return found
 
-    async def chunk(self, digest: Hash, size: int) -> bytes | None:
-        """One chunk (None: the peer lacks it). Every chunk asked in one turn of the event
-        loop, by any number of callers, travels in one GetChunks (STYLE.md 17); a chunk
-        already asked is not asked twice."""
+    async def chunks(self, wanted: Sequence[tuple[Hash, int]]) -> dict[Hash, bytes]:
+        """The chunks the peer has of these (hash, size) pairs. Every chunk asked while a
+        request is being made, by any number of callers, travels in one GetChunks of up to
+        CHUNK_REQUEST_BYTES (STYLE.md 17); a chunk already asked is not asked twice."""
         if not self.open:
             raise PeerGone(self.result.reason or "the session is not open")
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        waiters = self._chunk_waiters.setdefault(digest, [])
-        waiters.append(future)
-        if len(waiters) == 1:
-            self._chunks_unsent[digest] = size
-            self._send_chunks_soon()
+        loop = asyncio.get_running_loop()
+        asked: list[tuple[Hash, asyncio.Future[bytes | None]]] = []
+        for digest, size in wanted:
+            future: asyncio.Future[bytes | None] = loop.create_future()
+            waiters = self._chunk_waiters.setdefault(digest, [])
+            waiters.append(future)
+            if len(waiters) == 1:
+                self._chunks_unsent[digest] = size
+            asked.append((digest, future))
+        self._send_chunks_soon()
         try:
-            return await future
+            answers = await asyncio.gather(*(future for _, future in asked))
         finally:
-            if future.cancelled():  # a hedged request another peer won: forget it if unsent
-                waiters.remove(future)
-                if not waiters and self._chunk_waiters.get(digest) is waiters:
-                    del self._chunk_waiters[digest]
-                    self._chunks_unsent.pop(digest, None)
+            for digest, future in asked:
+                if future.cancelled():  # a hedged request another peer won: forget it
+                    self._forget(digest, future)
+        return {digest: data for (digest, _), data in zip(asked, answers, strict=True) if data}
+
+    def _forget(self, digest: Hash, future: asyncio.Future[bytes | None]) -> None:
+        waiters = self._chunk_waiters.get(digest)
+        if waiters is None or future not in waiters:
+            return
+        waiters.remove(future)
+        if not waiters:  # nobody wants it any more: unasked, it is not asked
+            del self._chunk_waiters[digest]
+            self._chunks_unsent.pop(digest, None)
 
     def _send_chunks_soon(self) -> None:
         if self._chunk_sender is None or self._chunk_sender.done():

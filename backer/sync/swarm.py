@@ -67,7 +67,7 @@ class Source(Protocol):
 
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
 
-    async def chunk(self, digest: Hash, size: int) -> bytes | None: ...
+    async def chunks(self, wanted: Sequence[tuple[Hash, int]]) -> dict[Hash, bytes]: ...
 
 
 @dataclass(slots=True)
@@ -116,18 +116,21 @@ class Swarm:
         found = await self._keyed(list(pairs), ask, pairs)
         return [found[path] for path, _ in wanted if path in found]
 
-    async def chunk(self, digest: Hash, size: int) -> bytes | None:
-        """The chunk from whichever peer answers first; None if no open peer has it."""
+    async def chunks(self, wanted: Sequence[tuple[Hash, int]]) -> dict[Hash, bytes]:
+        """A run of chunks from whichever peer answers first; what one lacks is asked of the
+        next; the chunks no open peer has are left out."""
+        found: dict[Hash, bytes] = {}
+        todo = list(dict.fromkeys(wanted))
         tried: set[int] = set()
-        asking: dict[asyncio.Task[bytes | None], Source] = {}
+        asking: dict[asyncio.Task[dict[Hash, bytes]], Source] = {}
         self.stats.requests += 1
         try:
-            while True:
+            while todo:
                 if not asking:
                     ranked = self._ranked(tried)
                     if not ranked:
-                        return None
-                    self._ask_chunk(ranked[0], digest, size, tried, asking)
+                        break
+                    self._ask_chunks(ranked[0], todo, tried, asking)
                 done, _ = await asyncio.wait(
                     asking, timeout=self._hedge_after, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -135,32 +138,33 @@ class Swarm:
                     ranked = self._ranked(tried)
                     if ranked:
                         self.stats.hedged += 1
-                        self._ask_chunk(ranked[0], digest, size, tried, asking)
+                        self._ask_chunks(ranked[0], todo, tried, asking)
                     continue
                 for task in done:
                     source = asking.pop(task)
-                    data = None if task.exception() else task.result()
-                    if data is not None:
-                        self.served[source.peer_device or b""] += 1
-                        return data
+                    got = {} if task.exception() else task.result()
+                    self.served[source.peer_device or b""] += len(got)
+                    found.update(got)
+                todo = [pair for pair in todo if pair[0] not in found]
+                if todo and not asking:
                     self.stats.moved += 1
         finally:
             for task in asking:
                 task.cancel()
+        return found
 
-    def _ask_chunk(
+    def _ask_chunks(
         self,
         source: Source,
-        digest: Hash,
-        size: int,
+        todo: list[tuple[Hash, int]],
         tried: set[int],
-        asking: dict[asyncio.Task[bytes | None], Source],
+        asking: dict[asyncio.Task[dict[Hash, bytes]], Source],
     ) -> None:
         tried.add(id(source))
-        key = id(source)
-        self._given[key] += 1
-        task = asyncio.ensure_future(_quiet(source.chunk(digest, size)))
-        task.add_done_callback(lambda _: self._given.subtract((key,)))
+        key, count = id(source), len(todo)
+        self._given[key] += count
+        task = asyncio.ensure_future(_quiet(source.chunks(list(todo))))
+        task.add_done_callback(lambda _: self._given.subtract({key: count}))
         asking[task] = source
 
     async def _keyed(
@@ -194,12 +198,12 @@ class Swarm:
         return found
 
 
-async def _quiet(request: Awaitable[bytes | None]) -> bytes | None:
-    """A chunk request whose peer vanished answers None: someone else is asked."""
+async def _quiet(request: Awaitable[dict[Hash, bytes]]) -> dict[Hash, bytes]:
+    """A chunk request whose peer vanished answers nothing: someone else is asked."""
     try:
         return await request
     except PeerGone:
-        return None
+        return {}
 
 
 class FolderPuller:
