@@ -471,3 +471,28 @@ async def test_local_chunks_that_changed_since_their_scan_are_fetched(
     result = await converge(a, b)
     assert (b / "big.bin").read_bytes() == changed
     assert 0 < fetched(result) < 200_000
+
+
+async def test_modes_a_pull_cannot_apply_do_not_come_back_as_local_edits(
+    pair: tuple[Path, Path],
+) -> None:
+    """A setuid file lands without setuid and a read-only directory with its owner's rwx (the
+    pull's masks); the copy's next scan must not record that as a change of its own and send
+    it back, clearing the bits on the machine they came from."""
+    a, b = pair
+    write(a, "tool.sh", b"#!/bin/sh\n")
+    (a / "tool.sh").chmod(0o6755)
+    (a / "shelf").mkdir()
+    write(a, "shelf/book.txt", b"words")
+    (a / "shelf").chmod(0o555)
+    try:
+        first = await replicate(a, b)
+        assert first.in_sync
+        assert stat.S_IMODE((b / "tool.sh").stat().st_mode) == 0o755
+        assert stat.S_IMODE((b / "shelf").stat().st_mode) == 0o755
+        again = await replicate(a, b)
+        assert again.in_sync and again.root_a == first.root_a  # nothing changed anywhere
+        assert stat.S_IMODE((a / "tool.sh").stat().st_mode) == 0o6755
+        assert stat.S_IMODE((a / "shelf").stat().st_mode) == 0o555
+    finally:
+        (a / "shelf").chmod(0o755)

@@ -358,8 +358,9 @@ class _Scan:
     def _directory(
         self, path: str, st: os.stat_result, old: Known | None, local: str | None
     ) -> None:
-        mode = stat_mod.S_IMODE(st.st_mode)
-        if old and old.kind is Kind.DIR and not old.deleted and old.mode == mode:
+        mode = _mode(st)
+        # A pull gives every directory its owner's rwx (disk.make_dir): not a local change.
+        if old and old.kind is Kind.DIR and not old.deleted and old.mode | 0o700 == mode | 0o700:
             if old.local.disk_name != local:
                 self.records.keep(path, LocalState(disk_name=local))
             return
@@ -395,7 +396,7 @@ class _Scan:
             and not old.deleted
             and not old.local.racy
             and old.local.stat == _sig(st)
-            and old.mode == stat_mod.S_IMODE(st.st_mode)
+            and old.mode & 0o777 == _mode(st)
         ):
             return
         if st.st_size <= INLINE_READ:
@@ -435,7 +436,7 @@ class _Scan:
             kind=Kind.FILE,
             size=read.size,
             mtime_ns=st.st_mtime_ns,
-            mode=stat_mod.S_IMODE(st.st_mode),
+            mode=_mode(st),
             chunks=read.chunks,
         )
         local_state = LocalState(stat=_sig(st), racy=racy, disk_name=local)
@@ -524,3 +525,10 @@ def _read_file(path: str) -> _Read:
     if _sig(before) != _sig(after) or size != before.st_size:
         return _Read(problem="unstable")
     return _Read(chunks=chunks, size=size, stat=before)
+
+
+def _mode(st: os.stat_result) -> int:
+    """The permission bits a folder shares: rwx for owner, group and others. Setuid, setgid
+    and sticky never travel (a pull drops them, as Syncthing does), so they are not recorded:
+    a file a pull wrote without them is unchanged, not a local edit to send back."""
+    return stat_mod.S_IMODE(st.st_mode) & 0o777
