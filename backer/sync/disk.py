@@ -250,9 +250,12 @@ class FolderDisk:
         """Move the file or symlink at `rel` into the versions area if it is what the pull
         expected to remove. Anything else is a local edit, which wins over the deletion: it
         stays (ChangedMeanwhile), and one made while it is moved out is moved back."""
-        if self.lstat(rel) is None:  # checks the path too
-            return
-        with self.directory(parent_of(rel)) as dir_fd:
+        check_path(rel)
+        with contextlib.ExitStack() as stack:
+            try:
+                dir_fd = stack.enter_context(self.directory(parent_of(rel)))
+            except FileNotFoundError:
+                return  # its directory is gone, and the file with it
             name = _name(rel)
             found = lstat_at(dir_fd, name)
             if not is_expected(found, expected, lambda: os.readlink(name, dir_fd=dir_fd)):
