@@ -259,6 +259,24 @@ async def test_a_subdirectory_on_another_filesystem_receives_replaces_and_delete
     assert not [p for p in mounted.iterdir() if p.name.startswith(".backer-")]
 
 
+async def test_a_versions_area_on_its_own_filesystem_still_takes_what_a_pull_replaces(
+    tmp_path: Path,
+) -> None:
+    """Replaced and deleted files are copied into a versions area mounted apart (a rename
+    cannot reach it), and a deletion is not mistaken for a local edit because the copy has
+    another inode."""
+    a, b = await _shared(tmp_path, {"x.txt": b"one", "y.txt": b"why"})
+    with tmpfs(b / ".backer/versions", "size=8m"):
+        write(a, "x.txt", b"two", mtime=OLD + 10)
+        os.unlink(a / "y.txt")
+        result = await converge(a, b)
+        assert not [e for r in (result.a, result.b) for p in r.pulls for e in p.errors]
+        versions = {p.read_bytes() for p in (b / ".backer/versions").rglob("*") if p.is_file()}
+        assert versions == {b"one", b"why"}
+        assert not (b / "y.txt").exists()
+        assert not [p for p in b.iterdir() if p.name.startswith(".backer-")]
+
+
 @pytest.fixture
 def small_b(tmp_path: Path) -> Iterator[Path]:
     """Replica b's whole folder on an 8 MiB tmpfs."""

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backer.errors import FolderMissingError, InvalidPathError
+from backer.sync import room
 from backer.sync.versions import (
     SYNCTHING_SCHEDULE,
     VERSIONS_DIR,
@@ -413,3 +414,28 @@ def test_prune_keeps_the_first_and_the_newest_of_one_second(folder: Path) -> Non
         versions.archive("f", NOW)
     assert versions.prune(NOW + 10) == 1
     assert [v.stored.read_bytes() for v in versions.list("f")] == [b"newest", b"first"]
+
+
+# -- room for a pull ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("need", "deleted"), [(2500, 3), (10**9, 3), (1500, 2), (0, 0)])
+def test_room_is_made_oldest_first_never_from_a_paths_newest(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, need: int, deleted: int
+) -> None:
+    """Each deleted version frees 1000 bytes here (a fake filesystem)."""
+    versions = Versions(folder)
+    for path, hours in [("a.txt", 0), ("b.txt", 0.5), ("a.txt", 1), ("b.txt", 1.5), ("a.txt", 2)]:
+        write(folder, path, f"{path} {hours}".encode())
+        versions.archive(path, NOW + hours * HOUR)
+
+    def kept() -> list[str]:
+        return sorted(f"{v.path} {v.time:%H%M}" for v in versions.all())
+
+    monkeypatch.setattr(room, "MARGIN", 0)
+    monkeypatch.setattr(room, "_free", lambda _: 1000 * (5 - len(kept())))
+    assert room.make_room(versions, need) == deleted
+    expected = ["a.txt 1015", "a.txt 1115", "a.txt 1215", "b.txt 1045", "b.txt 1145"]
+    for gone in ["a.txt 1015", "b.txt 1045", "a.txt 1115"][:deleted]:  # the oldest first
+        expected.remove(gone)
+    assert kept() == expected

@@ -271,15 +271,18 @@ class FolderDisk:
         """Move the file or symlink at `rel` into the versions area if it is what the pull
         expected to remove. Anything else is a local edit, which wins over the deletion: it
         stays (ChangedMeanwhile), and one made while it is moved out is moved back."""
-        if self.lstat(rel) is None:  # checks the path too
-            return
-        with self.directory(parent_of(rel)) as dir_fd:
+        check_path(rel)
+        with contextlib.ExitStack() as stack:
+            try:
+                dir_fd = stack.enter_context(self.directory(parent_of(rel)))
+            except FileNotFoundError:
+                return  # its directory is gone, and the file with it
             name = _name(rel)
             found = lstat_at(dir_fd, name)
             if not is_expected(found, expected, lambda: os.readlink(name, dir_fd=dir_fd)):
                 raise ChangedMeanwhile(f"{rel} changed since the pull decided")
             self.before_swap(rel)
-            if os.fstat(dir_fd).st_dev != self._home_device():
+            if os.fstat(dir_fd).st_dev != _device_of(self.versions.root, self.tmp.parent):
                 self._remove_elsewhere(dir_fd, rel, expected)
                 return
             stored = self.versions.archive(rel, self.clock(), sync=sync)
@@ -324,15 +327,12 @@ class FolderDisk:
             ):
                 os.fsync(dir_fd)
 
-    def _home_device(self) -> int:
-        return os.stat(self.folder / RESERVED_DIR).st_dev
-
     def _unnamed_beside(self, dest: str) -> int | None:
         """An unnamed temp file (O_TMPFILE) on the filesystem `dest` will be created on, if
         that is not the folder's own (None then)."""
         try:
             with self.directory(parent_of(dest), nearest=True) as fd:
-                if os.fstat(fd).st_dev == self._home_device():
+                if os.fstat(fd).st_dev == _device_of(self.tmp):
                     return None
                 return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=fd)
         except InvalidPathError:
@@ -535,6 +535,14 @@ def _copy_file(src_dir: int, name: str, dst_dir: int, temp: str, st: os.stat_res
             os.close(target)
     finally:
         os.close(source)
+
+
+def _device_of(*paths: Path) -> int:
+    """The filesystem of the first of `paths` that exists (a rename cannot leave it)."""
+    for path in paths[:-1]:
+        with contextlib.suppress(FileNotFoundError):
+            return os.stat(path).st_dev
+    return os.stat(paths[-1]).st_dev
 
 
 def _name(rel: str) -> str:

@@ -249,12 +249,13 @@ class _Pull:
         elif result.deleted:
             deletions.append((decision, record))
         elif result.kind is Kind.DIR:
-            if record and not record.entry.deleted and record.entry.kind is not Kind.DIR:
-                try:  # a file became a directory
-                    await asyncio.to_thread(self.disk.remove, result.path, _expected(record))
-                except ChangedMeanwhile:
-                    self._changed_meanwhile(result.path)
-                    return
+            if (  # a file became a directory: unless it was edited meanwhile
+                record
+                and not record.entry.deleted
+                and record.entry.kind is not Kind.DIR
+                and not await self._removed(result.path, record)
+            ):
+                return
             await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
             self._record(result, LocalState())
             self.report.dirs += 1
@@ -399,13 +400,8 @@ class _Pull:
                 )
                 self._record(kept, record.local)
                 return
-        else:  # the directories are fsynced by the commit that records the deletion
-            remove = functools.partial(self.disk.remove, result.path, _expected(record), sync=False)
-            try:
-                await asyncio.to_thread(remove)
-            except ChangedMeanwhile:  # edit beats delete: the edit is indexed and wins
-                self._changed_meanwhile(result.path)
-                return
+        elif not await self._removed(result.path, record, sync=False):  # fsynced by the commit
+            return  # edit beats delete: the edit is indexed and wins
         self._record(result, LocalState())
         self.report.deleted += 1
         self._updated(result.path, "deleted")
@@ -419,12 +415,8 @@ class _Pull:
             if not await asyncio.to_thread(self.disk.remove_dir, result.path):
                 self.report.skipped += 1  # something still lives in it; a later pull decides
                 return
-        else:
-            try:
-                await asyncio.to_thread(self.disk.remove, result.path, _expected(record))
-            except ChangedMeanwhile:
-                self._changed_meanwhile(result.path)
-                return
+        elif not await self._removed(result.path, record):
+            return
         if result.kind is Kind.DIR:
             await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
             self._record(result, LocalState())
@@ -433,6 +425,17 @@ class _Pull:
         else:
             await self.files.acquire()
             await self._file(result, result.path, remote, None)
+
+    async def _removed(self, path: str, record: Record, *, sync: bool = True) -> bool:
+        """Remove the file or symlink at `path` if it is what `record` says; False if a local
+        edit is there instead (it stays, is indexed, and wins)."""
+        remove = functools.partial(self.disk.remove, path, _expected(record), sync=sync)
+        try:
+            await asyncio.to_thread(remove)
+        except ChangedMeanwhile:
+            self._changed_meanwhile(path)
+            return False
+        return True
 
     def _archive(self, path: str) -> None:
         """Move what is at `path` (a file or symlink) into the versions area."""
