@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from backer.errors import FolderMissingError
 from backer.index.merkle import EMPTY_ROOT
 from backer.sync import assemble as assemble_module
 from backer.sync import disk as disk_module
@@ -496,3 +497,21 @@ async def test_modes_a_pull_cannot_apply_do_not_come_back_as_local_edits(
         assert stat.S_IMODE((a / "shelf").stat().st_mode) == 0o555
     finally:
         (a / "shelf").chmod(0o755)
+
+
+def test_the_temp_area_is_made_but_never_the_folder_s_backer_directory(tmp_path: Path) -> None:
+    """Found by unmounting a folder during a pull: `.backer/tmp` was made with its parents, so a
+    bare mount point got a new `.backer/`, passed the marker check, and its files were taken
+    for deleted. Only `init` and `join` make `.backer/`."""
+    folder = tmp_path / "folder"
+    (folder / ".backer").mkdir(parents=True)
+    disk = FolderDisk(folder)
+    fd, temp = disk.temp_file("k")
+    os.close(fd)
+    assert temp.parent == folder / ".backer" / "tmp"
+    temp.unlink()
+    temp.parent.rmdir()
+    temp.parent.parent.rmdir()  # the disk holding the folder is gone
+    with pytest.raises(FolderMissingError, match="mounted"):
+        disk.temp_file("k")
+    assert not (folder / ".backer").exists()

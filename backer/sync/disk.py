@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from backer.errors import BackerError, InvalidPathError
+from backer.errors import BackerError, FolderMissingError, InvalidPathError
 from backer.index.store import StatSig
 from backer.paths import RESERVED_DIR, check_path, parent_of
 from backer.sync import swap
@@ -185,13 +185,26 @@ class FolderDisk:
         For a `dest` on another filesystem than the folder's (a subdirectory that is its own
         mount), an unnamed file on that filesystem instead, which `install_file` names beside
         `dest` just before it swaps it in (a rename cannot cross filesystems)."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
         if dest is not None and (fd := self._unnamed_beside(dest)) is not None:
             return fd, self.folder / parent_of(dest) / f".backer-{secrets.token_hex(8)}.part"
         path = self.tmp / f"{key}.part"
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(path, flags if resume else flags | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(path, flags if resume else flags | os.O_TRUNC, 0o600)
+        except FileNotFoundError:
+            self._temp_area()
+            fd = os.open(path, flags if resume else flags | os.O_TRUNC, 0o600)
         return fd, path
+
+    def _temp_area(self) -> None:
+        """Make `.backer/tmp`, but never `.backer/` itself: a folder whose `.backer/` is gone
+        is unmounted or deleted, and files written there would land on whatever is beneath."""
+        try:
+            self.tmp.mkdir(exist_ok=True)
+        except FileNotFoundError as exc:
+            raise FolderMissingError(
+                f"{self.tmp.parent} is gone (is the folder's disk mounted?)"
+            ) from exc
 
     def prune_temp(self, older_than: float, now: float) -> int:
         """Delete temp files of abandoned transfers not touched for `older_than` seconds."""
@@ -256,7 +269,7 @@ class FolderDisk:
         """Swap a symlink to `target` in at `rel`, as `install_file` swaps a file; returns the
         conflict copy of a local edit it took out, if any."""
         check_path(rel)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._temp_area()
         temp = f"link-{secrets.token_hex(8)}.part"
         with _open_dir_fd(self.tmp) as tmp_fd:
             os.symlink(target, temp, dir_fd=tmp_fd)
@@ -332,7 +345,7 @@ class FolderDisk:
         that is not the folder's own (None then)."""
         try:
             with self.directory(parent_of(dest), nearest=True) as fd:
-                if os.fstat(fd).st_dev == _device_of(self.tmp):
+                if os.fstat(fd).st_dev == _device_of(self.tmp, self.tmp.parent):
                     return None
                 return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=fd)
         except InvalidPathError:
@@ -471,7 +484,7 @@ class FolderDisk:
         `new_rel` is taken. ChangedMeanwhile if `rel` changed while it was copied."""
         check_path(rel)
         check_path(new_rel)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._temp_area()
         temp = f"copy-{secrets.token_hex(8)}.part"
         with (
             self.directory(parent_of(rel)) as src_fd,
