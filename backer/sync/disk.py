@@ -298,10 +298,11 @@ class FolderDisk:
             if os.fstat(dir_fd).st_dev != _device_of(self.versions.root, self.tmp.parent):
                 self._remove_elsewhere(dir_fd, rel, expected)
                 return
-            stored = self.versions.archive(rel, self.clock(), sync=sync)
-            if stored is None or is_expected(
-                os.lstat(stored), expected, lambda: os.readlink(stored), renamed=True
-            ):
+            try:
+                stored = self.versions.archive_from(dir_fd, name, rel, self.clock(), sync=sync)
+            except FileNotFoundError:
+                return  # gone meanwhile, as the pull wanted
+            if is_expected(os.lstat(stored), expected, lambda: os.readlink(stored), renamed=True):
                 return
             with contextlib.suppress(FileExistsError):  # the user made a newer one: it wins
                 move_noreplace(_AT_FDCWD, str(stored), dir_fd, name)

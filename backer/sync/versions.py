@@ -151,9 +151,9 @@ class Versions:
     def archive_from(
         self, source_dir: int, name: str, rel_path: str, now: float, *, sync: bool = True
     ) -> Path:
-        """Move the file or symlink `name` in the open directory `source_dir` (the temp area,
-        where a swap left what it took out of the folder) into the area as a version of
-        `rel_path`, with one rename; `sync` as in `archive`."""
+        """Move the file or symlink `name` in the open directory `source_dir` (where a swap
+        left what it took out of the folder, or its own directory) into the area as a version
+        of `rel_path`, with one rename; `sync` as in `archive`."""
         check_path(rel_path)
         parts = rel_path.split("/")
         with self._lock, _plain_errors("archive", rel_path), self._roots() as (_, marker):
