@@ -183,6 +183,25 @@ async def test_rename_and_directory_move_transfer_no_content(pair: tuple[Path, P
     assert len(list((b / "moved/src").iterdir())) == 1000
 
 
+async def test_a_pull_in_slices_still_moves_without_transfer(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull applies its paths a slice at a time (memory stays bounded with 100,000 files);
+    removals wait for the end, so files moved into a later slice still copy their content
+    from where they were."""
+    monkeypatch.setattr("backer.sync.pull.PULL_SLICE", 7)
+    a, b = pair
+    for i in range(40):
+        write(a, f"a-first/file{i:02d}.txt", os.urandom(2000))
+    await converge(a, b)
+    os.rename(a / "a-first", a / "z-last")
+    result = await converge(a, b)
+    assert fetched(result) == 0
+    assert sorted(p.name for p in (b / "z-last").iterdir()) == [
+        f"file{i:02d}.txt" for i in range(40)
+    ]
+
+
 async def test_concurrent_edits_keep_both_copies(pair: tuple[Path, Path]) -> None:
     a, b = pair
     write(a, "notes.txt", b"base")

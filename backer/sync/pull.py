@@ -20,6 +20,7 @@ import functools
 import os
 import stat as stat_mod
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from backer.errors import (
@@ -53,6 +54,7 @@ COMMIT_EVERY = 1000
 # Chunk records one pull expands at most (36 MiB of chunk lists), counted by what each file's
 # declared size allows; files beyond it wait for the next pull (one is always taken).
 PULL_CHUNK_RECORDS = 1 << 20
+PULL_SLICE = 5000  # differing paths whose entries a pull holds and applies at a time
 _T = TypeVar("_T")
 # Failures that concern one path (refused as unsafe, or the disk said no): reported, skipped.
 _PATH_ERRORS = (InvalidPathError, OSError)
@@ -96,6 +98,7 @@ class _Pull:
         self.rescan: list[str] = []
         self.current: dict[str, Record] = {}  # local records of the pulled paths, read first
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
+        self.records_left = PULL_CHUNK_RECORDS  # chunk records this pull may still expand
         self.assembler = Assembler(replica, fetcher, self.report, emit)
 
     async def run(self, remote_root: Hash) -> PullReport:
@@ -104,10 +107,18 @@ class _Pull:
         found = await self._walk(remote_root)
         if not found:
             return self.report
-        remote = self._capped(await self._authorized(await self._entries(found)))
-        entries = await self._chunk_lists(remote)
+        # Slices of the tree's differing paths, parents first: a 100,000-file pull held every
+        # entry (twice, wire and whole) at once, 223 MB on the copy. Removals wait for the
+        # end, so a file moved into a later slice still finds its content at its old path.
+        found.sort(key=lambda pair: pair[0].split("/"))
+        removals = _Removals()
         try:
-            await self._apply(entries)
+            for part in _batches(found, PULL_SLICE):
+                remote = self._capped(await self._authorized(await self._entries(part)))
+                entries = await self._chunk_lists(remote)
+                await self._apply(entries, removals)
+                await self._commit()
+            await self._remove(removals)
         finally:
             await self._commit()
             if self.rescan:
@@ -140,7 +151,7 @@ class _Pull:
             *(self.fetcher.entries(batch) for batch in _batches(found, ENTRY_BATCH))
         ):
             remote.extend(part)
-        self.report.entries = len(remote)
+        self.report.entries += len(remote)
         self.report.skipped += len(found) - len(remote)  # no peer answered them: left for later
         return remote
 
@@ -161,14 +172,13 @@ class _Pull:
         """`remote` within this pull's chunk-record budget: files whose chunk lists must be
         fetched are taken while their declared sizes fit it; the rest wait for the next pull."""
         taken: list[RemoteEntry] = []
-        budget = PULL_CHUNK_RECORDS
         for item in remote:
             if item.chunks is None and item.groups:
                 records = max_chunk_records(item.size)
-                if records > budget and budget < PULL_CHUNK_RECORDS:
+                if records > self.records_left and self.records_left < PULL_CHUNK_RECORDS:
                     self.report.deferred += 1
                     continue
-                budget -= records
+                self.records_left -= records
             taken.append(item)
         return taken
 
@@ -199,16 +209,21 @@ class _Pull:
 
     # -- applying ----------------------------------------------------------------------------
 
-    async def _apply(self, entries: list[Entry]) -> None:
-        deletions: list[tuple[Decision, Record | None]] = []
-        blocked: list[tuple[Decision, Record | None, Entry]] = []
+    async def _apply(self, entries: list[Entry], removals: _Removals) -> None:
+        """Write what `entries` bring; what they remove or replace by another kind is added
+        to `removals`, for the end of the pull."""
         self.current = await self._currents([e.path for e in entries])
         async with asyncio.TaskGroup() as files:
             for remote in sorted(entries, key=lambda e: e.path.split("/")):
                 try:
-                    await self._decide_and_apply(remote, files, deletions, blocked)
+                    await self._decide_and_apply(
+                        remote, files, removals.deletions, removals.blocked
+                    )
                 except _PATH_ERRORS as exc:
                     self._failed(remote.path, exc)
+
+    async def _remove(self, removals: _Removals) -> None:
+        deletions, blocked = removals.deletions, removals.blocked
         # Deepest first: a directory's children are gone before the directory is removed.
         for decision, record in sorted(deletions, key=_result_path, reverse=True):
             try:
@@ -466,6 +481,15 @@ def _assembled(remote: list[RemoteEntry], groups: dict[Hash, bytes]) -> list[Ent
         item.check_groups(groups)
         entries.append(item.to_entry(b"".join(groups[g] for g in item.groups)))
     return entries
+
+
+@dataclass(slots=True)
+class _Removals:
+    """What a pull removes, kept for its end: deletions, and paths whose kind changes to or
+    from a directory (the old one must go first)."""
+
+    deletions: list[tuple[Decision, Record | None]] = field(default_factory=list)
+    blocked: list[tuple[Decision, Record | None, Entry]] = field(default_factory=list)
 
 
 def _expected(record: Record | None) -> Expected:
