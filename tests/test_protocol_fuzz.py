@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
+import time
 from collections.abc import Callable
 
 from hypothesis import HealthCheck, given, settings
@@ -43,6 +45,7 @@ from backer.protocol.session import Event, ProtocolViolation, Session, State
 SEED = 20261101
 CODEC_INPUTS = 70_000
 SESSION_INPUTS = 30_000
+LONGER = float(os.environ.get("BACKER_FUZZ_SECONDS", "0"))  # seconds of mutation beyond those
 DEVICE, PEER, FOLDER = Hash(b"A" * 32), Hash(b"B" * 32), Hash(b"F" * 32)
 VV = VersionVector(((1, 7), (2, 3)))
 DATA = random.Random(SEED).randbytes(5_000)  # one chunk
@@ -190,20 +193,34 @@ def test_seeded_mutation_volume() -> None:
     rng = random.Random(SEED)
     inputs = decoded = events = 0
     for _ in range(CODEC_INPUTS):
-        data = mutate(rng, b"".join(rng.sample(FRAMES, rng.randint(1, 3))))
-        decoded += decode_stream(pieces(rng, data))
+        decoded += _codec_input(rng)
         inputs += 1
     for n in range(SESSION_INPUTS):
-        if n % 3 == 0:  # a fresh session: the Hello itself may be damaged
-            session = Session(DEVICE, FOLDER, EMPTY_ROOT)
-            stream = HELLO_FRAME + b"".join(rng.sample(FRAMES, 2))
-        else:  # a session waiting for answers
-            session = asking_session()
-            stream = b"".join(rng.sample(FRAMES, rng.randint(1, 3)))
-        events += len(run_session(session, pieces(rng, mutate(rng, stream)), eof=n % 7 == 0))
+        events += _session_input(rng, n)
         inputs += 1
+    end = time.monotonic() + LONGER  # BACKER_FUZZ_SECONDS: go on mutating, both kinds
+    while time.monotonic() < end:
+        decoded += _codec_input(rng)
+        events += _session_input(rng, inputs)
+        inputs += 2
+    print(f"\nprotocol fuzz: {inputs:,} inputs, {decoded:,} frames decoded, {events:,} events")
     assert inputs >= 100_000
     assert decoded > 1000 and events > 1000  # the mutations do not all fail at the first byte
+
+
+def _codec_input(rng: random.Random) -> int:
+    data = mutate(rng, b"".join(rng.sample(FRAMES, rng.randint(1, 3))))
+    return decode_stream(pieces(rng, data))
+
+
+def _session_input(rng: random.Random, n: int) -> int:
+    if n % 3 == 0:  # a fresh session: the Hello itself may be damaged
+        session = Session(DEVICE, FOLDER, EMPTY_ROOT)
+        stream = HELLO_FRAME + b"".join(rng.sample(FRAMES, 2))
+    else:  # a session waiting for answers
+        session = asking_session()
+        stream = b"".join(rng.sample(FRAMES, rng.randint(1, 3)))
+    return len(run_session(session, pieces(rng, mutate(rng, stream)), eof=n % 7 == 0))
 
 
 # --- hypothesis, for shrinking -------------------------------------------------------------------
