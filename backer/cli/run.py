@@ -185,31 +185,40 @@ async def _run(node: Node, *, as_json: bool, web: bool) -> int:
 
 
 async def _print(events: Any, *, as_json: bool) -> None:
-    show = (
-        _show_json
-        if as_json
-        else (TerminalView(Console()).show if sys.stdout.isatty() else _show_text)
-    )
+    if not as_json and sys.stdout.isatty():
+        view = TerminalView(Console())  # a terminal: progress bars, drawn on the loop
+        try:
+            while True:
+                for stamped in [await events.next_stamped(), *events.take_ready()]:
+                    view.show(stamped)
+        except StopAsyncIteration:
+            return
+    render = _json_line if as_json else _text_line
     try:
         while True:
-            # Everything already waiting goes out with one flush: a pull of many small files
-            # emits an event per file, and a write to the pipe each cost the node 5 % of its
-            # CPU (and blocks the loop while the reader of the pipe is slow).
-            for stamped in [await events.next_stamped(), *events.take_ready()]:
-                show(stamped)
-            sys.stdout.flush()
+            # Everything already waiting goes out in one write (a pull of many small files
+            # emits an event per file: a write each cost the node 5 % of its CPU), from a
+            # worker thread: a pipe whose reader stalls must block this printer, never the
+            # node (its events queue meanwhile, and are dropped past the queue's bound).
+            lines = [render(s) for s in [await events.next_stamped(), *events.take_ready()]]
+            text = "".join(line + "\n" for line in lines if line)
+            if text:
+                await asyncio.to_thread(_write_out, text)
     except StopAsyncIteration:
         return
 
 
-def _show_json(stamped: tuple[float, Event]) -> None:
-    print(json.dumps(stamped_json(stamped)))
+def _json_line(stamped: tuple[float, Event]) -> str:
+    return json.dumps(stamped_json(stamped))
 
 
-def _show_text(stamped: tuple[float, Event]) -> None:
-    line = describe(stamped[1])
-    if line:
-        print(line)
+def _text_line(stamped: tuple[float, Event]) -> str:
+    return describe(stamped[1]) or ""
+
+
+def _write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 class TerminalView:
