@@ -134,7 +134,6 @@ async def phase(
     attack: tuple[FolderKey, str] | None,
 ) -> dict[str, float]:
     Path(f"/proc/{node.pid}/clear_refs").write_text("5")
-    rss_before = status_kb(node.pid, "VmRSS")
     attacking = attacker(*attack, seconds) if attack else None
     worst, asked = 0.0, 0
     end = time.monotonic() + seconds
@@ -146,7 +145,6 @@ async def phase(
     return {
         "worst_ms": worst * 1000,
         "requests": asked,
-        "rss_mb": rss_before / 1024,
         "peak_mb": status_kb(node.pid, "VmHWM") / 1024,
         "bombs": bombs,
     }
