@@ -170,6 +170,20 @@ def test_a_whole_pull_nodes_entries_groups_chunk() -> None:
     assert a.data_to_send() == b.data_to_send() == b""
 
 
+def test_a_hashed_answer_skips_only_the_responders_own_hash() -> None:
+    """`hashed=True` (the replica hashed each chunk as it read it) spares the second hash on
+    the way out; the size is still checked there, and the requester still checks both."""
+    a, b = connected()
+    digest, size = next(iter_chunks(CHUNKS))
+    request_id, data = a.request_chunks([(digest, size)])
+    deliver(data, b)
+    with pytest.raises(LocalProtocolError, match="not what was asked"):
+        b.answer_chunks(request_id, [CONTENT[: size + 1]], hashed=True)
+    lie = bytes([CONTENT[0] ^ 1]) + CONTENT[1:size]
+    [violation] = deliver(b.answer_chunks(request_id, [lie], hashed=True), a)
+    assert isinstance(violation, ProtocolViolation) and "hash" in violation.reason
+
+
 def test_requests_are_pipelined_and_answered_in_any_order() -> None:
     a, b = connected()
     digest, size = next(iter_chunks(CHUNKS))

@@ -288,8 +288,9 @@ class PeerSession:
                     rid, self.replica.read_groups, hashes, self.session.answer_groups
                 )
             case proto.ChunksRequested(id=rid, wanted=wanted):
+                # read_chunks hashes every chunk it reads: the session need not again.
                 await self._answer(
-                    rid, self.replica.read_chunks, wanted, self.session.answer_chunks
+                    rid, self.replica.read_chunks, wanted, self._answer_verified_chunks
                 )
             case (
                 proto.NodesReceived(id=rid)
@@ -335,6 +336,9 @@ class PeerSession:
         # and neither reads, TCP buffers fill and both stall. The Session caps how many
         # requests a peer may leave unanswered, which bounds these tasks.
         self.tasks.create_task(answer())
+
+    def _answer_verified_chunks(self, rid: int, chunks: list[bytes | None]) -> bytes:
+        return self.session.answer_chunks(rid, chunks, hashed=True)
 
     async def _watch_answers(self, within: float) -> None:
         """End the session if the peer leaves our requests unanswered for `within` seconds
