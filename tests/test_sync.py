@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from backer.errors import FolderMissingError
+from backer.ids import Hash
 from backer.index.merkle import EMPTY_ROOT
 from backer.sync import assemble as assemble_module
 from backer.sync import disk as disk_module
 from backer.sync.disk import FolderDisk
+from backer.sync.fetcher import PullReport
 from backer.sync.merge import is_conflict_copy
 from backer.sync.peer import SessionResult
 from backer.sync.replica import Replica
@@ -472,8 +474,9 @@ async def test_a_small_change_in_a_large_file_copies_the_rest_in_the_kernel(
 async def test_local_chunks_that_changed_since_their_scan_are_fetched(
     pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The index's places are hints: what is copied from a local file is hashed before it is
-    used, and a chunk that does not match is fetched from the peer instead."""
+    """The index's places are hints: what is copied from a local file whose stat no longer
+    matches its index entry is hashed before it is used, and a chunk that does not match is
+    fetched from the peer instead."""
     a, b = pair
     big = os.urandom(4 * 1024 * 1024)
     write(a, "big.bin", big)
@@ -481,16 +484,43 @@ async def test_local_chunks_that_changed_since_their_scan_are_fetched(
     original = assemble_module._copy_range
 
     def stale(source_fd: int, fd: int, run: assemble_module._Run) -> int:
+        st = os.fstat(source_fd)
+        os.utime(source_fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # its ctime moves on
         done = original(source_fd, fd, run)
         os.pwrite(fd, b"\0" * 100, run.offset)  # as if the local file had been edited there
         return done
 
     monkeypatch.setattr(assemble_module, "_copy_range", stale)
-    changed = big + b"tail"
-    write(a, "big.bin", changed, mtime=OLD + 5)
+    grown = big + b"tail"
+    write(a, "grown.bin", grown, mtime=OLD + 5)
     result = await converge(a, b)
-    assert (b / "big.bin").read_bytes() == changed
+    assert (b / "grown.bin").read_bytes() == grown
     assert 0 < fetched(result) < 200_000
+
+
+async def test_chunks_copied_from_a_file_unchanged_since_its_scan_are_not_read_back(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local file whose stat still matches its index entry, before and after the kernel
+    copy, is trusted as a rescan would trust it: a 1-byte append to a large file does not
+    read the whole file back to hash it."""
+    a, b = pair
+    big = os.urandom(8 * 1024 * 1024)
+    write(a, "big.bin", big)
+    await converge(a, b)
+    checked: list[int] = []
+    original = assemble_module._unverified
+
+    def counting(fd: int, copied: list[tuple[int, Hash, int]], report: PullReport) -> Any:
+        checked.append(sum(size for _, _, size in copied))
+        return original(fd, copied, report)
+
+    monkeypatch.setattr(assemble_module, "_unverified", counting)
+    write(a, "big.bin", big + b"x", mtime=OLD + 5)
+    result = await converge(a, b)
+    assert (b / "big.bin").read_bytes() == big + b"x"
+    assert 0 < fetched(result) < 200_000
+    assert sum(checked) == 0, checked
 
 
 async def test_modes_a_pull_cannot_apply_do_not_come_back_as_local_edits(

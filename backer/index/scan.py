@@ -395,7 +395,7 @@ class _Scan:
             and old.kind is Kind.FILE
             and not old.deleted
             and not old.local.racy
-            and old.local.stat == _sig(st)
+            and old.local.stat == StatSig.of(st)
             and old.mode & 0o777 == _mode(st)
         ):
             return
@@ -439,7 +439,7 @@ class _Scan:
             mode=_mode(st),
             chunks=read.chunks,
         )
-        local_state = LocalState(stat=_sig(st), racy=racy, disk_name=local)
+        local_state = LocalState(stat=StatSig.of(st), racy=racy, disk_name=local)
         self.records.update(fresh, local_state, indexed=indexed)
 
     def _retry_unstable(self) -> list[str]:
@@ -460,10 +460,6 @@ class _Scan:
         self.last_progress = now
         c = self.counts
         self.progress(ScanProgress(c.files, c.dirs, c.hashed_files, c.hashed_bytes, current))
-
-
-def _sig(st: os.stat_result) -> StatSig:
-    return StatSig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def _ancestors(path: str) -> Iterator[str]:
@@ -522,7 +518,7 @@ def _read_file(path: str) -> _Read:
         return _Read(problem=f"cannot read: {exc}")
     finally:
         os.close(fd)
-    if _sig(before) != _sig(after) or size != before.st_size:
+    if StatSig.of(before) != StatSig.of(after) or size != before.st_size:
         return _Read(problem="unstable")
     return _Read(chunks=chunks, size=size, stat=before)
 

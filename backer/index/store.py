@@ -8,6 +8,7 @@ scanner runs in a worker thread); a lock serialises callers. Imports index modul
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 import threading
@@ -105,6 +106,10 @@ class StatSig:
     mtime_ns: int
     ino: int
     ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> StatSig:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 @dataclass(frozen=True, slots=True)

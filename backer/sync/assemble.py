@@ -23,7 +23,7 @@ from backer.events import Emit, FileProgress
 from backer.ids import Hash
 from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, iter_chunks
-from backer.index.store import chunk_key
+from backer.index.store import StatSig, chunk_key
 from backer.paths import parent_of
 from backer.protocol.messages import MAX_BATCH_CHUNKS
 from backer.sync.batch import ThreadBatcher
@@ -143,13 +143,22 @@ class Assembler:
         resumable = os.fstat(fd).st_size
         runs, unplaced = self._plan_runs(records)
         copied: list[tuple[int, Hash, int]] = []
+        trusted = self._trusted_stats({run.path for run in runs})
         with self.disk.opener() as open_regular:
             for run in runs:
                 source_fd = open_regular(run.path)
-                if source_fd is not None and _copy_range(source_fd, fd, run) == run.length:
-                    copied += run.records
-                else:
+                if source_fd is None:
                     unplaced += run.records
+                    continue
+                before = StatSig.of(os.fstat(source_fd))
+                if _copy_range(source_fd, fd, run) != run.length:
+                    unplaced += run.records
+                elif trusted.get(run.path) == before == StatSig.of(os.fstat(source_fd)):
+                    # Unchanged since its scan by the scanner's own test: the bytes copied
+                    # are the chunks the index lists, as a rescan would have trusted them.
+                    self.report.bytes_local += run.length
+                else:
+                    copied += run.records
         unplaced += _unverified(fd, copied, self.report)  # local files changed since their scan
         missing = []
         for offset, digest, size in sorted(unplaced):
@@ -158,6 +167,16 @@ class Assembler:
             else:
                 missing.append((offset, digest, size))
         return missing
+
+    def _trusted_stats(self, paths: set[str]) -> dict[str, StatSig]:
+        """The stat each local file had when its chunks were indexed, for those the index
+        trusts (not racy: modified well before it was read)."""
+        known = self.replica.store.known_many(paths)
+        return {
+            path: state.local.stat
+            for path, state in known.items()
+            if state.local.stat is not None and not state.local.racy
+        }
 
     def _plan_runs(
         self, records: list[tuple[int, Hash, int]]

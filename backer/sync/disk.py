@@ -27,10 +27,10 @@ from backer.index.store import StatSig
 from backer.paths import RESERVED_DIR, check_path, parent_of
 from backer.sync import swap
 from backer.sync.merge import conflict_path_of
-from backer.sync.swap import NO_LINKS, Expected, is_expected, lstat_at, move_noreplace, sig_of
+from backer.sync.swap import NO_LINKS, Expected, is_expected, lstat_at, move_noreplace
 from backer.sync.versions import Versions
 
-__all__ = ["ChangedMeanwhile", "FolderDisk", "Installed", "seal", "sig_of"]
+__all__ = ["ChangedMeanwhile", "FolderDisk", "Installed", "seal"]
 
 _AT_FDCWD = -100
 _COPY_NAMES = 60  # conflict copy names tried for one local edit (one a second of its mtime)
@@ -256,7 +256,7 @@ class FolderDisk:
             if sync_dir:
                 os.fsync(dir_fd)
             # The rename changed the ctime on some filesystems: record what is there now.
-            sig = sig_of(os.stat(_name(rel), dir_fd=dir_fd, follow_symlinks=False))
+            sig = StatSig.of(os.stat(_name(rel), dir_fd=dir_fd, follow_symlinks=False))
             if out is None:
                 return Installed(sig, None)
             return Installed(
@@ -505,7 +505,7 @@ class FolderDisk:
                 else:
                     _copy_file(src_fd, _name(rel), tmp_fd, temp, before)
                 after = os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False)
-                if sig_of(after) != sig_of(before):
+                if StatSig.of(after) != StatSig.of(before):
                     raise ChangedMeanwhile(f"{rel} changed while it was copied")
                 os.link(temp, _name(new_rel), src_dir_fd=tmp_fd, dst_dir_fd=dst_fd)
                 os.fsync(dst_fd)

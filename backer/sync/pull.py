@@ -34,11 +34,10 @@ from backer.events import ConflictFound, Emit, FileUpdated, ignore
 from backer.ids import Hash
 from backer.index import merkle
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash
-from backer.index.store import LocalState, Record
+from backer.index.store import LocalState, Record, StatSig
 from backer.paths import RESERVED_DIR
 from backer.protocol.messages import RemoteEntry, max_chunk_records
 from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_leaf
-from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
 from backer.sync.merge import Action, Decision, decide, keep_directory
 from backer.sync.replica import Replica
@@ -510,7 +509,7 @@ def _disk_matches(record: Record | None, st: os.stat_result | None) -> bool:
         return False
     kind = record.entry.kind
     if kind is Kind.FILE:
-        return record.local.stat == sig_of(st)
+        return record.local.stat == StatSig.of(st)
     return (kind is Kind.DIR) == stat_mod.S_ISDIR(st.st_mode) and (
         kind is not Kind.SYMLINK or stat_mod.S_ISLNK(st.st_mode)
     )

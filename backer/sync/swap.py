@@ -33,7 +33,6 @@ __all__ = [
     "lstat_at",
     "move_noreplace",
     "renameat2",
-    "sig_of",
     "sync_filesystems",
 ]
 
@@ -58,10 +57,6 @@ class SymlinkTo:
 Expected = StatSig | SymlinkTo | None
 
 
-def sig_of(st: os.stat_result) -> StatSig:
-    return StatSig(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-
-
 def is_expected(
     st: os.stat_result | None,
     expected: Expected,
@@ -78,7 +73,7 @@ def is_expected(
         return stat_mod.S_ISLNK(st.st_mode) and read_link() == expected.target
     if not stat_mod.S_ISREG(st.st_mode):
         return False
-    found = sig_of(st)
+    found = StatSig.of(st)
     if renamed:
         return (found.size, found.mtime_ns, found.ino) == (
             expected.size,
