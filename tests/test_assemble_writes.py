@@ -44,7 +44,7 @@ def test_a_short_vectored_write_is_finished(
         first = buffers[0][:1]  # the kernel may write less than asked
         return os.pwrite(fd, first, offset)
 
-    monkeypatch.setattr(assemble.os, "pwritev", short_pwritev)
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
     pieces = _pieces()
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     try:
