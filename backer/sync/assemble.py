@@ -31,7 +31,7 @@ from backer.sync.disk import ChangedMeanwhile, Installed, seal
 from backer.sync.fetcher import Fetcher, PullReport
 from backer.sync.replica import Replica
 from backer.sync.room import make_room
-from backer.sync.swap import Expected, sync_filesystems
+from backer.sync.swap import Expected, start_writeback, sync_filesystems
 
 __all__ = [
     "RUN_BYTES",
@@ -228,7 +228,7 @@ class Assembler:
         if size < WRITE_ON_LOOP:
             _write_all(fd, writes)  # a small file's chunk or two: cheaper than a thread hop
         else:
-            await asyncio.to_thread(_write_all, fd, writes)
+            await asyncio.to_thread(_write_and_start_writeback, fd, writes)
         self.report.bytes_fetched += size
         progress.add(size)
 
@@ -441,6 +441,12 @@ def _write_all(fd: int, items: list[tuple[int, bytes]]) -> None:
                 done = os.pwrite(fd, rest, offset)
                 rest, offset = rest[done:], offset + done
         start = end
+
+
+def _write_and_start_writeback(fd: int, items: list[tuple[int, bytes]]) -> None:
+    _write_all(fd, items)
+    start = min(offset for offset, _ in items)
+    start_writeback(fd, start, max(offset + len(data) for offset, data in items) - start)
 
 
 class _Progress:
