@@ -293,6 +293,16 @@ class IndexStore:
             for parent, name, *rest in self._by_path(f"parent, name, {_KNOWN_COLUMNS}", paths)
         }
 
+    def trusted_stats(self, paths: Iterable[str]) -> dict[str, StatSig]:
+        """The stat each of `paths` had when its chunks were indexed, for those whose stat a
+        rescan would trust (recorded, not racy): a file still showing that stat holds the
+        chunks its entry lists."""
+        return {
+            path: known.local.stat
+            for path, known in self.known_many(paths).items()
+            if known.local.stat is not None and not known.local.racy
+        }
+
     def children(self, parent: str) -> dict[str, Known]:
         """What is known of every path directly inside directory `parent` ("" is the root)."""
         with self._lock:

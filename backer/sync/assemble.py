@@ -143,7 +143,7 @@ class Assembler:
         resumable = os.fstat(fd).st_size
         runs, unplaced = self._plan_runs(records)
         copied: list[tuple[int, Hash, int]] = []
-        trusted = self._trusted_stats({run.path for run in runs})
+        trusted = self.replica.store.trusted_stats({run.path for run in runs})
         with self.disk.opener() as open_regular:
             for run in runs:
                 source_fd = open_regular(run.path)
@@ -167,16 +167,6 @@ class Assembler:
             else:
                 missing.append((offset, digest, size))
         return missing
-
-    def _trusted_stats(self, paths: set[str]) -> dict[str, StatSig]:
-        """The stat each local file had when its chunks were indexed, for those the index
-        trusts (not racy: modified well before it was read)."""
-        known = self.replica.store.known_many(paths)
-        return {
-            path: state.local.stat
-            for path, state in known.items()
-            if state.local.stat is not None and not state.local.racy
-        }
 
     def _plan_runs(
         self, records: list[tuple[int, Hash, int]]

@@ -20,14 +20,14 @@ from nacl.signing import VerifyKey
 
 from backer.errors import InvalidPathError
 from backer.ids import Hash
-from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_message
 from backer.index.merkle import EMPTY_ROOT
 from backer.index.scan import ScanReport, scan
-from backer.index.store import KEEP_GENERATIONS, Forget, IndexStore, chunk_key
+from backer.index.store import KEEP_GENERATIONS, Forget, IndexStore
 from backer.keys import FolderKey
 from backer.paths import is_reserved
 from backer.protocol.messages import RemoteEntry
+from backer.sync.chunkread import read_chunks
 from backer.sync.disk import FolderDisk
 from backer.sync.versions import Versions
 
@@ -245,20 +245,9 @@ class Replica:
         return [self._groups.get(h) for h in hashes]
 
     def read_chunks(self, wanted: Sequence[tuple[Hash, int]]) -> list[bytes | None]:
-        """Many chunks, looked up in a few queries, each read and verified; None where absent."""
-        places = self.store.find_chunks(digest for digest, _ in wanted)
-        found: list[bytes | None] = []
-        with self.disk.reader() as read:
-            for digest, size in wanted:
-                data = None
-                for place in places.get(chunk_key(digest), ()):
-                    if place.size == size:
-                        data = read(place.path, place.offset, size)
-                        if data is not None and hash_chunk(data) == digest:
-                            break
-                        data = None
-                found.append(data)
-        return found
+        """Many chunks, looked up in a few queries, read a span of neighbours at a time, each
+        checked unless its file is unchanged since its scan; None where absent."""
+        return read_chunks(self.store, self.disk, wanted)
 
     def _remember_groups(self, chunks: bytes) -> None:
         for group in chunk_groups(chunks):
