@@ -173,8 +173,8 @@ class FolderRunner:
             paths = await self.watcher.changes()
             if self.watcher.overflowed or "" in paths:
                 await self._scan(None)
-            else:
-                await self._scan(sorted(paths))
+            elif unseen := await asyncio.to_thread(self.replica.recent.unseen, sorted(paths)):
+                await self._scan(unseen)  # not just what our own pulls wrote
 
     async def _rescans(self) -> None:
         while True:

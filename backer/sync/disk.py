@@ -445,7 +445,8 @@ class FolderDisk:
                 return copy
         raise FileExistsError(errno.EEXIST, f"no free conflict copy name for {rel!r}")
 
-    def make_dir(self, rel: str, mode: int) -> None:
+    def make_dir(self, rel: str, mode: int) -> os.stat_result:
+        """Make (or keep) the directory `rel` with `mode`; its stat once made."""
         check_path(rel)
         with self.directory(parent_of(rel), create=True) as dir_fd:
             name = _name(rel)
@@ -458,6 +459,7 @@ class FolderDisk:
             child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
                 os.fchmod(child, mode & 0o777 | 0o700)  # and the owner can always enter
+                return os.fstat(child)
             finally:
                 os.close(child)
 

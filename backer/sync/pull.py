@@ -270,7 +270,8 @@ class _Pull:
                 and not await self._removed(result.path, record)
             ):
                 return
-            await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
+            made = await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
+            self.replica.recent.made_dir(result.path, made)
             self._record(result, LocalState())
             self.report.dirs += 1
             self._updated(result.path, "dir")
@@ -393,6 +394,8 @@ class _Pull:
         finally:
             self.files.release()
         self._record(entry, LocalState(stat=installed.sig))
+        if dest == entry.path:
+            self.replica.recent.wrote_file(dest, installed.sig)
         self.report.files += 1
         self._updated(dest, "file")
         if installed.edit_kept is not None:
@@ -432,7 +435,8 @@ class _Pull:
         elif not await self._removed(result.path, record):
             return
         if result.kind is Kind.DIR:
-            await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
+            made = await asyncio.to_thread(self.disk.make_dir, result.path, result.mode)
+            self.replica.recent.made_dir(result.path, made)
             self._record(result, LocalState())
         elif result.kind is Kind.SYMLINK:
             await self._symlink(result, None)

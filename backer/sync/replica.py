@@ -29,6 +29,7 @@ from backer.paths import is_reserved
 from backer.protocol.messages import RemoteEntry
 from backer.sync.chunkread import read_chunks
 from backer.sync.disk import FolderDisk
+from backer.sync.recent import RecentWrites
 from backer.sync.versions import Versions
 
 __all__ = ["Replica", "signer_for"]
@@ -66,6 +67,7 @@ class Replica:
         self.clock = clock
         self.versions = Versions(folder)
         self.disk = FolderDisk(folder, self.versions, clock=clock)
+        self.recent = RecentWrites(self.disk)  # what pulls wrote, for the watcher to skip
         self.device = device
         self.lock = asyncio.Lock()
         self._pull_began_at: Hash | None = None  # our root when the pull under way began
@@ -154,6 +156,8 @@ class Replica:
         """Scan while the caller already holds `lock` (a pull that found a local edit)."""
         if paths is not None:  # the watcher reports a nested share's `.backer/` too: never ours
             paths = [p for p in paths if not any(map(is_reserved, p.split("/")))]
+        else:
+            self.recent.forget()  # a full scan looks at everything
         before = self.root
         report = await scan(
             self.folder, self.store, device=self.device, paths=paths, clock=self.clock
