@@ -51,8 +51,19 @@ def test_anything_else_at_those_paths_is_scanned(tmp_path: Path) -> None:
     (tmp_path / "d/theirs").write_bytes(b"made before the watch")
     shutil.rmtree(tmp_path / "gone")
     os.mkdir(tmp_path / "gone", 0o700)  # made anew, with another mode
-    reported = ["a", "b", "c", "d", "gone"]
-    assert sorted(recent.unseen(reported)) == ["a", "b", "c", "d/edited", "d/theirs", "gone"]
+    recent.made_dir("linked", disk.make_dir("linked", 0o755))
+    os.rmdir(tmp_path / "linked")
+    os.symlink("d", tmp_path / "linked")  # a directory replaced by a symlink
+    reported = ["a", "b", "c", "d", "gone", "linked"]
+    assert sorted(recent.unseen(reported)) == [
+        "a",
+        "b",
+        "c",
+        "d/edited",
+        "d/theirs",
+        "gone",
+        "linked",
+    ]
 
 
 def test_memory_is_bounded_and_a_full_scan_forgets(tmp_path: Path) -> None:

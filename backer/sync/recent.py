@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from backer.errors import InvalidPathError
 from backer.index.store import StatSig
 from backer.paths import join
 from backer.sync.disk import FolderDisk
@@ -92,7 +93,7 @@ class RecentWrites:
                         subdirs.append((child, child_made))
                     else:
                         left.append(child)
-        except OSError:
+        except (OSError, InvalidPathError):  # gone, or a symlink now: scan it
             return False
         for child, child_made in subdirs:
             if not self._dir_matches(child, child_made, left):
