@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import nacl.signing
 
 from backer.addresses import parse_address
 from backer.config import NodeConfig
 from backer.discovery.base import Context, DiscoveryError, Finder, Found
-from backer.discovery.beacon import BeaconFinder
-from backer.discovery.dht import DhtFinder
-from backer.discovery.mdns import MdnsFinder
 from backer.events import Emit, ErrorOccurred
 from backer.keys import FolderKey
+
+if TYPE_CHECKING:
+    from backer.discovery.dht import DhtFinder
 
 __all__ = ["Finders"]
 
@@ -60,6 +61,8 @@ class Finders:
             try:
                 await finder.start()
             except DiscoveryError as exc:
+                if finder is self.dht:
+                    self.dht = None  # hints go to a running DHT only
                 self.emit(
                     ErrorOccurred(
                         folder="",
@@ -69,8 +72,6 @@ class Finders:
                 )
                 continue
             self.running[method] = finder
-            if isinstance(finder, DhtFinder):
-                self.dht = finder
 
     async def stop(self) -> None:
         for finder in self.running.values():
@@ -84,11 +85,20 @@ class Finders:
             self.dht.hint(address)
 
     def _make(self, method: str) -> Finder:
+        # Each method's library is imported only when it is used: zeroconf and kademlia are a
+        # fifth of a node's start-up, and `--discovery none` (or static peers) needs neither.
         if method == "mdns":
+            from backer.discovery.mdns import MdnsFinder  # noqa: PLC0415 - see above
+
             return MdnsFinder(self.context, interfaces=list(self.config.lan_interfaces) or None)
         if method == "beacon":
+            from backer.discovery.beacon import BeaconFinder  # noqa: PLC0415 - see above
+
             return BeaconFinder(self.context)
-        return DhtFinder(self.context, bootstrap=list(self.config.dht_bootstrap))
+        from backer.discovery.dht import DhtFinder  # noqa: PLC0415 - see above
+
+        self.dht = DhtFinder(self.context, bootstrap=list(self.config.dht_bootstrap))
+        return self.dht
 
     def _found(self, found: Found) -> None:
         # Finders may call back from a library's thread: hand it to the loop.
