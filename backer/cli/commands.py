@@ -21,10 +21,12 @@ from backer.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
+    address_arg,
     folder_key,
     folder_path,
     human,
     inside_folder,
+    os_error_text,
     refuse_nested,
 )
 from backer.cli.demo import add_demo_command
@@ -57,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except BackerError as exc:
         print(f"backer: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a read-only or full disk, a permission: one line, no traceback
+        print(f"backer: {os_error_text(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("backer: interrupted", file=sys.stderr)
@@ -120,7 +125,7 @@ exit codes: 0 done, 1 failed (the message says why and what to do), 2 bad usage"
         "sync", help="reconcile a folder with a `backer serve` peer both ways, then exit"
     )
     sync.add_argument("dir", help="the folder")
-    sync.add_argument("peer", metavar="HOST:PORT", help="address of the peer")
+    sync.add_argument("peer", type=address_arg, metavar="HOST:PORT", help="address of the peer")
     sync.add_argument("--json", action="store_true", help="print the outcome as JSON")
     sync.set_defaults(run=cmd_sync)
 
@@ -128,6 +133,7 @@ exit codes: 0 done, 1 failed (the message says why and what to do), 2 bad usage"
     serve.add_argument("dir", help="the folder")
     serve.add_argument(
         "--listen",
+        type=address_arg,
         default="127.0.0.1:22000",
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:22000)",
@@ -331,6 +337,7 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
             when = datetime.strptime(args.at, "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
         except ValueError as exc:
             raise BackerError("--at takes YYYYMMDD-HHMMSS, as `backer versions` shows") from exc
+    replaced = (folder / rel).exists() or (folder / rel).is_symlink()
     try:
         version = Versions(folder).restore(rel, when, time.time())
     except FileNotFoundError as exc:
@@ -346,7 +353,8 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
 
     if not _served_by_running_node(home, folder):  # else its watcher records the restore
         asyncio.run(record())
-    print(f"restored {rel} from {version.time:%Y%m%d-%H%M%S}; the replaced file was kept")
+    kept = "; the replaced file was kept (`backer versions` lists it)" if replaced else ""
+    print(f"restored {rel} from {version.time:%Y%m%d-%H%M%S}{kept}")
     return EXIT_OK
 
 

@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Any
 
-from backer.cli.common import EXIT_ERROR, EXIT_OK, human
+from backer.cli.common import EXIT_ERROR, EXIT_OK, human, plural
 from backer.config import Home
 from backer.node.statusfile import STATUS_FILE, read_status
 
@@ -57,12 +57,19 @@ def cmd_peers(home: Home, args: argparse.Namespace) -> int:
 
 
 def print_peer(peer: dict[str, Any]) -> None:
-    way = "dialled" if peer["outgoing"] else "dialled us"
-    sync = "in sync" if peer["in_sync"] else "syncing"
-    print(
-        f"  {peer['device'][:7]}  {peer['address']:<24} {sync:<8} "
-        f"found by {peer['found_by']} ({way})"
-    )
+    if peer["outgoing"]:
+        how = f"dialled; found by {peer['found_by']}"
+    elif peer["found_by"] in ("", "dialled us"):
+        how = "it dialled us"
+    else:
+        how = f"it dialled us; found by {peer['found_by']} too"
+    print(f"  {peer['device'][:7]}  {peer['address']:<24} {_sync_state(peer):<8} {how}")
+
+
+def _sync_state(peer: dict[str, Any]) -> str:
+    if peer["in_sync"]:
+        return "in sync"
+    return str(peer.get("differs_by") or "syncing")
 
 
 def print_live_folder(status: dict[str, Any], path: str) -> None:
@@ -75,6 +82,12 @@ def print_live_folder(status: dict[str, Any], path: str) -> None:
             left = folder.get("left")
             if left:
                 print(f"syncing  {left['files']} files, {human(left['bytes'])} left to receive")
+            local_only = folder.get("local_only", 0)
+            if local_only:
+                print(
+                    f"local    {plural(local_only, 'change')} made here stay here (a read-only "
+                    "key: peers refuse them); `backer revert` undoes them"
+                )
             for peer in peers:
                 print_peer(peer)
             return

@@ -30,7 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from backer.cli.common import EXIT_OK, EXIT_USAGE, human
+from backer.cli.common import EXIT_OK, EXIT_USAGE, address_arg, human, plural
 from backer.config import Home
 from backer.errors import BackerError, ConfigError
 from backer.events import (
@@ -41,6 +41,7 @@ from backer.events import (
     FileUpdated,
     FolderPaused,
     FolderResumed,
+    LocalChangesKept,
     NodeStarted,
     NodeStopping,
     PeerConnected,
@@ -63,11 +64,15 @@ def add_run_command(commands: Any) -> None:
         "run", help="keep every configured folder in sync with its peers until stopped"
     )
     run.add_argument(
-        "--listen", metavar="HOST:PORT", help="accept peers here (default: the config's listen)"
+        "--listen",
+        type=address_arg,
+        metavar="HOST:PORT",
+        help="accept peers here (default: the config's listen)",
     )
     run.add_argument(
         "--peer",
         action="append",
+        type=address_arg,
         default=[],
         metavar="HOST:PORT",
         help="also dial this address (repeatable; the config's peers are always dialled)",
@@ -84,6 +89,7 @@ def add_run_command(commands: Any) -> None:
     run.add_argument(
         "--dht-bootstrap",
         action="append",
+        type=address_arg,
         default=[],
         metavar="HOST:PORT",
         help="a DHT node to join through (repeatable; adds to the config's dht_bootstrap)",
@@ -125,8 +131,9 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
             discovery=discovery,
             dht_bootstrap=tuple(dict.fromkeys((*config.dht_bootstrap, *args.dht_bootstrap))),
         )
-    except ConfigError as exc:
-        raise BackerError(str(exc)) from exc
+    except ConfigError as exc:  # the stored config was valid: the options made it wrong
+        print(f"backer run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     folder = FolderOptions(watch=not args.no_watch)
     if args.rescan is not None:
         folder = dataclasses.replace(folder, rescan_every=args.rescan, rescan_unwatched=args.rescan)
@@ -278,9 +285,9 @@ def describe(event: Event) -> str | None:
             files or deleted or errors or event.reason
         ):
             text = (
-                f"{folder}: received {files} files ({human(event.bytes_fetched)} over the wire, "
-                f"{human(event.bytes_local)} reused), {deleted} deleted, "
-                f"{event.conflicts} conflicts"
+                f"{folder}: received {plural(files, 'file')} ({human(event.bytes_fetched)} over "
+                f"the wire, {human(event.bytes_local)} reused), {deleted} deleted, "
+                f"{plural(event.conflicts, 'conflict')}"
             )
             if event.reason:
                 text += f"; stopped early: {event.reason}"
@@ -297,6 +304,11 @@ def describe(event: Event) -> str | None:
             return f"{folder}: resumed"
         case WatchIncomplete(folder=folder, watched_dirs=watched, total_dirs=total, fix=fix):
             return f"{folder}: watching only {watched} of {total} directories; {fix}"
+        case LocalChangesKept(folder=folder, count=count):
+            return (
+                f"{folder}: {plural(count, 'local change')} stay on this device: its key is "
+                "read-only, so peers refuse them; `backer revert` brings back the shared versions"
+            )
         case ErrorOccurred(folder=folder, message=message):
             return f"{folder or 'backer'}: error: {message}"
     return None

@@ -23,6 +23,7 @@ from backer.events import (
     ErrorOccurred,
     FolderPaused,
     FolderScanned,
+    LocalChangesKept,
     WatchIncomplete,
 )
 from backer.ids import DeviceId
@@ -94,6 +95,7 @@ class FolderRunner:
         self._coverage_checked = False
         self._rescan_now = asyncio.Event()
         self.ready = asyncio.Event()  # watching, and the first scan is done
+        self.local_only = 0  # on a read-only device: paths it changed, which stay here
 
     @classmethod
     async def open(
@@ -201,6 +203,16 @@ class FolderRunner:
             except (BackerError, OSError) as exc:
                 self.emit(ErrorOccurred(folder=self.label, message=f"pruning versions: {exc}"))
 
+    async def _count_local_changes(self) -> None:
+        """A read-only device's own changes are refused by every peer: say so when they first
+        appear (not at each scan), and keep the count for the status, or the folder would
+        look as if it were syncing for ever."""
+        async with self.replica.lock:
+            count = len(await asyncio.to_thread(self.replica.store.unsigned))
+        if count and not self.local_only:
+            self.emit(LocalChangesKept(folder=self.label, count=count))
+        self.local_only = count
+
     def rescan(self) -> None:
         """Ask for a full rescan now."""
         self._rescan_now.set()
@@ -218,6 +230,8 @@ class FolderRunner:
             return
         if self.puller.paused and paths is None:
             self.puller.resume()  # a full scan found the folder whole again
+        if not self.key.can_write and (report.updated or not self.ready.is_set()):
+            await self._count_local_changes()
         if report.updated:
             self.emit(
                 FolderScanned(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class Node:
         self.listener: Listener | None = None
         self.finders: Finders | None = None
         self._sightings: set[tuple[bytes, str, str]] = set()  # (folder, address, via) reported
+        self._told_unknown: set[str] = set()  # hosts that asked for a folder not hosted here
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -111,14 +113,12 @@ class Node:
                     lambda: list(self.folders),
                     self._accept,
                     refused=lambda why: self.bus.emit(ErrorOccurred(folder="", message=why)),
+                    unknown=self._unknown_folder,
                 )
                 try:
                     await self.listener.start()
                 except OSError as exc:
-                    raise BackerError(
-                        f"cannot listen on {config.listen}: {exc.strerror or exc}; is another "
-                        "backer running? Change `listen` in the config or pass --listen"
-                    ) from exc
+                    raise BackerError(_listen_failure(config.listen, exc)) from exc
             advertise = _advertised(self.listen_address) if self.listener else ()
             options = dataclasses.replace(self.options.folder, max_peers=config.max_peers)
             for folder in config.folders:
@@ -220,6 +220,19 @@ class Node:
                     )
                 )
 
+    def _unknown_folder(self, host: str) -> None:
+        """Said once per host (its dialler retries): a connection named a folder not hosted."""
+        if host in self._told_unknown or len(self._told_unknown) >= 4096:
+            return
+        self._told_unknown.add(host)
+        self.bus.emit(
+            ErrorOccurred(
+                folder="",
+                message=f"wrong folder key: a peer at {host} asked for a folder this node does "
+                "not host (it holds another folder's key, or that folder is not joined here)",
+            )
+        )
+
     async def _accept(self, discovery_id: bytes, link: Link, address: str) -> None:
         runner = self.folders.get(discovery_id)
         if runner is None:
@@ -252,6 +265,13 @@ class Node:
                 }
                 for c in mesh.connections.values()
             ]
+            pulling = runner.puller.current
+            if runner.local_only and pulling is None:
+                # A read-only device's own changes keep its root apart from every peer's:
+                # that difference is not a sync under way.
+                for peer in peers:
+                    if not peer["in_sync"]:
+                        peer["differs_by"] = "local changes only"
             now = mesh.clock()
             known = [
                 {
@@ -262,7 +282,6 @@ class Node:
                 }
                 for k in mesh.known.values()
             ]
-            pulling = runner.puller.current
             folders.append(
                 {
                     "path": runner.label,
@@ -278,6 +297,7 @@ class Node:
                     "folder_id": runner.key.folder_id,
                     "root": root.hex(),
                     "state": "paused: " + runner.puller.paused if runner.puller.paused else "ok",
+                    "local_only": runner.local_only,
                     "watching": runner.watcher is not None,
                     "watch_complete": runner.watch_complete,
                     "peers": peers,
@@ -292,6 +312,25 @@ class Node:
             "listen": self.listen_address,
             "folders": folders,
         }
+
+
+def _listen_failure(address: str, exc: OSError) -> str:
+    """Why the node cannot listen, and the fix that fits: only a port in use suggests that
+    another program (another backer, often) holds it."""
+    # asyncio words it "error while attempting to bind on address (...): <reason>"
+    reason = (exc.strerror or str(exc)).rpartition("): ")[2]
+    if exc.errno == errno.EADDRINUSE:
+        fix = "another program (another backer?) uses that port"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        fix = "no interface of this machine has that address"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "ports below 1024 need root"
+    else:
+        fix = "check the address"
+    return (
+        f"cannot listen on {address}: {reason}; {fix}. "
+        "Change `listen` in the config or pass --listen"
+    )
 
 
 def _address_state(known: Known, connections: dict[bytes, Connection], now: float) -> str:
