@@ -42,3 +42,16 @@ echo "the server's own edit" >"$work/server-copy/report.txt"
 wait_for 30 grep -q "refused report.txt" "$work/laptop.log"
 grep -q "quarterly numbers" "$work/laptop-docs/report.txt"
 echo "the laptop refused the server's edit; its report.txt is unchanged"
+wait_for 30 grep -q "stay on this device" "$work/server.log"
+wait_for 30 bash -c "'$python' -m backer --home '$work/server' status '$work/server-copy' | grep -q 'backer revert'"
+echo "the server says its edit stays local, and how to undo it: backer revert"
+
+# `revert` writes the folder's index, which the running node owns: stop it, revert, restart.
+kill "$server"
+wait "$server" 2>/dev/null || true
+backer --home "$work/server" revert "$work/server-copy"
+"$python" -m backer --home "$work/server" run --listen "127.0.0.1:$server_port" \
+  --discovery none >>"$work/server.log" 2>&1 &
+server=$!
+wait_for 30 grep -q "quarterly numbers" "$work/server-copy/report.txt" 2>/dev/null
+echo "after backer revert the server holds the laptop's report.txt again (its edit is a version)"

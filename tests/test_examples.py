@@ -74,6 +74,8 @@ def test_readonly_server_script(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the server received report.txt" in done.stdout
     assert "the laptop refused the server's edit" in done.stdout
+    assert "its edit stays local, and how to undo it: backer revert" in done.stdout
+    assert "after backer revert the server holds the laptop's report.txt again" in done.stdout
 
 
 def test_systemd_unit_runs_a_valid_command() -> None:
