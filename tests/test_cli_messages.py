@@ -20,7 +20,9 @@ from backer.sync.versions import Versions
 NO_DISCOVERY = ("--discovery", "none")
 
 
-def attempt(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def attempt(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run one `backer` command that may fail; its exit code and both outputs."""
     return subprocess.run(
         [*PYTHON, "--home", str(home), *args],
@@ -28,6 +30,7 @@ def attempt(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
 
 

@@ -31,9 +31,16 @@ from backer.cli.common import (
 )
 from backer.cli.demo import add_demo_command
 from backer.cli.dht import add_dht_command
-from backer.cli.live import add_peers_command, live_status, print_live_folder
+from backer.cli.live import (
+    add_open_command,
+    add_peers_command,
+    live_status,
+    print_dashboard,
+    print_live_folder,
+)
 from backer.cli.oneshot import cmd_serve, cmd_sync
 from backer.cli.run import add_run_command
+from backer.cli.service import add_service_command
 from backer.config import FolderConfig, Home
 from backer.errors import BackerError
 from backer.index.scan import ScanProgress, ScanReport, scan
@@ -165,6 +172,8 @@ exit codes: 0 done, 1 failed (the message says why and what to do), 2 bad usage"
 
     add_run_command(commands)
     add_peers_command(commands)
+    add_open_command(commands)
+    add_service_command(commands)
     add_dht_command(commands)
     add_demo_command(commands)
     return parser
@@ -315,6 +324,7 @@ def _cmd_status(home: Home, args: argparse.Namespace) -> int:
         print("running  no: `backer run` keeps it in sync")
     else:
         print_live_folder(live, str(folder))
+        print_dashboard(live)
     return EXIT_OK
 
 

@@ -31,7 +31,7 @@ from rich.progress import (
 )
 
 from backer.cli.common import EXIT_OK, EXIT_USAGE, address_arg, human, plural
-from backer.config import Home
+from backer.config import DEFAULT_WEB_PORT, Home
 from backer.errors import BackerError, ConfigError
 from backer.events import (
     ConflictFound,
@@ -52,7 +52,7 @@ from backer.events import (
 from backer.node.bus import stamped_json
 from backer.node.folder import FolderOptions
 from backer.node.node import Node, NodeOptions
-from backer.web import start_web
+from backer.web import WebServer, start_web
 
 __all__ = ["RUN_LOCK_FILE", "TerminalView", "add_run_command", "describe"]
 
@@ -97,7 +97,15 @@ def add_run_command(commands: Any) -> None:
     run.add_argument(
         "--web",
         action="store_true",
-        help="serve the dashboard on 127.0.0.1 (a random port; the URL with its token is printed)",
+        help="serve the dashboard on 127.0.0.1 (`web = true` in the config does too); "
+        "`backer open` prints and opens its URL",
+    )
+    run.add_argument(
+        "--web-port",
+        type=int,
+        metavar="PORT",
+        help=f"the dashboard's port (implies --web; default: the config's web_port, "
+        f"{DEFAULT_WEB_PORT} unless changed; 0: a free one)",
     )
     run.add_argument(
         "--no-watch",
@@ -145,7 +153,11 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
         node = Node(home, config, options=NodeOptions(folder=folder))
         # kademlia logs a warning for every DHT contact that does not answer: routine, not news.
         logging.getLogger("kademlia").setLevel(logging.ERROR)
-        return asyncio.run(_run(node, as_json=args.events == "json", web=args.web))
+        web = args.web or args.web_port is not None or config.web
+        web_port = config.web_port if args.web_port is None else args.web_port
+        return asyncio.run(
+            _run(node, as_json=args.events == "json", web_port=web_port if web else None)
+        )
 
 
 @contextlib.contextmanager
@@ -171,14 +183,15 @@ def _one_node_per_home(home: Home) -> Iterator[int | None]:
         os.close(fd)  # releases the lock
 
 
-async def _run(node: Node, *, as_json: bool, web: bool) -> int:
+async def _run(node: Node, *, as_json: bool, web_port: int | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, node.stop, signal.Signals(signum).name)
     events = node.bus.subscribe()
     printer = asyncio.create_task(_print(events, as_json=as_json))
-    dashboard = await start_web(node, host="127.0.0.1", port=0) if web else None
+    dashboard = None if web_port is None else await _start_dashboard(node, web_port)
     if dashboard is not None:
+        node.note_status("dashboard", dashboard.base_url)
         # stderr: with --events json, stdout stays pure JSON lines.
         print(f"dashboard: {dashboard.url}", file=sys.stderr, flush=True)
     try:
@@ -189,6 +202,25 @@ async def _run(node: Node, *, as_json: bool, web: bool) -> int:
         events.close()
         await printer
     return EXIT_OK
+
+
+async def _start_dashboard(node: Node, port: int) -> WebServer:
+    """The dashboard on its fixed port, with the token kept in the node home (one address to
+    bookmark); on a free port, said so, if another program holds that one."""
+    token = node.home.web_token
+    try:
+        return await start_web(node, port=port, token=token)
+    except BackerError as exc:
+        if port == 0:
+            raise
+        dashboard = await start_web(node, port=0, token=token)
+        print(
+            f"backer: {exc}; the dashboard is on port {dashboard.port} this time "
+            "(set web_port in the config to keep one)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return dashboard
 
 
 async def _print(events: Any, *, as_json: bool) -> None:

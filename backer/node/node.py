@@ -66,6 +66,7 @@ class Node:
         self.finders: Finders | None = None
         self._sightings: set[tuple[bytes, str, str]] = set()  # (folder, address, via) reported
         self._told_unknown: set[str] = set()  # hosts that asked for a folder not hosted here
+        self._noted: dict[str, Any] = {}  # what the layers above add to the status file
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -247,6 +248,12 @@ class Node:
 
     # -- status ------------------------------------------------------------------------------
 
+    def note_status(self, name: str, value: Any) -> None:
+        """Add `name` to the status file (the dashboard's address: the node does not know of
+        the web layer above it)."""
+        self._noted[name] = value
+        self._changed.set()
+
     def status(self) -> dict[str, Any]:
         """What `backer status` and `backer peers` show: per folder, its root, state, the
         peers connected and every address known, with how it was found."""
@@ -307,6 +314,7 @@ class Node:
         for path, reason in self.unavailable.items():
             folders.append({"path": path, "state": f"unavailable: {reason}", "peers": []})
         return {
+            **self._noted,
             "pid": os.getpid(),
             "device": str(self.device) if self.device else "",
             "listen": self.listen_address,
