@@ -100,6 +100,9 @@ class NodeConfig:
     lan_interfaces: tuple[str, ...] = ()  # IPs mDNS announces on; () = the listen address's
     web: bool = False  # serve the dashboard without `run --web` (as the service does)
     web_port: int = DEFAULT_WEB_PORT  # on 127.0.0.1; 0: a free one
+    # The node's bandwidth, all folders and peers together, in KiB a second on the wire; 0: none.
+    send_limit_kib: int = 0
+    receive_limit_kib: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.folders, tuple) or not all(
@@ -130,6 +133,10 @@ class NodeConfig:
             or not 0 <= self.web_port <= 65535
         ):
             raise ConfigError(f"web_port must be a port number (0-65535), got {self.web_port!r}")
+        for name in ("send_limit_kib", "receive_limit_kib"):
+            limit = getattr(self, name)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ConfigError(f"{name} must be KiB a second (0 for no limit), got {limit!r}")
         if not isinstance(self.lan_interfaces, tuple) or not all(
             isinstance(ip, str) and ip for ip in self.lan_interfaces
         ):
@@ -180,6 +187,8 @@ class NodeConfig:
             "lan_interfaces": list(self.lan_interfaces),
             "web": self.web,
             "web_port": self.web_port,
+            "send_limit_kib": self.send_limit_kib,
+            "receive_limit_kib": self.receive_limit_kib,
             "folders": [{"path": f.path, "key": f.key} for f in self.folders],
         }
         return tomli_w.dumps(document)
@@ -196,6 +205,8 @@ class NodeConfig:
             "lan_interfaces",
             "web",
             "web_port",
+            "send_limit_kib",
+            "receive_limit_kib",
         )
         _refuse_unknown(document, known, source, "")
         folders: list[FolderConfig] = []
@@ -250,6 +261,8 @@ class NodeConfig:
                 lan_interfaces=lists["lan_interfaces"],
                 web=document.get("web", defaults.web),
                 web_port=document.get("web_port", defaults.web_port),
+                send_limit_kib=document.get("send_limit_kib", defaults.send_limit_kib),
+                receive_limit_kib=document.get("receive_limit_kib", defaults.receive_limit_kib),
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc

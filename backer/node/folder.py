@@ -28,7 +28,10 @@ from backer.events import (
 )
 from backer.ids import DeviceId
 from backer.keys import FolderKey
-from backer.mesh.peers import FolderMesh
+from backer.mesh.peers import Dial, FolderMesh
+from backer.mesh.transport import dial
+from backer.node.throttle import Limits
+from backer.sync.link import Link
 from backer.sync.replica import Replica
 from backer.sync.swarm import FolderPuller
 from backer.watch import Watcher, WatchError
@@ -68,6 +71,7 @@ class FolderRunner:
         emit: Emit,
         options: FolderOptions,
         advertise: tuple[str, ...],
+        limits: Limits | None = None,
     ) -> None:
         self.replica = replica
         self.key = key
@@ -89,6 +93,7 @@ class FolderRunner:
             frame_within=options.frame_within,
             backoff_first=options.backoff_first,
             backoff_max=options.backoff_max,
+            dialer=_limited_dial(limits) if limits is not None else dial,
         )
         self.watcher: Watcher | None = None
         self.watch_complete = False
@@ -107,12 +112,19 @@ class FolderRunner:
         emit: Emit,
         options: FolderOptions,
         advertise: tuple[str, ...] = (),
+        limits: Limits | None = None,
     ) -> FolderRunner:
         device = DeviceId.from_public_key(bytes(device_key.verify_key))
         replica = await Replica.open(path, device=device.short, key=key)
         await asyncio.to_thread(replica.disk.prune_temp, TEMP_KEPT_FOR, time.time())
         return cls(
-            replica, key, device_key=device_key, emit=emit, options=options, advertise=advertise
+            replica,
+            key,
+            device_key=device_key,
+            emit=emit,
+            options=options,
+            advertise=advertise,
+            limits=limits,
         )
 
     async def close(self) -> None:
@@ -241,3 +253,10 @@ class FolderRunner:
                     root=report.root.hex(),
                 )
             )
+
+
+def _limited_dial(limits: Limits) -> Dial:
+    async def dial_within(address: str, discovery_id: bytes) -> Link:
+        return limits.wrap(await dial(address, discovery_id))
+
+    return dial_within

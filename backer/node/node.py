@@ -33,6 +33,7 @@ from backer.node.bus import EventBus
 from backer.node.finders import Finders
 from backer.node.folder import FolderOptions, FolderRunner
 from backer.node.statusfile import STATUS_FILE, write_status_forever
+from backer.node.throttle import Limits
 from backer.sync.link import Link
 
 __all__ = ["Node", "NodeOptions"]
@@ -67,6 +68,7 @@ class Node:
         self._sightings: set[tuple[bytes, str, str]] = set()  # (folder, address, via) reported
         self._told_unknown: set[str] = set()  # hosts that asked for a folder not hosted here
         self._noted: dict[str, Any] = {}  # what the layers above add to the status file
+        self.limits = Limits()  # the config's bandwidth limits, set by run()
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -105,6 +107,9 @@ class Node:
     async def run(self) -> None:
         """Run until `stop()`. Raises BackerError if a folder or the listener cannot start."""
         config = self.config if self.config is not None else self.home.load_config()
+        self.limits = Limits.per_second(
+            config.send_limit_kib * 1024, config.receive_limit_kib * 1024
+        )
         device_key = self.home.device_key()
         self.device = DeviceId.from_public_key(bytes(device_key.verify_key))
         try:
@@ -132,6 +137,7 @@ class Node:
                         emit=self.bus.emit,
                         options=options,
                         advertise=advertise,
+                        limits=self.limits,
                     )
                 except (BackerError, OSError) as exc:  # one missing disk must not stop the rest
                     self.unavailable[folder.path] = str(exc)
@@ -240,7 +246,7 @@ class Node:
             with contextlib.suppress(ConnectionError, OSError):
                 await link.close()
             return
-        await runner.mesh.accept(link, address)
+        await runner.mesh.accept(self.limits.wrap(link), address)
 
     async def accept_link(self, discovery_id: bytes, link: Link, address: str = "") -> None:
         """Run a connection from any transport (an in-memory pipe...) for one folder."""
