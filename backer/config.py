@@ -46,6 +46,7 @@ DEFAULT_LISTEN = "127.0.0.1:22100"
 DEFAULT_MAX_PEERS = 16
 DEFAULT_WEB_PORT = 22180  # the dashboard's, on 127.0.0.1: one address to bookmark
 WEB_TOKEN_FILE = "web.token"
+MIN_LIMIT_KIB = 100  # KiB a second: below it an 8 MiB frame takes longer than its 120 s deadline
 DISCOVERY_METHODS = ("mdns", "beacon", "dht")
 
 _SEED_SIZE = 32
@@ -137,6 +138,11 @@ class NodeConfig:
             limit = getattr(self, name)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
                 raise ConfigError(f"{name} must be KiB a second (0 for no limit), got {limit!r}")
+            if 0 < limit < MIN_LIMIT_KIB:
+                raise ConfigError(
+                    f"{name} must be 0 (no limit) or at least {MIN_LIMIT_KIB}, got {limit}: "
+                    "slower, a transfer frame (up to 8 MiB) misses its two-minute deadline"
+                )
         if not isinstance(self.lan_interfaces, tuple) or not all(
             isinstance(ip, str) and ip for ip in self.lan_interfaces
         ):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from nodes import FAST, make_member
 
-from backer.config import ConfigError, NodeConfig
+from backer.config import NodeConfig
+from backer.errors import ConfigError
 from backer.events import PullFinished, PullStarted
 from backer.keys import FolderKey
 from backer.node.bus import EventBus
@@ -38,7 +39,7 @@ def test_limits_are_checked_and_kept_in_the_config() -> None:
     config = NodeConfig(send_limit_kib=512, receive_limit_kib=2048)
     again = NodeConfig.from_toml(config.to_toml())
     assert (again.send_limit_kib, again.receive_limit_kib) == (512, 2048)
-    for bad in (-1, 1.5, True):
+    for bad in (-1, 1.5, True, 99):
         with pytest.raises(ConfigError, match="send_limit_kib"):
             NodeConfig(send_limit_kib=bad)  # type: ignore[arg-type]
 
