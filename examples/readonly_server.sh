@@ -14,7 +14,11 @@ backer() { "$python" -m backer "$@"; }
 wait_for() {  # wait_for SECONDS COMMAND...: poll until COMMAND succeeds
   local end=$((SECONDS + $1)); shift
   until "$@"; do
-    if ((SECONDS > end)); then echo "timed out waiting for: $*" >&2; exit 1; fi
+    if ((SECONDS > end)); then
+      echo "timed out waiting for: $*" >&3
+      tail -n 20 "$work"/*.log >&3 2>/dev/null || true
+      exit 1
+    fi
     sleep 0.1
   done
 }
@@ -23,13 +27,15 @@ backer --home "$work/laptop" init "$work/laptop-docs" >/dev/null
 read_only=$(backer --home "$work/laptop" keys "$work/laptop-docs" | grep -o 'bkr1[0-9a-z]*')
 backer --home "$work/server" join "$read_only" "$work/server-copy"
 
+exec 3>&2  # wait_for's complaint reaches stderr even where a command's own is silenced
 server_port=${SERVER_PORT:-22170}
+laptop_port=${LAPTOP_PORT:-$((server_port + 1))}
 # Started directly (not through the function), so that $! is the node itself and the trap
 # below stops it; a function in the background is a subshell whose death leaves it running.
 "$python" -m backer --home "$work/server" run --listen "127.0.0.1:$server_port" \
   --discovery none >"$work/server.log" 2>&1 &
 server=$!
-"$python" -m backer --home "$work/laptop" run --listen "127.0.0.1:$((server_port + 1))" \
+"$python" -m backer --home "$work/laptop" run --listen "127.0.0.1:$laptop_port" \
   --peer "127.0.0.1:$server_port" --discovery none >"$work/laptop.log" 2>&1 &
 laptop=$!
 trap 'kill $server $laptop 2>/dev/null; wait 2>/dev/null' EXIT

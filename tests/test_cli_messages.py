@@ -119,9 +119,13 @@ def test_a_read_only_device_says_once_that_its_edits_stay_local(tmp_path: Path) 
         assert "`backer revert`" in status
         assert "syncing" not in status, status  # the difference is no transfer under way
         assert (folder_rw / "report.txt").read_text() == "the real one"
+        busy = attempt(home_ro, "revert", str(folder_ro))  # two writers of one index: refused
+        assert busy.returncode == 1 and "stop it, revert" in busy.stderr, busy.stderr
     finally:
         rw.stop()
         ro.stop()
+    reverted = backer(home_ro, "revert", str(folder_ro))
+    assert "reverted added.txt" in reverted and "reverted report.txt" in reverted
     assert [e["type"] for e in ro.drain()].count("local_changes_kept") == 1
     # And the plain text of `backer run` says what to do.
     text = describe(LocalChangesKept(folder=str(folder_ro), count=2))

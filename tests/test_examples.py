@@ -69,7 +69,12 @@ def test_readonly_server_script(tmp_path: Path) -> None:
         text=True,
         timeout=120,
         check=False,
-        env={**os.environ, "PYTHON": sys.executable, "SERVER_PORT": str(port)},
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "SERVER_PORT": str(port),
+            "LAPTOP_PORT": str(free_port()),
+        },
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the server received report.txt" in done.stdout

@@ -376,6 +376,11 @@ def _cmd_revert(home: Home, args: argparse.Namespace) -> int:
             f"{folder} is not a read-only share here: its changes are real changes, nothing to "
             "revert (restore single files with `backer restore`)"
         )
+    if _served_by_running_node(home, folder):
+        raise BackerError(
+            f"`backer run` is running for {folder} and owns its index: stop it, revert, "
+            "and start it again (the shared versions then come back)"
+        )
     device = home.device_id()
 
     async def go() -> list[str]:
