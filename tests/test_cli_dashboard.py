@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from procs import Running, backer, free_port
-from test_cli_messages import NO_DISCOVERY, attempt, poll, shared
+from test_cli_messages import NO_DISCOVERY, attempt, listening, poll, shared
 
 from backer.config import DEFAULT_WEB_PORT, WEB_TOKEN_FILE, Home, NodeConfig
 from backer.errors import ConfigError
@@ -124,3 +124,19 @@ def test_the_dashboard_port_is_fixed_by_default_and_configurable(tmp_path: Path)
         with pytest.raises(ConfigError, match="web_port"):
             NodeConfig(web_port=bad)  # type: ignore[arg-type]
     assert home.web_token() == home.web_token()  # made once, then kept
+
+
+def test_a_dashboard_port_in_use_falls_back_to_a_free_one_and_says_so(tmp_path: Path) -> None:
+    home, _, _ = shared(tmp_path, "docs")
+    with listening() as taken:
+        port = int(taken.rpartition(":")[2])
+        node = Running(home, ["--listen", f"127.0.0.1:{free_port()}", "--web-port", str(port)])
+        try:
+            node.wait_for("node_started")
+            printed = poll(lambda: attempt(home, "open", "--print").stdout, has_url)
+            match = URL.search(printed)
+            assert match is not None and int(match.group(2)) != port
+            assert api_status(match.group(1), match.group(3)) == 200
+        finally:
+            node.stop()
+    assert f"the dashboard is on port {match.group(2)} this time" in node.stderr_so_far()

@@ -171,7 +171,7 @@ def test_an_address_not_on_this_machine_does_not_blame_another_backer(tmp_path: 
     assert "cannot assign requested address" in done.stderr, done.stderr
     assert "no interface of this machine has that address" in done.stderr
     assert "another backer" not in done.stderr
-    with _listening() as taken:  # a port in use is the case where another backer is likely
+    with listening() as taken:  # a port in use is the case where another backer is likely
         done = attempt(home, "run", "--listen", taken, *NO_DISCOVERY)
     assert done.returncode == 1 and "another backer?" in done.stderr, done.stderr
 
@@ -251,7 +251,7 @@ def _read_only_mount(where: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _listening() -> Iterator[str]:
+def listening() -> Iterator[str]:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
