@@ -32,7 +32,9 @@ __all__ = [
     "CONFIG_FILE",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_PEERS",
+    "DEFAULT_WEB_PORT",
     "DEVICE_KEY_FILE",
+    "WEB_TOKEN_FILE",
     "FolderConfig",
     "Home",
     "NodeConfig",
@@ -42,6 +44,9 @@ DEVICE_KEY_FILE = "device.key"
 CONFIG_FILE = "config.toml"
 DEFAULT_LISTEN = "127.0.0.1:22100"
 DEFAULT_MAX_PEERS = 16
+DEFAULT_WEB_PORT = 22180  # the dashboard's, on 127.0.0.1: one address to bookmark
+WEB_TOKEN_FILE = "web.token"
+MIN_LIMIT_KIB = 100  # KiB a second: below it an 8 MiB frame takes longer than its 120 s deadline
 DISCOVERY_METHODS = ("mdns", "beacon", "dht")
 
 _SEED_SIZE = 32
@@ -94,6 +99,11 @@ class NodeConfig:
     discovery: tuple[str, ...] = DISCOVERY_METHODS
     dht_bootstrap: tuple[str, ...] = ()  # DHT nodes to join through (`backer dht` runs one)
     lan_interfaces: tuple[str, ...] = ()  # IPs mDNS announces on; () = the listen address's
+    web: bool = False  # serve the dashboard without `run --web` (as the service does)
+    web_port: int = DEFAULT_WEB_PORT  # on 127.0.0.1; 0: a free one
+    # The node's bandwidth, all folders and peers together, in KiB a second on the wire; 0: none.
+    send_limit_kib: int = 0
+    receive_limit_kib: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.folders, tuple) or not all(
@@ -116,6 +126,23 @@ class NodeConfig:
                 f"discovery must list some of {', '.join(DISCOVERY_METHODS)}, "
                 f"got {self.discovery!r}"
             )
+        if not isinstance(self.web, bool):
+            raise ConfigError(f"web must be true or false, got {_type_name(self.web)}")
+        if (
+            not isinstance(self.web_port, int)
+            or isinstance(self.web_port, bool)
+            or not 0 <= self.web_port <= 65535
+        ):
+            raise ConfigError(f"web_port must be a port number (0-65535), got {self.web_port!r}")
+        for name in ("send_limit_kib", "receive_limit_kib"):
+            limit = getattr(self, name)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ConfigError(f"{name} must be KiB a second (0 for no limit), got {limit!r}")
+            if 0 < limit < MIN_LIMIT_KIB:
+                raise ConfigError(
+                    f"{name} must be 0 (no limit) or at least {MIN_LIMIT_KIB}, got {limit}: "
+                    "slower, a transfer frame (up to 8 MiB) misses its two-minute deadline"
+                )
         if not isinstance(self.lan_interfaces, tuple) or not all(
             isinstance(ip, str) and ip for ip in self.lan_interfaces
         ):
@@ -164,6 +191,10 @@ class NodeConfig:
             "discovery": list(self.discovery),
             "dht_bootstrap": list(self.dht_bootstrap),
             "lan_interfaces": list(self.lan_interfaces),
+            "web": self.web,
+            "web_port": self.web_port,
+            "send_limit_kib": self.send_limit_kib,
+            "receive_limit_kib": self.receive_limit_kib,
             "folders": [{"path": f.path, "key": f.key} for f in self.folders],
         }
         return tomli_w.dumps(document)
@@ -178,6 +209,10 @@ class NodeConfig:
             "discovery",
             "dht_bootstrap",
             "lan_interfaces",
+            "web",
+            "web_port",
+            "send_limit_kib",
+            "receive_limit_kib",
         )
         _refuse_unknown(document, known, source, "")
         folders: list[FolderConfig] = []
@@ -230,6 +265,10 @@ class NodeConfig:
                 discovery=lists["discovery"],
                 dht_bootstrap=lists["dht_bootstrap"],
                 lan_interfaces=lists["lan_interfaces"],
+                web=document.get("web", defaults.web),
+                web_port=document.get("web_port", defaults.web_port),
+                send_limit_kib=document.get("send_limit_kib", defaults.send_limit_kib),
+                receive_limit_kib=document.get("receive_limit_kib", defaults.receive_limit_kib),
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
@@ -299,6 +338,38 @@ class Home:
             _write_private(self.config_path, config.to_toml().encode("utf-8"), create_only=False)
         except OSError as exc:
             raise ConfigError(f"cannot write {self.config_path}: {_reason(exc)}") from exc
+
+    def web_token(self) -> str:
+        """The dashboard's access token, kept (owner-only) so its URL survives restarts;
+        made on first use."""
+        try:
+            token = (self.path / WEB_TOKEN_FILE).read_text("ascii").strip()
+        except FileNotFoundError:
+            token = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {self.path / WEB_TOKEN_FILE}: {exc}") from exc
+        if token:
+            return token
+        try:
+            return self._write_web_token(replace=False)
+        except FileExistsError:  # another process made it between our read and our write
+            return self.web_token()
+
+    def new_web_token(self) -> str:
+        """Replace the dashboard's token: every URL given out before stops working (a running
+        dashboard reads the new one at its next request)."""
+        return self._write_web_token(replace=True)
+
+    def _write_web_token(self, *, replace: bool) -> str:
+        token = secrets.token_urlsafe(24)
+        path = self.path / WEB_TOKEN_FILE
+        try:
+            _write_private(path, token.encode() + b"\n", create_only=not replace)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {_reason(exc)}") from exc
+        return token
 
     def _read_device_seed(self) -> bytes | None:
         path = self.device_key_path

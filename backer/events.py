@@ -25,6 +25,7 @@ __all__ = [
     "FolderPaused",
     "FolderResumed",
     "FolderScanned",
+    "LocalChangesKept",
     "NodeStarted",
     "NodeStopping",
     "PeerConnected",
@@ -154,6 +155,15 @@ class WatchIncomplete:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LocalChangesKept:
+    """A read-only device changed files of its folder: they stay here (peers refuse them
+    unsigned) until `backer revert` undoes them. Said when they appear, not at every scan."""
+
+    folder: str
+    count: int  # paths this device changed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorOccurred:
     folder: str  # "" for the node itself
     message: str
@@ -174,6 +184,7 @@ Event = (
     | FolderPaused
     | FolderResumed
     | WatchIncomplete
+    | LocalChangesKept
     | ErrorOccurred
 )
 Emit = Callable[[Event], None]

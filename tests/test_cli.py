@@ -77,7 +77,7 @@ def test_errors_are_plain_words_and_exit_1(
     assert code == 1 and "not a directory" in err
     (tmp_path / "empty").mkdir()
     code, _, err = run(capsys, tmp_path / "home", "status", str(tmp_path / "empty"))
-    assert code == 1 and "backer scan" in err
+    assert code == 1 and "not a backer folder" in err and "backer scan" not in err
 
 
 def test_shared_folder_with_missing_marker_is_refused(

@@ -69,11 +69,18 @@ def test_readonly_server_script(tmp_path: Path) -> None:
         text=True,
         timeout=120,
         check=False,
-        env={**os.environ, "PYTHON": sys.executable, "SERVER_PORT": str(port)},
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "SERVER_PORT": str(port),
+            "LAPTOP_PORT": str(free_port()),
+        },
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the server received report.txt" in done.stdout
     assert "the laptop refused the server's edit" in done.stdout
+    assert "its edit stays local, and how to undo it: backer revert" in done.stdout
+    assert "after backer revert the server holds the laptop's report.txt again" in done.stdout
 
 
 def test_systemd_unit_runs_a_valid_command() -> None:

@@ -81,7 +81,7 @@ def test_three_backer_run_processes_sync_a_tree_and_a_later_edit(tmp_path: Path)
         for i, home in enumerate(homes):
             peers = [arg for j in range(i) for arg in ("--peer", f"127.0.0.1:{ports[j]}")]
             command = [sys.executable, "-m", "backer", "--home", str(home), "run"]
-            command += ["--web"] if i == 0 else []
+            command += ["--web-port", "0"] if i == 0 else []
             processes.append(
                 subprocess.Popen(
                     [*command, "--listen", f"127.0.0.1:{ports[i]}", "--events", "json", *peers],

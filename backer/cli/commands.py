@@ -21,17 +21,26 @@ from backer.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
+    address_arg,
     folder_key,
     folder_path,
     human,
     inside_folder,
+    os_error_text,
     refuse_nested,
 )
 from backer.cli.demo import add_demo_command
 from backer.cli.dht import add_dht_command
-from backer.cli.live import add_peers_command, live_status, print_live_folder
+from backer.cli.live import (
+    add_open_command,
+    add_peers_command,
+    live_status,
+    print_dashboard,
+    print_live_folder,
+)
 from backer.cli.oneshot import cmd_serve, cmd_sync
 from backer.cli.run import add_run_command
+from backer.cli.service import add_service_command
 from backer.config import FolderConfig, Home
 from backer.errors import BackerError
 from backer.index.scan import ScanProgress, ScanReport, scan
@@ -57,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except BackerError as exc:
         print(f"backer: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a read-only or full disk, a permission: one line, no traceback
+        print(f"backer: {os_error_text(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("backer: interrupted", file=sys.stderr)
@@ -120,7 +132,7 @@ exit codes: 0 done, 1 failed (the message says why and what to do), 2 bad usage"
         "sync", help="reconcile a folder with a `backer serve` peer both ways, then exit"
     )
     sync.add_argument("dir", help="the folder")
-    sync.add_argument("peer", metavar="HOST:PORT", help="address of the peer")
+    sync.add_argument("peer", type=address_arg, metavar="HOST:PORT", help="address of the peer")
     sync.add_argument("--json", action="store_true", help="print the outcome as JSON")
     sync.set_defaults(run=cmd_sync)
 
@@ -128,6 +140,7 @@ exit codes: 0 done, 1 failed (the message says why and what to do), 2 bad usage"
     serve.add_argument("dir", help="the folder")
     serve.add_argument(
         "--listen",
+        type=address_arg,
         default="127.0.0.1:22000",
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:22000)",
@@ -159,6 +172,8 @@ exit codes: 0 done, 1 failed (the message says why and what to do), 2 bad usage"
 
     add_run_command(commands)
     add_peers_command(commands)
+    add_open_command(commands)
+    add_service_command(commands)
     add_dht_command(commands)
     add_demo_command(commands)
     return parser
@@ -309,6 +324,7 @@ def _cmd_status(home: Home, args: argparse.Namespace) -> int:
         print("running  no: `backer run` keeps it in sync")
     else:
         print_live_folder(live, str(folder))
+        print_dashboard(live)
     return EXIT_OK
 
 
@@ -331,6 +347,7 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
             when = datetime.strptime(args.at, "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
         except ValueError as exc:
             raise BackerError("--at takes YYYYMMDD-HHMMSS, as `backer versions` shows") from exc
+    replaced = (folder / rel).exists() or (folder / rel).is_symlink()
     try:
         version = Versions(folder).restore(rel, when, time.time())
     except FileNotFoundError as exc:
@@ -346,7 +363,8 @@ def _cmd_restore(home: Home, args: argparse.Namespace) -> int:
 
     if not _served_by_running_node(home, folder):  # else its watcher records the restore
         asyncio.run(record())
-    print(f"restored {rel} from {version.time:%Y%m%d-%H%M%S}; the replaced file was kept")
+    kept = "; the replaced file was kept (`backer versions` lists it)" if replaced else ""
+    print(f"restored {rel} from {version.time:%Y%m%d-%H%M%S}{kept}")
     return EXIT_OK
 
 
@@ -357,6 +375,11 @@ def _cmd_revert(home: Home, args: argparse.Namespace) -> int:
         raise BackerError(
             f"{folder} is not a read-only share here: its changes are real changes, nothing to "
             "revert (restore single files with `backer restore`)"
+        )
+    if _served_by_running_node(home, folder):
+        raise BackerError(
+            f"`backer run` is running for {folder} and owns its index: stop it, revert, "
+            "and start it again (the shared versions then come back)"
         )
     device = home.device_id()
 

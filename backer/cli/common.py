@@ -4,10 +4,13 @@ for people. Imports config, keys, paths.
 
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import unicodedata
 from pathlib import Path
 
+from backer.addresses import parse_address
 from backer.config import Home
 from backer.errors import BackerError
 from backer.index.store import IndexStore
@@ -18,16 +21,43 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_OK",
     "EXIT_USAGE",
+    "address_arg",
     "folder_key",
     "folder_path",
     "human",
     "inside_folder",
+    "os_error_text",
+    "plural",
     "refuse_nested",
 ]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+
+def address_arg(text: str) -> str:
+    """An argparse `type` for HOST:PORT options: a malformed one is a usage error (exit 2)
+    named by its option, not a config error about `peers[0]` found later."""
+    try:
+        parse_address(text)
+    except BackerError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc} (for example 192.168.1.20:22100, or [::1]:22100)"
+        ) from exc
+    return text
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for a filesystem failure nobody caught below: what, where, and what to do."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno == errno.EROFS:
+        return f"{where}read-only filesystem: backer needs to write there (its index, config)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}permission denied: run as the user who owns it, or choose another place"
+    if exc.errno == errno.ENOSPC:
+        return f"{where}no space left on the device: free some space and try again"
+    return f"{where}{exc.strerror or exc}"
 
 
 def folder_key(home: Home, folder: Path) -> FolderKey | None:
@@ -81,9 +111,22 @@ def folder_path(home: Home, given: str, *, create: bool) -> Path:
                 "backer will not treat a missing disk as deleted files"
             )
         if not create:
-            raise BackerError(f"{folder} has no index yet; run `backer scan {given}` first")
+            for parent in folder.parents:  # inside a folder, as git finds its repository
+                if (parent / RESERVED_DIR).is_dir():
+                    return parent
+            raise BackerError(
+                f"{folder} is not a backer folder (no {RESERVED_DIR}/ in it or above it): "
+                f"name one (`backer status DIR`), or share this one with `backer init {given}`"
+            )
         IndexStore.open(folder, create=True).close()
     return folder
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 file`, `2 files`: "received 1 files" reads as a bug."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
 
 
 def human(count: float) -> str:

@@ -53,6 +53,16 @@ class _Demo:
         self.folders = {name: base / name / "folder" for name in NAMES}
         self.nodes: dict[str, Node] = {}
         self.started = time.monotonic()
+        self.all_started = asyncio.Event()  # narration waits for it: "started" comes first
+
+    def name_of(self, address: str) -> str:
+        """The node listening at `address` by its name; all listen on 127.0.0.1, so the port
+        tells them apart (an mDNS answer may name the host differently)."""
+        port = address.rpartition(":")[2]
+        for name, node in self.nodes.items():
+            if node.listen_address.rpartition(":")[2] == port:
+                return name
+        return address
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:5.2f} s] {text}", flush=True)
@@ -127,6 +137,7 @@ async def _story(demo: _Demo) -> bool:
             stack.callback(watcher.close)
             asyncio.get_running_loop().create_task(_narrate(demo, name, watcher))
         demo.say("started laptop, desktop and server; no addresses configured")
+        demo.all_started.set()
         if not await demo.until("the sample files reaching every node", _all_have(demo, sample)):
             return False
         demo.say(f"every node holds the {len(sample)} files: synced")
@@ -231,10 +242,14 @@ def _conflict_settled(demo: _Demo) -> Callable[[], bool]:
 
 async def _narrate(demo: _Demo, name: str, events: Any) -> None:
     told: set[str] = set()
+    await demo.all_started.wait()  # what happened meanwhile waits in the subscription
     with contextlib.suppress(StopAsyncIteration):
         async for event in events:
-            if isinstance(event, PeerFound) and event.address not in told:
-                told.add(event.address)
-                demo.say(f"{name} found a peer at {event.address} by {event.via}")
+            peer = (
+                demo.name_of(event.address) if isinstance(event, PeerFound | PeerConnected) else ""
+            )
+            if isinstance(event, PeerFound) and peer not in told and peer != name:
+                told.add(peer)
+                demo.say(f"{name} found {peer} by {event.via}")
             elif isinstance(event, PeerConnected) and event.outgoing:
-                demo.say(f"{name} connected to {event.address} (encrypted)")
+                demo.say(f"{name} connected to {peer} (encrypted)")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from backer.cli.common import EXIT_ERROR, EXIT_OK, folder_key, folder_path, human
+from backer.cli.common import EXIT_ERROR, EXIT_OK, folder_key, folder_path, human, plural
 from backer.config import Home
 from backer.errors import BackerError
 from backer.keys import FolderKey
@@ -45,16 +46,17 @@ def cmd_sync(home: Home, args: argparse.Namespace) -> int:
         finally:
             await replica.close()
 
-    result = asyncio.run(go())
+    result = _explained(asyncio.run(go()), key)
     pulled = result.pulls
     errors = [error for report in pulled for error in report.errors]
+    files, conflicts = sum(p.files for p in pulled), sum(p.conflicts for p in pulled)
     summary = {
         "in_sync": result.in_sync,
         "reason": result.reason,
         "root": result.local_root.hex() if result.local_root else None,
-        "files": sum(p.files for p in pulled),
+        "files": files,
         "deleted": sum(p.deleted for p in pulled),
-        "conflicts": sum(p.conflicts for p in pulled),
+        "conflicts": conflicts,
         "bytes_fetched": sum(p.bytes_fetched for p in pulled),
         "bytes_local": sum(p.bytes_local for p in pulled),
         "errors": errors,
@@ -65,9 +67,10 @@ def cmd_sync(home: Home, args: argparse.Namespace) -> int:
         state = "in sync" if result.in_sync else f"NOT in sync: {result.reason}"
         print(f"{folder}: {state}")
         print(
-            f"received {summary['files']} files ({human(sum(p.bytes_fetched for p in pulled))} "
-            f"over the wire, {human(sum(p.bytes_local for p in pulled))} reused locally), "
-            f"{summary['deleted']} deleted, {summary['conflicts']} conflicts"
+            f"received {plural(files, 'file')} "
+            f"({human(sum(p.bytes_fetched for p in pulled))} over the wire, "
+            f"{human(sum(p.bytes_local for p in pulled))} reused locally), "
+            f"{summary['deleted']} deleted, {plural(conflicts, 'conflict')}"
         )
         for error in errors:
             print(f"refused  {error}", file=sys.stderr)
@@ -88,7 +91,7 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
             peer = writer.get_extra_info("peername")
             await replica.scan()  # only what changed since the last scan is read
             result = await _session(home, replica, key, reader, writer, initiator=False)
-            print(f"{peer[0]}:{peer[1]}: {result.reason}", flush=True)
+            print(f"{peer[0]}:{peer[1]}: {_explained(result, key).reason}", flush=True)
 
         try:
             await replica.scan()
@@ -105,6 +108,27 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
     except OSError as exc:
         raise BackerError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from exc
     return EXIT_OK
+
+
+def _explained(result: SessionResult, key: FolderKey | None) -> SessionResult:
+    """The session's outcome, its reason put in a person's terms when the two sides disagree
+    on whether the folder has a key: one speaks plaintext, the other Noise, and neither side's
+    parser can say more than "malformed" on its own."""
+    if result.peer_root is not None or result.pulls:
+        return result  # the sides understood each other
+    if key is None and "stream ended" in result.reason:
+        reason = (
+            "the peer hung up at once: it shares this folder with a key, this side has none. "
+            "`backer join KEY DIR` here first, with the key `backer keys` prints there"
+        )
+    elif key is not None and "(malformed)" in result.reason:
+        reason = (
+            "wrong folder key: the peer speaks no folder key (an unshared folder, or one "
+            "without `backer join`); the other side must `backer join` this folder's key first"
+        )
+    else:
+        return result
+    return dataclasses.replace(result, reason=reason)
 
 
 def _address(text: str) -> tuple[str, int]:

@@ -30,8 +30,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from backer.cli.common import EXIT_OK, EXIT_USAGE, human
-from backer.config import Home
+from backer.cli.common import EXIT_OK, EXIT_USAGE, address_arg, human, plural
+from backer.config import DEFAULT_WEB_PORT, Home
 from backer.errors import BackerError, ConfigError
 from backer.events import (
     ConflictFound,
@@ -41,6 +41,7 @@ from backer.events import (
     FileUpdated,
     FolderPaused,
     FolderResumed,
+    LocalChangesKept,
     NodeStarted,
     NodeStopping,
     PeerConnected,
@@ -51,7 +52,7 @@ from backer.events import (
 from backer.node.bus import stamped_json
 from backer.node.folder import FolderOptions
 from backer.node.node import Node, NodeOptions
-from backer.web import start_web
+from backer.web import WebServer, start_web
 
 __all__ = ["RUN_LOCK_FILE", "TerminalView", "add_run_command", "describe"]
 
@@ -63,11 +64,15 @@ def add_run_command(commands: Any) -> None:
         "run", help="keep every configured folder in sync with its peers until stopped"
     )
     run.add_argument(
-        "--listen", metavar="HOST:PORT", help="accept peers here (default: the config's listen)"
+        "--listen",
+        type=address_arg,
+        metavar="HOST:PORT",
+        help="accept peers here (default: the config's listen)",
     )
     run.add_argument(
         "--peer",
         action="append",
+        type=address_arg,
         default=[],
         metavar="HOST:PORT",
         help="also dial this address (repeatable; the config's peers are always dialled)",
@@ -84,6 +89,7 @@ def add_run_command(commands: Any) -> None:
     run.add_argument(
         "--dht-bootstrap",
         action="append",
+        type=address_arg,
         default=[],
         metavar="HOST:PORT",
         help="a DHT node to join through (repeatable; adds to the config's dht_bootstrap)",
@@ -91,7 +97,15 @@ def add_run_command(commands: Any) -> None:
     run.add_argument(
         "--web",
         action="store_true",
-        help="serve the dashboard on 127.0.0.1 (a random port; the URL with its token is printed)",
+        help="serve the dashboard on 127.0.0.1 (`web = true` in the config does too); "
+        "`backer open` prints and opens its URL",
+    )
+    run.add_argument(
+        "--web-port",
+        type=int,
+        metavar="PORT",
+        help=f"the dashboard's port (implies --web; default: the config's web_port, "
+        f"{DEFAULT_WEB_PORT} unless changed; 0: a free one)",
     )
     run.add_argument(
         "--no-watch",
@@ -125,8 +139,9 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
             discovery=discovery,
             dht_bootstrap=tuple(dict.fromkeys((*config.dht_bootstrap, *args.dht_bootstrap))),
         )
-    except ConfigError as exc:
-        raise BackerError(str(exc)) from exc
+    except ConfigError as exc:  # the stored config was valid: the options made it wrong
+        print(f"backer run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     folder = FolderOptions(watch=not args.no_watch)
     if args.rescan is not None:
         folder = dataclasses.replace(folder, rescan_every=args.rescan, rescan_unwatched=args.rescan)
@@ -138,7 +153,11 @@ def cmd_run(home: Home, args: argparse.Namespace) -> int:
         node = Node(home, config, options=NodeOptions(folder=folder))
         # kademlia logs a warning for every DHT contact that does not answer: routine, not news.
         logging.getLogger("kademlia").setLevel(logging.ERROR)
-        return asyncio.run(_run(node, as_json=args.events == "json", web=args.web))
+        web = args.web or args.web_port is not None or config.web
+        web_port = config.web_port if args.web_port is None else args.web_port
+        return asyncio.run(
+            _run(node, as_json=args.events == "json", web_port=web_port if web else None)
+        )
 
 
 @contextlib.contextmanager
@@ -164,14 +183,15 @@ def _one_node_per_home(home: Home) -> Iterator[int | None]:
         os.close(fd)  # releases the lock
 
 
-async def _run(node: Node, *, as_json: bool, web: bool) -> int:
+async def _run(node: Node, *, as_json: bool, web_port: int | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, node.stop, signal.Signals(signum).name)
     events = node.bus.subscribe()
     printer = asyncio.create_task(_print(events, as_json=as_json))
-    dashboard = await start_web(node, host="127.0.0.1", port=0) if web else None
+    dashboard = None if web_port is None else await _start_dashboard(node, web_port)
     if dashboard is not None:
+        node.note_status("dashboard", dashboard.base_url)
         # stderr: with --events json, stdout stays pure JSON lines.
         print(f"dashboard: {dashboard.url}", file=sys.stderr, flush=True)
     try:
@@ -182,6 +202,25 @@ async def _run(node: Node, *, as_json: bool, web: bool) -> int:
         events.close()
         await printer
     return EXIT_OK
+
+
+async def _start_dashboard(node: Node, port: int) -> WebServer:
+    """The dashboard on its fixed port, with the token kept in the node home (one address to
+    bookmark); on a free port, said so, if another program holds that one."""
+    token = node.home.web_token
+    try:
+        return await start_web(node, port=port, token=token)
+    except BackerError as exc:
+        if port == 0:
+            raise
+        dashboard = await start_web(node, port=0, token=token)
+        print(
+            f"backer: {exc}; the dashboard is on port {dashboard.port} this time "
+            "(set web_port in the config to keep one)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return dashboard
 
 
 async def _print(events: Any, *, as_json: bool) -> None:
@@ -278,9 +317,9 @@ def describe(event: Event) -> str | None:
             files or deleted or errors or event.reason
         ):
             text = (
-                f"{folder}: received {files} files ({human(event.bytes_fetched)} over the wire, "
-                f"{human(event.bytes_local)} reused), {deleted} deleted, "
-                f"{event.conflicts} conflicts"
+                f"{folder}: received {plural(files, 'file')} ({human(event.bytes_fetched)} over "
+                f"the wire, {human(event.bytes_local)} reused), {deleted} deleted, "
+                f"{plural(event.conflicts, 'conflict')}"
             )
             if event.reason:
                 text += f"; stopped early: {event.reason}"
@@ -297,6 +336,11 @@ def describe(event: Event) -> str | None:
             return f"{folder}: resumed"
         case WatchIncomplete(folder=folder, watched_dirs=watched, total_dirs=total, fix=fix):
             return f"{folder}: watching only {watched} of {total} directories; {fix}"
+        case LocalChangesKept(folder=folder, count=count):
+            return (
+                f"{folder}: {plural(count, 'local change')} stay on this device: its key is "
+                "read-only, so peers refuse them; `backer revert` brings back the shared versions"
+            )
         case ErrorOccurred(folder=folder, message=message):
             return f"{folder or 'backer'}: error: {message}"
     return None

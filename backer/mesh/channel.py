@@ -280,6 +280,13 @@ class Channel:
                 "the peer closed the connection instead of confirming the handshake: most "
                 "likely it holds a different key for this folder (or it refused our identity)",
             )
+        if self._state is _State.AWAIT_MSG2:
+            # A listener closes unanswered a connection for a folder it does not host.
+            self._fail(
+                Reason.CLOSED,
+                "wrong folder key: the peer closed the connection without answering the "
+                "handshake, so it hosts no folder with this key (or it is not a backer node)",
+            )
         self._fail(
             Reason.CLOSED,
             f"the peer closed the connection during the handshake ({self._state.value})",

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from backer.addresses import format_address, parse_address
-from backer.mesh.preface import NONCE_SIZE, PREFACE_SIZE, make_preface, match_preface
+from backer.mesh.preface import MAGIC, NONCE_SIZE, PREFACE_SIZE, make_preface, match_preface
 from backer.sync.link import Link, StreamLink
 
 __all__ = [
@@ -83,10 +83,15 @@ def peer_address(link: Link) -> str:
 
 
 async def read_preface(
-    link: Link, folders: list[bytes], *, timeout: float = PREFACE_TIMEOUT
+    link: Link,
+    folders: list[bytes],
+    *,
+    timeout: float = PREFACE_TIMEOUT,
+    unknown: Callable[[], None] = lambda: None,
 ) -> tuple[bytes, Link] | None:
     """The folder a new connection's preface names and the link to go on with; None (the link
-    closed) if it names none of `folders`, is not a preface, or is not sent in time."""
+    closed) if it names none of `folders`, is not a preface, or is not sent in time. `unknown`
+    is called for a well-formed preface that names none of them: a backer with another key."""
     data = b""
     try:
         async with asyncio.timeout(timeout):
@@ -99,6 +104,8 @@ async def read_preface(
         pass
     folder = match_preface(data[:PREFACE_SIZE], folders)
     if folder is None:
+        if len(data) >= PREFACE_SIZE and data.startswith(MAGIC):
+            unknown()
         await _close(link)
         return None
     return folder, PrefixedLink(link, data[PREFACE_SIZE:])
@@ -118,7 +125,8 @@ class Listener:
     """Accepts TCP connections on `address` and passes each to `accept(discovery_id, link,
     remote_address)` for the folder its preface names; others are closed unanswered. Past
     `per_source` connections from one address, or `total` from all, waiting for a preface, a
-    new one is closed at once and `refused` is told (once until the crowd thins out)."""
+    new one is closed at once and `refused` is told (once until the crowd thins out).
+    `unknown(source host)` hears of each backer preface naming none of the folders."""
 
     def __init__(
         self,
@@ -127,6 +135,7 @@ class Listener:
         accept: Accept,
         *,
         refused: Refused = lambda _: None,
+        unknown: Refused = lambda _: None,
         per_source: int = PENDING_PER_SOURCE,
         total: int | None = None,
     ) -> None:
@@ -134,6 +143,7 @@ class Listener:
         self._folders = folders
         self._accept = accept
         self._refused = refused
+        self._unknown = unknown
         self._per_source = per_source
         self._total = pending_limit() if total is None else total
         self._pending: Counter[str] = Counter()  # source host -> connections before the preface
@@ -182,7 +192,9 @@ class Listener:
         _tune(writer)
         try:
             try:
-                found = await read_preface(link, self._folders())
+                found = await read_preface(
+                    link, self._folders(), unknown=lambda: self._unknown(source)
+                )
             finally:
                 self._release(source)
             if found is not None:

@@ -23,11 +23,15 @@ from backer.events import (
     ErrorOccurred,
     FolderPaused,
     FolderScanned,
+    LocalChangesKept,
     WatchIncomplete,
 )
 from backer.ids import DeviceId
 from backer.keys import FolderKey
-from backer.mesh.peers import FolderMesh
+from backer.mesh.peers import Dial, FolderMesh
+from backer.mesh.transport import dial
+from backer.node.throttle import Limits
+from backer.sync.link import Link
 from backer.sync.replica import Replica
 from backer.sync.swarm import FolderPuller
 from backer.watch import Watcher, WatchError
@@ -67,6 +71,7 @@ class FolderRunner:
         emit: Emit,
         options: FolderOptions,
         advertise: tuple[str, ...],
+        limits: Limits | None = None,
     ) -> None:
         self.replica = replica
         self.key = key
@@ -88,12 +93,14 @@ class FolderRunner:
             frame_within=options.frame_within,
             backoff_first=options.backoff_first,
             backoff_max=options.backoff_max,
+            dialer=_limited_dial(limits) if limits is not None else dial,
         )
         self.watcher: Watcher | None = None
         self.watch_complete = False
         self._coverage_checked = False
         self._rescan_now = asyncio.Event()
         self.ready = asyncio.Event()  # watching, and the first scan is done
+        self.local_only = 0  # on a read-only device: paths it changed, which stay here
 
     @classmethod
     async def open(
@@ -105,12 +112,19 @@ class FolderRunner:
         emit: Emit,
         options: FolderOptions,
         advertise: tuple[str, ...] = (),
+        limits: Limits | None = None,
     ) -> FolderRunner:
         device = DeviceId.from_public_key(bytes(device_key.verify_key))
         replica = await Replica.open(path, device=device.short, key=key)
         await asyncio.to_thread(replica.disk.prune_temp, TEMP_KEPT_FOR, time.time())
         return cls(
-            replica, key, device_key=device_key, emit=emit, options=options, advertise=advertise
+            replica,
+            key,
+            device_key=device_key,
+            emit=emit,
+            options=options,
+            advertise=advertise,
+            limits=limits,
         )
 
     async def close(self) -> None:
@@ -201,6 +215,16 @@ class FolderRunner:
             except (BackerError, OSError) as exc:
                 self.emit(ErrorOccurred(folder=self.label, message=f"pruning versions: {exc}"))
 
+    async def _count_local_changes(self) -> None:
+        """A read-only device's own changes are refused by every peer: say so when they first
+        appear (not at each scan), and keep the count for the status, or the folder would
+        look as if it were syncing for ever."""
+        async with self.replica.lock:
+            count = len(await asyncio.to_thread(self.replica.store.unsigned))
+        if count and not self.local_only:
+            self.emit(LocalChangesKept(folder=self.label, count=count))
+        self.local_only = count
+
     def rescan(self) -> None:
         """Ask for a full rescan now."""
         self._rescan_now.set()
@@ -218,6 +242,8 @@ class FolderRunner:
             return
         if self.puller.paused and paths is None:
             self.puller.resume()  # a full scan found the folder whole again
+        if not self.key.can_write and (report.updated or not self.ready.is_set()):
+            await self._count_local_changes()
         if report.updated:
             self.emit(
                 FolderScanned(
@@ -227,3 +253,10 @@ class FolderRunner:
                     root=report.root.hex(),
                 )
             )
+
+
+def _limited_dial(limits: Limits) -> Dial:
+    async def dial_within(address: str, discovery_id: bytes) -> Link:
+        return limits.wrap(await dial(address, discovery_id))
+
+    return dial_within

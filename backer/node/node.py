@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from backer.node.bus import EventBus
 from backer.node.finders import Finders
 from backer.node.folder import FolderOptions, FolderRunner
 from backer.node.statusfile import STATUS_FILE, write_status_forever
+from backer.node.throttle import Limits
 from backer.sync.link import Link
 
 __all__ = ["Node", "NodeOptions"]
@@ -64,6 +66,9 @@ class Node:
         self.listener: Listener | None = None
         self.finders: Finders | None = None
         self._sightings: set[tuple[bytes, str, str]] = set()  # (folder, address, via) reported
+        self._told_unknown: set[str] = set()  # hosts that asked for a folder not hosted here
+        self._noted: dict[str, Any] = {}  # what the layers above add to the status file
+        self.limits = Limits()  # the config's bandwidth limits, set by run()
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -102,6 +107,9 @@ class Node:
     async def run(self) -> None:
         """Run until `stop()`. Raises BackerError if a folder or the listener cannot start."""
         config = self.config if self.config is not None else self.home.load_config()
+        self.limits = Limits.per_second(
+            config.send_limit_kib * 1024, config.receive_limit_kib * 1024
+        )
         device_key = self.home.device_key()
         self.device = DeviceId.from_public_key(bytes(device_key.verify_key))
         try:
@@ -111,14 +119,12 @@ class Node:
                     lambda: list(self.folders),
                     self._accept,
                     refused=lambda why: self.bus.emit(ErrorOccurred(folder="", message=why)),
+                    unknown=self._unknown_folder,
                 )
                 try:
                     await self.listener.start()
                 except OSError as exc:
-                    raise BackerError(
-                        f"cannot listen on {config.listen}: {exc.strerror or exc}; is another "
-                        "backer running? Change `listen` in the config or pass --listen"
-                    ) from exc
+                    raise BackerError(_listen_failure(config.listen, exc)) from exc
             advertise = _advertised(self.listen_address) if self.listener else ()
             options = dataclasses.replace(self.options.folder, max_peers=config.max_peers)
             for folder in config.folders:
@@ -131,6 +137,7 @@ class Node:
                         emit=self.bus.emit,
                         options=options,
                         advertise=advertise,
+                        limits=self.limits,
                     )
                 except (BackerError, OSError) as exc:  # one missing disk must not stop the rest
                     self.unavailable[folder.path] = str(exc)
@@ -220,19 +227,38 @@ class Node:
                     )
                 )
 
+    def _unknown_folder(self, host: str) -> None:
+        """Said once per host (its dialler retries): a connection named a folder not hosted."""
+        if host in self._told_unknown or len(self._told_unknown) >= 4096:
+            return
+        self._told_unknown.add(host)
+        self.bus.emit(
+            ErrorOccurred(
+                folder="",
+                message=f"wrong folder key: a peer at {host} asked for a folder this node does "
+                "not host (it holds another folder's key, or that folder is not joined here)",
+            )
+        )
+
     async def _accept(self, discovery_id: bytes, link: Link, address: str) -> None:
         runner = self.folders.get(discovery_id)
         if runner is None:
             with contextlib.suppress(ConnectionError, OSError):
                 await link.close()
             return
-        await runner.mesh.accept(link, address)
+        await runner.mesh.accept(self.limits.wrap(link), address)
 
     async def accept_link(self, discovery_id: bytes, link: Link, address: str = "") -> None:
         """Run a connection from any transport (an in-memory pipe...) for one folder."""
         await self._accept(discovery_id, link, address)
 
     # -- status ------------------------------------------------------------------------------
+
+    def note_status(self, name: str, value: Any) -> None:
+        """Add `name` to the status file (the dashboard's address: the node does not know of
+        the web layer above it)."""
+        self._noted[name] = value
+        self._changed.set()
 
     def status(self) -> dict[str, Any]:
         """What `backer status` and `backer peers` show: per folder, its root, state, the
@@ -252,6 +278,13 @@ class Node:
                 }
                 for c in mesh.connections.values()
             ]
+            pulling = runner.puller.current
+            if runner.local_only and pulling is None:
+                # A read-only device's own changes keep its root apart from every peer's:
+                # that difference is not a sync under way.
+                for peer in peers:
+                    if not peer["in_sync"]:
+                        peer["differs_by"] = "local changes only"
             now = mesh.clock()
             known = [
                 {
@@ -262,7 +295,6 @@ class Node:
                 }
                 for k in mesh.known.values()
             ]
-            pulling = runner.puller.current
             folders.append(
                 {
                     "path": runner.label,
@@ -278,6 +310,7 @@ class Node:
                     "folder_id": runner.key.folder_id,
                     "root": root.hex(),
                     "state": "paused: " + runner.puller.paused if runner.puller.paused else "ok",
+                    "local_only": runner.local_only,
                     "watching": runner.watcher is not None,
                     "watch_complete": runner.watch_complete,
                     "peers": peers,
@@ -287,11 +320,31 @@ class Node:
         for path, reason in self.unavailable.items():
             folders.append({"path": path, "state": f"unavailable: {reason}", "peers": []})
         return {
+            **self._noted,
             "pid": os.getpid(),
             "device": str(self.device) if self.device else "",
             "listen": self.listen_address,
             "folders": folders,
         }
+
+
+def _listen_failure(address: str, exc: OSError) -> str:
+    """Why the node cannot listen, and the fix that fits: only a port in use suggests that
+    another program (another backer, often) holds it."""
+    # asyncio words it "error while attempting to bind on address (...): <reason>"
+    reason = (exc.strerror or str(exc)).rpartition("): ")[2]
+    if exc.errno == errno.EADDRINUSE:
+        fix = "another program (another backer?) uses that port"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        fix = "no interface of this machine has that address"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "ports below 1024 need root"
+    else:
+        fix = "check the address"
+    return (
+        f"cannot listen on {address}: {reason}; {fix}. "
+        "Change `listen` in the config or pass --listen"
+    )
 
 
 def _address_state(known: Known, connections: dict[bytes, Connection], now: float) -> str:

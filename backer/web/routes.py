@@ -148,7 +148,7 @@ def decide(request: Request, *, token: str, port: int) -> Serve | Refuse:
     if endpoint.needs_token and not token_matches(_presented(request, parts.query), token):
         return Refuse(
             status=401,
-            reason="a token is needed: open the URL `backer run --web` printed",
+            reason="a token is needed: open the URL `backer open` prints",
             headers=(("www-authenticate", 'Bearer realm="backer"'),),
         )
     return Serve(endpoint=endpoint)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from http import HTTPStatus
 from importlib import resources
 from types import TracebackType
@@ -36,9 +37,11 @@ from backer.web.routes import (
 )
 from backer.web.views import ConflictLister, peers_view, recent_changes
 
-__all__ = ["LOOPBACK", "WebServer", "start_web"]
+__all__ = ["LOOPBACK", "Token", "WebServer", "start_web"]
 
 _log = logging.getLogger(__name__)
+
+Token = str | Callable[[], str]  # the access token, or where to read it (the node home's file)
 
 LOOPBACK = "127.0.0.1"
 MAX_HEAD = 8 * 1024  # bytes of request line and headers; larger is refused with 431
@@ -61,10 +64,11 @@ _BUSY = (
 
 
 async def start_web(
-    node: Node, *, host: str = LOOPBACK, port: int = 0, token: str | None = None
+    node: Node, *, host: str = LOOPBACK, port: int = 0, token: Token | None = None
 ) -> WebServer:
     """Serve `node`'s dashboard on 127.0.0.1 (port 0: a free one); `server.url` holds the
-    address with the access token. `await server.close()` stops it."""
+    address with the access token (`token`: fixed, or read anew for each request, so that a
+    token rotated on disk takes effect at once). `await server.close()` stops it."""
     server = WebServer(node, host=host, port=port, token=token)
     await server.start()
     return server
@@ -77,7 +81,7 @@ class WebServer:
         *,
         host: str = LOOPBACK,
         port: int = 0,
-        token: str | None = None,
+        token: Token | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
         keepalive: float = KEEPALIVE,
@@ -90,7 +94,7 @@ class WebServer:
         if not 0 <= port <= 65535:
             raise BackerError(f"no such port: {port}")
         self.node = node
-        self.token = token or secrets.token_urlsafe(24)
+        self._token: Token = token or secrets.token_urlsafe(24)
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         self.keepalive = keepalive
@@ -114,10 +118,19 @@ class WebServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
+    def token(self) -> str:
+        return self._token if isinstance(self._token, str) else self._token()
+
+    @property
+    def base_url(self) -> str:
+        """The address alone, safe to show (in `backer status`): no token in it."""
+        return f"http://{LOOPBACK}:{self.port}/"
+
+    @property
     def url(self) -> str:
         """The dashboard's address with the token in the fragment (never sent to the server,
         never in a Referer); the page hands it over in an Authorization header."""
-        return f"http://{LOOPBACK}:{self.port}/#token={self.token}"
+        return f"{self.base_url}#token={self.token}"
 
     @property
     def connections(self) -> int:
@@ -234,7 +247,10 @@ class WebServer:
         request: Request,
     ) -> bool:
         """Answer one request; False when the connection must close after it."""
-        decision = decide(request, token=self.token, port=self.port)
+        token = (
+            self._token if isinstance(self._token, str) else await asyncio.to_thread(self._token)
+        )
+        decision = decide(request, token=token, port=self.port)
         if isinstance(decision, Refuse):
             await self._refuse(conn, writer, decision, head=request.method == "HEAD")
             return not decision.close

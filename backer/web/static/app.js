@@ -87,7 +87,7 @@
       cache: "no-store",
     });
     if (response.status === 401) {
-      throw new Error("the token was refused: open the URL that `backer run --web` printed");
+      throw new Error("the token was refused: open the URL that `backer open` prints");
     }
     if (!response.ok) throw new Error(path + " answered " + response.status);
     return response.json();
@@ -323,14 +323,14 @@
       const closed = source.readyState === EventSource.CLOSED;
       live.textContent = closed ? "disconnected" : "reconnecting…";
       live.className = "pill " + (closed ? "pill-bad" : "pill-wait");
-      if (closed) problem("The live stream was refused: reload with the URL `backer run --web` printed.");
+      if (closed) problem("The live stream was refused: reload with the URL `backer open` prints.");
     };
   }
 
   function start() {
     state.token = readToken();
     if (!state.token) {
-      problem("No access token: open the URL that `backer run --web` printed (it ends in #token=…).");
+      problem("No access token: open the URL that `backer open` prints (it ends in #token=…).");
       $("live").textContent = "no token";
       $("live").className = "pill pill-bad";
       return;
