@@ -262,6 +262,22 @@ class IndexStore:
                 self._set_meta("device", found)
         return int.from_bytes(found, "big")
 
+    def devices(self) -> dict[str, int]:
+        """The filesystem devices last seen at the folder's root ("") and at each directory on
+        a filesystem other than its parent's: the scanner's record of the folder's mounts."""
+        with self._lock:
+            raw = self._meta("devices", b"")
+        if not raw:
+            return {}
+        try:
+            return {str(path): int(device) for path, device in msgpack.unpackb(raw)}
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise IndexCorruptError(f"the index's record of mounts does not decode: {exc}") from exc
+
+    def set_devices(self, devices: dict[str, int]) -> None:
+        with self._lock:
+            self._set_meta("devices", msgpack.packb(sorted(devices.items())))
+
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, path: str) -> Record | None:

@@ -24,6 +24,7 @@ from backer.index.chunker import hash_chunk
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_message
 from backer.index.merkle import EMPTY_ROOT
 from backer.index.scan import ScanReport, scan
+from backer.index.scan_records import DeletionWindow
 from backer.index.store import KEEP_GENERATIONS, Forget, IndexStore, chunk_key
 from backer.keys import FolderKey
 from backer.paths import is_reserved
@@ -68,6 +69,7 @@ class Replica:
         self.disk = FolderDisk(folder, self.versions, clock=clock)
         self.device = device
         self.lock = asyncio.Lock()
+        self.deletions = DeletionWindow()  # what this folder's scans found vanished lately
         self._pull_began_at: Hash | None = None  # our root when the pull under way began
         self._pull_began_generation = 0
         try:
@@ -156,7 +158,12 @@ class Replica:
             paths = [p for p in paths if not any(map(is_reserved, p.split("/")))]
         before = self.root
         report = await scan(
-            self.folder, self.store, device=self.device, paths=paths, clock=self.clock
+            self.folder,
+            self.store,
+            device=self.device,
+            paths=paths,
+            clock=self.clock,
+            window=self.deletions,
         )
         if report.root != before:
             self.notify()
