@@ -163,6 +163,7 @@ class _Scan:
         )
         self.in_flight: deque[tuple[str, str, bool, Future[_Read]]] = deque()
         self.rules = IgnoreRules()
+        self.rules_text = b""  # the rules file as read, to tell a changed one
         self.last_progress = 0.0
         self.indexed: dict[str, Known | None] = {}  # looked up for anchors and disk names
         self.current = ""
@@ -171,6 +172,8 @@ class _Scan:
         started = time.monotonic()
         self._check_marker()
         self.rules = self._load_rules()
+        if paths is not None and self.rules_text != self.store.ignore_rules_seen():
+            paths = None  # what the new rules no longer ignore, or now do, may be anywhere
         self.root_device = self._device("", "")
         with self.pool:
             if paths is None:
@@ -182,6 +185,8 @@ class _Scan:
                 self.counts.unstable.append(path)
         self._check_marker()  # a disk unmounted mid-scan must not commit its "deletions"
         root = self.records.finish()
+        if paths is None and self.rules_text != self.store.ignore_rules_seen():
+            self.store.set_ignore_rules_seen(self.rules_text)
         c = self.counts
         return ScanReport(
             root=root,
@@ -212,7 +217,10 @@ class _Scan:
 
     def _load_rules(self) -> IgnoreRules:
         try:
-            return IgnoreRules((self.folder / IGNORE_FILE).read_text(encoding="utf-8"))
+            data = (self.folder / IGNORE_FILE).read_bytes()
+            rules = IgnoreRules(data.decode("utf-8"))
+            self.rules_text = data
+            return rules
         except FileNotFoundError:
             return IgnoreRules()
         except (OSError, UnicodeDecodeError) as exc:

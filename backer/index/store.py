@@ -278,6 +278,15 @@ class IndexStore:
         with self._lock:
             self._set_meta("devices", msgpack.packb(sorted(devices.items())))
 
+    def ignore_rules_seen(self) -> bytes:
+        """The `.backerignore` text the last whole scan applied (b"" for none)."""
+        with self._lock:
+            return self._meta("ignore", b"")
+
+    def set_ignore_rules_seen(self, text: bytes) -> None:
+        with self._lock:
+            self._set_meta("ignore", text)
+
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, path: str) -> Record | None:
