@@ -358,6 +358,11 @@ def _cmd_revert(home: Home, args: argparse.Namespace) -> int:
             f"{folder} is not a read-only share here: its changes are real changes, nothing to "
             "revert (restore single files with `backer restore`)"
         )
+    if _served_by_running_node(home, folder):
+        raise BackerError(
+            f"`backer run` is running for {folder} and keeps its index itself; stop it first "
+            "to revert, then start it again (it brings back the shared versions)"
+        )
     device = home.device_id()
 
     async def go() -> list[str]:

@@ -432,6 +432,7 @@ class IndexStore:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                self._catch_up()
                 leaf_changes = self._write_entries(latest)
                 tree = merkle.update(self.read_node, self._root, leaf_changes)
                 self._generation += 1
@@ -460,6 +461,24 @@ class IndexStore:
             self.note_covered(self._root)
         self._root = tree.root
         return tree.root
+
+    def refresh(self) -> bool:
+        """Catch up with a commit another process made (`backer revert` beside `backer run`);
+        True if there was one. Costs one indexed read."""
+        with self._lock:
+            return self._catch_up()
+
+    def _catch_up(self) -> bool:
+        """Take the root another connection committed, or the next commit would build on a tree
+        whose entries are no longer those of the table: a root no peer can ever match. What it
+        forgot may be worth pulling again, so the covered trees are forgotten too."""
+        generation = int.from_bytes(self._meta("generation", b"\0"), "big")
+        if generation == self._generation:
+            return False
+        self._generation = generation
+        self._root = Hash(self._meta("root", merkle.EMPTY_ROOT))
+        self._covered.clear()
+        return True
 
     def _write_entries(self, changes: dict[str, Record | Forget]) -> dict[str, Hash | None]:
         """Write rows and chunk references with one statement per kind of write, not per row

@@ -157,6 +157,7 @@ class Replica:
         if paths is not None:  # the watcher reports a nested share's `.backer/` too: never ours
             paths = [p for p in paths if not any(map(is_reserved, p.split("/")))]
         before = self.root
+        await asyncio.to_thread(self.store.refresh)  # a commit by another process, if any
         report = await scan(
             self.folder,
             self.store,
