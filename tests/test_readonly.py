@@ -31,6 +31,16 @@ def write(folder: Path, rel: str, data: bytes, mtime: int = OLD) -> None:
     os.utime(path, (mtime, mtime))
 
 
+async def revert(folder: Path, key: FolderKey) -> list[str]:
+    """`backer revert` of a read-only replica of the folder of `key`."""
+    replica = await Replica.open(folder, device=0, key=key.read_only())
+    try:
+        replica.device = replica.store.local_device()
+        return await replica.revert()
+    finally:
+        await replica.close()
+
+
 @pytest.fixture
 def key() -> FolderKey:
     return FolderKey.generate()
@@ -90,12 +100,7 @@ async def test_read_only_changes_are_refused_and_revert_brings_the_mesh_back(
     assert (rw1 / "shared.txt").read_bytes() == b"the real one"
     assert not (rw1 / "added.txt").exists()
 
-    replica = await Replica.open(ro, device=0, key=key.read_only())
-    try:
-        replica.device = replica.store.local_device()
-        reverted = await replica.revert()
-    finally:
-        await replica.close()
+    reverted = await revert(ro, key)
     assert sorted(reverted) == ["added.txt", "shared.txt"]
     assert (await replicate(ro, rw1, key_a=key.read_only(), key_b=key)).in_sync
     assert (ro / "shared.txt").read_bytes() == b"the real one"
@@ -129,12 +134,7 @@ async def test_revert_after_a_deleted_file_settles_on_the_mesh_root(
     (ro / "dir").rmdir()
     result = await replicate(ro, rw1, key_a=key.read_only(), key_b=key, stuck_after=0.5)
     assert not result.in_sync
-    replica = await Replica.open(ro, device=0, key=key.read_only())
-    try:
-        replica.device = replica.store.local_device()
-        reverted = await replica.revert()
-    finally:
-        await replica.close()
+    reverted = await revert(ro, key)
     assert sorted(reverted) == ["dir", "dir/inner.txt", "other.txt"]
     result = await replicate(ro, rw1, key_a=key.read_only(), key_b=key)
     assert result.in_sync and result.root_a == result.root_b
