@@ -106,7 +106,7 @@ class _Pull:
         self.current: dict[str, Record] = {}  # local records of the pulled paths, read first
         # Pulled paths that stay a file or symlink here: a peer's live entry below one of them
         # makes it a directory again (`_reclaim`).
-        self.nondirs: dict[str, Record] = {}
+        self.nondirs: set[str] = set()
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
         self.records_left = PULL_CHUNK_RECORDS  # chunk records this pull may still expand
         self.assembler = Assembler(replica, fetcher, self.report, emit)
@@ -264,7 +264,7 @@ class _Pull:
             and not record.entry.deleted
             and record.entry.kind is not Kind.DIR
         ):
-            self.nondirs[remote.path] = Record(result or record.entry, record.local)
+            self.nondirs.add(remote.path)
         kept_aside = False
         if decision.conflict_copy is not None:
             self.report.conflicts += 1
@@ -380,8 +380,13 @@ class _Pull:
         it), since the peer has a live entry below it; False if that failed or met an edit."""
         parts = entry.path.split("/")
         for depth in range(1, len(parts)):
-            kept = self.nondirs.pop("/".join(parts[:depth]), None)
-            if kept is not None:
+            parent = "/".join(parts[:depth])
+            if parent in self.nondirs:
+                self.nondirs.discard(parent)
+                await self._commit()  # its record as this pull decided it
+                kept = await asyncio.to_thread(self.store.get, parent)
+                if kept is None or kept.entry.deleted or kept.entry.kind is Kind.DIR:
+                    return True
                 return await self._reclaim(kept)
         return True
 
