@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nacl.signing
 
-from backer.errors import BackerError, FolderMissingError, MassDeletionError
+from backer.errors import BackerError, FolderMissingError, MassDeletionError, MountGoneError
 from backer.events import (
     Emit,
     ErrorOccurred,
@@ -96,6 +96,7 @@ class FolderRunner:
         self._coverage_checked = False
         self._rescan_now = asyncio.Event()
         self._gone = False  # paused because the folder, or a part of it, went with its disk
+        self._walks_gone = 0  # whole walks in a row that found a part still gone
         self._rearm = False  # back from gone: the watcher must be armed anew
         self._armed = asyncio.Event()  # a new watcher is in place
         self.ready = asyncio.Event()  # watching, and the first scan is done
@@ -207,7 +208,9 @@ class FolderRunner:
                 else self.options.rescan_unwatched
             )
             if self._gone:
-                every = min(every, self.options.recheck_gone)
+                # A missing root costs one look; a sub-mount gone, a whole walk: back off.
+                backoff = 2 ** min(self._walks_gone, 6)
+                every = min(every, self.options.recheck_gone * backoff)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every):
                     await self._rescan_now.wait()
@@ -237,7 +240,9 @@ class FolderRunner:
         try:
             report = await self.replica.scan(paths)
         except (FolderMissingError, MassDeletionError) as exc:
-            self._gone = self._gone or isinstance(exc, FolderMissingError)
+            if isinstance(exc, FolderMissingError):
+                self._gone = True
+                self._walks_gone = self._walks_gone + 1 if isinstance(exc, MountGoneError) else 0
             if not self.puller.paused:
                 self.puller.paused = str(exc)
                 self.emit(FolderPaused(folder=self.label, reason=str(exc)))
@@ -248,7 +253,7 @@ class FolderRunner:
         if self.puller.paused and paths is None:
             self.puller.resume()  # a full scan found the folder whole again
             if self._gone:
-                self._gone = False
+                self._gone, self._walks_gone = False, 0
                 self._rearm = True
                 self._rescan_now.set()
         if report.updated:
