@@ -257,7 +257,7 @@ class Chaos:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(folder / rel, target)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        except OSError:  # gone, or across a sub-mount (EXDEV): a user would copy instead
             return
         moved = self.hashes.of(target)
         if moved is not None and moved in self.ledger.written:

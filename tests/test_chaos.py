@@ -30,6 +30,7 @@ import pytest
 from chaos import Chaos
 from netns import Lan
 from procs import Running, backer
+from test_apply_races import tmpfs
 
 NODES = 5
 PORT = 22400
@@ -126,7 +127,7 @@ class Cluster:
 
 
 @pytest.fixture
-def share(tmp_path: Path) -> tuple[list[Path], list[Path]]:
+def share(tmp_path: Path) -> Iterator[tuple[list[Path], list[Path]]]:
     homes = [tmp_path / f"home{i}" for i in range(NODES)]
     folders = [tmp_path / f"folder{i}" for i in range(NODES)]
     folders[0].mkdir()
@@ -135,7 +136,9 @@ def share(tmp_path: Path) -> tuple[list[Path], list[Path]]:
     assert found is not None
     for home, folder in zip(homes[1:], folders[1:], strict=True):
         backer(home, "join", found.group(0), str(folder))
-    return homes, folders
+    # One node's d0 is a disk of its own (a tmpfs), as a subdirectory on a second disk is.
+    with tmpfs(folders[1] / "d0", "size=256m,mode=0755"):
+        yield homes, folders
 
 
 @pytest.fixture
