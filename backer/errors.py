@@ -16,6 +16,7 @@ __all__ = [
     "InvalidPathError",
     "LocalProtocolError",
     "MassDeletionError",
+    "MountGoneError",
     "RemoteProtocolError",
 ]
 
@@ -47,6 +48,12 @@ class ConfigError(BackerError):
 
 class FolderMissingError(BackerError):
     """The folder root or its `.backer` marker is gone: never read that as "delete everything"."""
+
+
+class MountGoneError(FolderMissingError):
+    """A directory of the folder is on another filesystem than when it was scanned (its disk was
+    unmounted, or another one mounted over it) and what was below it is gone: unavailable, not
+    deleted."""
 
 
 class MassDeletionError(BackerError):

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -134,9 +135,10 @@ class Chaos:
 
     def _destroying(self, node: int, old: bytes | None, rel: str = "") -> None:
         """A content at a path of `node` is about to be overwritten or deleted by the user."""
-        if old is None:
-            return
-        h = digest(old)
+        if old is not None:
+            self._destroying_hash(node, digest(old), rel)
+
+    def _destroying_hash(self, node: int, h: str, rel: str) -> None:
         if h not in self.ledger.written:
             return
         holders = [
@@ -152,6 +154,15 @@ class Chaos:
             self.ledger.excused.discard(h)
         else:
             self.ledger.excused.add(h)
+
+    def edited_at_swap(self, node: int, edit: dict[str, Any]) -> None:
+        """A user's edit a node made at the very step a pull swapped the path (tests/
+        chaos_node.py journals them): what it wrote is owed like any write."""
+        self._destroying_hash(node, edit["old"], edit["path"])
+        self.ledger.written[edit["new"]] = edit["size"]
+        what = f"round {self.round}: {edit['how']} on node {node} at {edit['path']}"
+        self.ledger.note(edit["new"], what, edit["path"])
+        self.ledger.operations["edit at the swap"] += 1
 
     # -- operations ------------------------------------------------------------------------
 
@@ -246,7 +257,7 @@ class Chaos:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(folder / rel, target)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        except OSError:  # gone, or across a sub-mount (EXDEV): a user would copy instead
             return
         moved = self.hashes.of(target)
         if moved is not None and moved in self.ledger.written:

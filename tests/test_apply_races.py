@@ -12,6 +12,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_sync import OLD, converge, snapshot, write
@@ -300,3 +301,34 @@ async def test_versions_never_make_a_pull_fail_for_want_of_space(
         assert (small_b / "big.bin").read_bytes() == data
     versions = [p.read_bytes() for p in (small_b / ".backer/versions").rglob("*") if p.is_file()]
     assert contents[-2] in versions  # the newest version of big.bin stays
+
+
+async def test_a_filesystem_without_exchange_or_links_never_leaves_the_path_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where neither RENAME_EXCHANGE nor hard links work (exFAT), the old file was renamed away
+    before the new one was renamed in: a crash between left the path empty, which the next
+    scan read as a deletion. Now the old file is copied (and checked), so at every rename the
+    path holds a file."""
+    a, b = await _shared(tmp_path, {"x.txt": b"one"})
+    monkeypatch.setattr(swap_module, "renameat2", refuse_flags(swap_module.RENAME_EXCHANGE))
+
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "this filesystem has no hard links")
+
+    present_at_rename: list[bool] = []
+    rename = os.rename
+
+    def watched_rename(*args: Any, **kwargs: Any) -> None:
+        present_at_rename.append(os.path.lexists(b / "x.txt"))
+        rename(*args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "rename", watched_rename)
+    write(a, "x.txt", b"two", mtime=OLD + 10)
+    await converge(a, b)
+    assert (b / "x.txt").read_bytes() == b"two"
+    assert present_at_rename and all(present_at_rename)
+    versions = [p.read_bytes() for p in (b / ".backer/versions").rglob("*") if p.is_file()]
+    assert versions == [b"one"]
+    assert not [p for p in b.rglob("*sync-conflict*")]  # the checked copy is no local edit

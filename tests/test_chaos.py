@@ -1,8 +1,10 @@
 """Chaos across hosts: five `backer run` processes, each in its own network namespace on a
 bridge, while a user edits, deletes, renames and edits the same files on several machines,
 links are cut and healed, the transport delays, stalls, resets and corrupts, and nodes are
-killed with SIGKILL and restarted. After healing, every folder must hold the same tree and
-every content backer owes (tests/chaos.py says which) must still exist on some node.
+killed with SIGKILL and restarted, and the user saves or appends to a file at the very step a
+pull swaps it in or removes it (the disk's `before_swap` seam, in tests/chaos_node.py). After
+healing, every folder must hold the same tree and every content backer owes (tests/chaos.py
+says which) must still exist on some node.
 
 The kernel here has no netem, so loss and delay are injected in each node's byte streams
 (tests/chaos_node.py); partitions are real: a host's switch port goes down, or a group of hosts
@@ -22,18 +24,27 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chaos import Chaos
 from netns import Lan
 from procs import Running, backer
+from test_apply_races import tmpfs
 
 NODES = 5
 PORT = 22400
 ROUNDS = int(os.environ.get("BACKER_CHAOS_ROUNDS", "14"))
 SEED = int(os.environ.get("BACKER_CHAOS_SEED", "2026"))  # the soak picks others
 HEAL_DEADLINE = 150.0
-NETWORK_FAULTS = {"delay": 0.05, "stall": 0.003, "reset": 0.002, "corrupt": 0.001}
+# Network faults per read or write; and the chance of a user's edit at each swap of a pull.
+NETWORK_FAULTS = {
+    "delay": 0.05,
+    "stall": 0.003,
+    "reset": 0.002,
+    "corrupt": 0.001,
+    "edit_at_swap": float(os.environ.get("BACKER_CHAOS_SWAP_EDITS", "0.05")),
+}
 CHAOS_NODE = Path(__file__).with_name("chaos_node.py")
 
 
@@ -45,6 +56,7 @@ class Cluster:
         self.nodes: list[Running | None] = [None] * len(homes)
         self.lives = [0] * len(homes)
         self.kills = 0
+        self.read_to: dict[Path, int] = {}  # how far each journal of edits at a swap was read
 
     def address(self, i: int) -> str:
         return f"{self.lan.address(i + 1)}:{PORT}"
@@ -64,6 +76,7 @@ class Cluster:
                 "BACKER_CHAOS": str(self.settings),
                 "BACKER_CHAOS_SEED": str(SEED * 100 + i * 10 + self.lives[i]),
                 "BACKER_CHAOS_COUNTS": str(self.homes[i] / f"chaos-{self.lives[i]}.json"),
+                "BACKER_CHAOS_EDITS": str(self.homes[i] / f"edits-{self.lives[i]}.jsonl"),
             },
         )
 
@@ -90,6 +103,16 @@ class Cluster:
                 found.append("")
         return found
 
+    def edits_at_swap(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The nodes' edits at a swap journaled since the last call: (node, edit)."""
+        for i, home in enumerate(self.homes):
+            for journal in sorted(home.glob("edits-*.jsonl")):
+                with journal.open() as file:
+                    file.seek(self.read_to.get(journal, 0))
+                    while (line := file.readline()).endswith("\n"):
+                        self.read_to[journal] = file.tell()
+                        yield i, json.loads(line)
+
     def injected(self) -> Counter[str]:
         total: Counter[str] = Counter()
         for home in self.homes:
@@ -104,7 +127,7 @@ class Cluster:
 
 
 @pytest.fixture
-def share(tmp_path: Path) -> tuple[list[Path], list[Path]]:
+def share(tmp_path: Path) -> Iterator[tuple[list[Path], list[Path]]]:
     homes = [tmp_path / f"home{i}" for i in range(NODES)]
     folders = [tmp_path / f"folder{i}" for i in range(NODES)]
     folders[0].mkdir()
@@ -113,7 +136,9 @@ def share(tmp_path: Path) -> tuple[list[Path], list[Path]]:
     assert found is not None
     for home, folder in zip(homes[1:], folders[1:], strict=True):
         backer(home, "join", found.group(0), str(folder))
-    return homes, folders
+    # One node's d0 is a disk of its own (a tmpfs), as a subdirectory on a second disk is.
+    with tmpfs(folders[1] / "d0", "size=256m,mode=0755"):
+        yield homes, folders
 
 
 @pytest.fixture
@@ -148,6 +173,8 @@ def test_five_nodes_survive_partitions_kills_and_a_bad_network_and_lose_nothing(
             for _ in range(rng.randint(2, 6)):
                 chaos.step(rng.randrange(NODES))  # a dead node's folder is edited too
             time.sleep(rng.uniform(0.2, 1.2))  # the chaos's pace, not a wait for a result
+            for at, edit in cluster.edits_at_swap():
+                chaos.edited_at_swap(at, edit)
         lan.heal()
         settings.write_text("{}")
         for i in cluster.dead():
@@ -155,6 +182,8 @@ def test_five_nodes_survive_partitions_kills_and_a_bad_network_and_lose_nothing(
         started = time.monotonic()
         _wait_converged(cluster, chaos, folders)
         healed_in = time.monotonic() - started
+        for at, edit in cluster.edits_at_swap():  # before the calm, and none after it
+            chaos.edited_at_swap(at, edit)
         assert all(n is not None and n.process.poll() is None for n in cluster.nodes), (
             "a node died by itself: " + _stderr_tails(homes)
         )

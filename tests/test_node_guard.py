@@ -4,12 +4,13 @@ the loss: it pauses and says why, and its peers keep every file."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
-from nodes import cluster, eventually
+from nodes import FAST, cluster, eventually, file_is
 
-from backer.events import FolderPaused
+from backer.events import FolderPaused, FolderResumed
 
 
 def fill(folder: Path, count: int) -> dict[str, bytes]:
@@ -53,3 +54,27 @@ async def test_a_folder_whose_root_vanished_pauses_and_peers_keep_everything(
         assert "missing" in paused.reason and "unmounted disk" in paused.reason, paused.reason
         assert intact(a.folder, files)
         assert a.root == b.root  # b recorded no deletion to offer
+
+
+async def test_a_folder_back_from_a_lost_disk_is_watched_again(tmp_path: Path) -> None:
+    """A disk unmounted and mounted again takes its watches along: the folder stayed paused
+    until the hourly rescan, and its watcher heard nothing of the new mount's root after it.
+    Here the folder comes back as another directory (other inodes, as a new mount's are) with
+    the same content, and only a full rescan (hourly here) or a watcher armed anew finds
+    what is written in it next."""
+    options = dataclasses.replace(FAST, recheck_gone=0.1)
+    async with cluster(tmp_path, 2, options=options) as (a, b):
+        events = b.node.bus.subscribe()
+        files = fill(a.folder, 3)
+        await eventually(lambda: all((b.folder / n).exists() for n in files))
+        away = tmp_path / "unplugged"
+        b.folder.rename(away)
+        next(iter(b.node.folders.values())).rescan()
+        await asyncio.wait_for(events.next_of(FolderPaused), 20)
+        b.folder.mkdir()
+        for child in list(away.iterdir()):
+            child.rename(b.folder / child.name)
+        await asyncio.wait_for(events.next_of(FolderResumed), 20)
+        (b.folder / "new.txt").write_bytes(b"written after the disk came back")
+        await eventually(file_is(a.folder / "new.txt", b"written after the disk came back"))
+        assert intact(a.folder, files)

@@ -17,7 +17,7 @@ from backer.errors import FolderMissingError
 from backer.index import merkle
 from backer.index.entry import Entry, Kind, VersionVector, iter_chunks
 from backer.index.scan import scan
-from backer.index.store import IndexStore, Record, chunk_key
+from backer.index.store import Forget, IndexStore, Record, chunk_key
 
 DEVICE = 7
 FILES = 20_000
@@ -142,3 +142,27 @@ def test_killed_scan_leaves_a_consistent_index(tmp_path: Path) -> None:
         assert report.files == FILES
         live = {e.path for e in store.entries() if not e.deleted and e.kind is Kind.FILE}
         assert len(live) == FILES
+
+
+def test_a_commit_after_another_process_committed_builds_on_its_tree(tmp_path: Path) -> None:
+    """Found with `backer revert` run beside `backer run` on a read-only device: the node's
+    next commit built on the tree it had cached, so the index's tree kept the reverted
+    tombstone its entries no longer held, a root no peer could match, for good (a restart read
+    it back)."""
+    root = tmp_path / "f"
+    root.mkdir()
+    with IndexStore.open(root, create=True) as node, IndexStore.open(root) as other:
+        node.commit([Record(entry("a")), Record(entry("b"))])
+        node.note_covered(node.root)
+        covered = node.root
+        gone = Entry(
+            path="b", kind=Kind.DIR, deleted=True, version=VersionVector(((DEVICE, 2),)), modifier=1
+        )
+        node.commit([Record(gone)])
+        other.commit([Forget("b")])  # what revert does in its own process
+        node.commit([Record(entry("c"))])
+        rebuilt = merkle.build((e.path, e.leaf_hash()) for e in node.entries())
+        assert node.root == rebuilt.root
+        assert not node.covers(covered)  # a forgotten path makes that tree worth pulling again
+    with IndexStore.open(root) as reopened:
+        assert reopened.root == rebuilt.root

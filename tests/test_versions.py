@@ -206,7 +206,7 @@ def test_os_errors_leave_with_a_plain_message(folder: Path) -> None:
 
 def test_list_is_newest_first_with_times_and_sizes(folder: Path) -> None:
     versions = Versions(folder)
-    for offset, content in [(0, b"a"), (DAY, b"bbbb"), (HOUR, b"cc")]:
+    for offset, content in [(0, b"a"), (HOUR, b"cc"), (DAY, b"bbbb")]:
         write(folder, "d/f.bin", content)
         versions.archive("d/f.bin", NOW + offset)
     write(folder, "d/other.bin")
@@ -439,3 +439,19 @@ def test_room_is_made_oldest_first_never_from_a_paths_newest(
     for gone in ["a.txt 1015", "b.txt 1045", "a.txt 1115"][:deleted]:  # the oldest first
         expected.remove(gone)
     assert kept() == expected
+
+
+def test_a_clock_set_back_never_names_the_newest_version_as_older(folder: Path) -> None:
+    """Names are wall-clock times and a path's newest is the one with the latest name: with the
+    clock set back two years, the newest version was named as the oldest, and once the clock
+    was right again the yearly limit pruned it (and `make_room` deleted it first)."""
+    versions = Versions(folder)
+    write(folder, "f", b"first")
+    versions.archive("f", NOW)
+    write(folder, "f", b"second")
+    versions.archive("f", NOW - 2 * 365 * DAY)  # the clock went back
+    write(folder, "f", b"third")
+    Versions(folder).archive("f", NOW - 2 * 365 * DAY + 5)  # and a restart
+    assert [v.stored.read_bytes() for v in versions.list("f")] == [b"third", b"second", b"first"]
+    versions.prune(NOW + 400 * DAY)  # the clock is right again, long after
+    assert [v.stored.read_bytes() for v in versions.list("f")] == [b"third"]

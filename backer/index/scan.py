@@ -34,6 +34,8 @@ from backer.index.ignore import IGNORE_FILE, IgnoreRules
 from backer.index.scan_records import (
     MAX_DELETE_SHARE,
     Counts,
+    DeletionWindow,
+    Mounts,
     OnDisk,
     Recorder,
     Skipped,
@@ -87,6 +89,7 @@ async def scan(
     hash_workers: int = 2,
     allow_deletions: bool = False,
     max_delete_share: float = MAX_DELETE_SHARE,
+    window: DeletionWindow | None = None,
 ) -> ScanReport:
     """Bring `store` up to date with `folder` (or just `paths` in it and below them).
 
@@ -94,7 +97,9 @@ async def scan(
     version counters; `progress` is called from the worker thread. When more than
     `max_delete_share` of the folder's paths vanish at once (and at least MASS_DELETE_MIN), the
     other changes are recorded and MassDeletionError is raised instead of the deletions, unless
-    `allow_deletions`.
+    `allow_deletions`; `window` counts the paths earlier scans found vanished, towards that
+    share. What vanished with its filesystem (a directory whose device changed, or a mount point
+    gone) raises MountGoneError instead, unless `allow_deletions`.
     """
     job = _Scan(
         folder,
@@ -105,8 +110,12 @@ async def scan(
         workers=hash_workers,
         allow_deletions=allow_deletions,
         max_delete_share=max_delete_share,
+        window=window,
     )
     return await asyncio.to_thread(job.run, None if paths is None else list(paths))
+
+
+_Dir = tuple[str, str, int]  # a directory to list: its path, its path on disk, its device
 
 
 @dataclass(slots=True)
@@ -129,6 +138,7 @@ class _Scan:
         workers: int,
         allow_deletions: bool,
         max_delete_share: float,
+        window: DeletionWindow | None,
     ) -> None:
         self.folder = folder
         self.root = str(folder)
@@ -138,6 +148,8 @@ class _Scan:
         self.clock = clock
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="backer-hash")
         self.counts = Counts()
+        self.mounts = Mounts(store.devices())
+        self.root_device = 0
         self.records = Recorder(
             folder,
             store,
@@ -146,9 +158,12 @@ class _Scan:
             counts=self.counts,
             allow_deletions=allow_deletions,
             max_delete_share=max_delete_share,
+            mounts=self.mounts,
+            window=window,
         )
         self.in_flight: deque[tuple[str, str, bool, Future[_Read]]] = deque()
         self.rules = IgnoreRules()
+        self.rules_text = b""  # the rules file as read, to tell a changed one
         self.last_progress = 0.0
         self.indexed: dict[str, Known | None] = {}  # looked up for anchors and disk names
         self.current = ""
@@ -157,9 +172,12 @@ class _Scan:
         started = time.monotonic()
         self._check_marker()
         self.rules = self._load_rules()
+        if paths is not None and self.rules_text != self.store.ignore_rules_seen():
+            paths = None  # what the new rules no longer ignore, or now do, may be anywhere
+        self.root_device = self._device("", "")
         with self.pool:
             if paths is None:
-                self._walk([("", "")])
+                self._walk([("", "", self.root_device)])
             else:
                 self._scan_paths(paths)
             self._drain(0)
@@ -167,6 +185,8 @@ class _Scan:
                 self.counts.unstable.append(path)
         self._check_marker()  # a disk unmounted mid-scan must not commit its "deletions"
         root = self.records.finish()
+        if paths is None and self.rules_text != self.store.ignore_rules_seen():
+            self.store.set_ignore_rules_seen(self.rules_text)
         c = self.counts
         return ScanReport(
             root=root,
@@ -197,17 +217,26 @@ class _Scan:
 
     def _load_rules(self) -> IgnoreRules:
         try:
-            return IgnoreRules((self.folder / IGNORE_FILE).read_text(encoding="utf-8"))
+            data = (self.folder / IGNORE_FILE).read_bytes()
+            rules = IgnoreRules(data.decode("utf-8"))
+            self.rules_text = data
+            return rules
         except FileNotFoundError:
             return IgnoreRules()
         except (OSError, UnicodeDecodeError) as exc:
             self.counts.skipped.append(Skipped(IGNORE_FILE, f"unreadable, ignoring none: {exc}"))
             return IgnoreRules()
 
-    def _walk(self, stack: list[tuple[str, str]]) -> None:
+    def _device(self, rel: str, disk_rel: str) -> int:
+        """The device of directory `rel` (the root, or the anchor of a path scan), noted."""
+        device = os.stat(self._abs(disk_rel)).st_dev
+        parent = os.stat(self._abs(parent_of(disk_rel))).st_dev if rel else None
+        self.mounts.visit(rel, device, parent, indexed=True)
+        return device
+
+    def _walk(self, stack: list[_Dir]) -> None:
         while stack:
-            rel, disk_rel = stack.pop()
-            stack.extend(self._scan_dir(rel, disk_rel, None))
+            stack.extend(self._scan_dir(*stack.pop(), None))
 
     def _scan_paths(self, paths: list[str]) -> None:
         """Rescan the named paths and what is below them, each from its nearest indexed
@@ -223,10 +252,17 @@ class _Scan:
             groups.setdefault(anchor, set()).add(name)
         for anchor, names in sorted(groups.items()):
             disk_anchor = self._disk_path(anchor)
+            try:
+                device = self._device(anchor, disk_anchor) if anchor else self.root_device
+            except FileNotFoundError:
+                continue  # gone since it was looked up: its parent's next scan sees it
+            except OSError as exc:
+                self.counts.skipped.append(Skipped(anchor, f"cannot stat directory: {exc}"))
+                continue
             plain = {name for name in names if _one_spelling(name)}
-            subdirs = self._scan_named(anchor, disk_anchor, plain) if plain else []
+            subdirs = self._scan_named(anchor, disk_anchor, device, plain) if plain else []
             if plain != names:
-                subdirs += self._scan_dir(anchor, disk_anchor, names - plain)
+                subdirs += self._scan_dir(anchor, disk_anchor, device, names - plain)
             self._walk(subdirs)
 
     def _anchor(self, path: str) -> tuple[str, str]:
@@ -256,7 +292,7 @@ class _Scan:
             name = known.local.disk_name
         return join(self._disk_path(parent_of(rel)), name)
 
-    def _scan_dir(self, rel: str, disk_rel: str, only: set[str] | None) -> list[tuple[str, str]]:
+    def _scan_dir(self, rel: str, disk_rel: str, device: int, only: set[str] | None) -> list[_Dir]:
         """Index the children of one directory (or its children named `only`) from a listing
         of it; return the subdirectories to walk."""
         self.counts.dirs += rel != ""
@@ -278,18 +314,19 @@ class _Scan:
             if only is None or name in only
         ]
         known = self.store.children(rel) if only is None else self._known_children(rel, only)
-        subdirs = self._index_children(rel, disk_rel, children, known)
+        subdirs = self._index_children(rel, disk_rel, device, children, known)
         self._report_progress(rel)
         return subdirs
 
-    def _scan_named(self, rel: str, disk_rel: str, names: set[str]) -> list[tuple[str, str]]:
+    def _scan_named(self, rel: str, disk_rel: str, device: int, names: set[str]) -> list[_Dir]:
         """Index the children `names` of one directory, each spelled on disk as named, from a
         stat of each: the directory is not listed, nor its other children looked up."""
         children = [
             (name, name, functools.partial(os.lstat, self._abs(join(disk_rel, name))))
             for name in sorted(names)
         ]
-        return self._index_children(rel, disk_rel, children, self._known_children(rel, names))
+        known = self._known_children(rel, names)
+        return self._index_children(rel, disk_rel, device, children, known)
 
     def _known_children(self, rel: str, names: set[str]) -> dict[str, Known]:
         known = self.store.known_many(join(rel, name) for name in names)
@@ -299,15 +336,16 @@ class _Scan:
         self,
         rel: str,
         disk_rel: str,
+        device: int,
         children: Sequence[tuple[str, str, Callable[[], os.stat_result]]],
         known: dict[str, Known],
-    ) -> list[tuple[str, str]]:
-        """Index `children` (disk name, NFC name, how to stat it) of directory `rel`, whose
-        index records are `known`: what is known but not found is deleted (or, if ignored now,
-        forgotten). Returns the subdirectories to walk."""
+    ) -> list[_Dir]:
+        """Index `children` (disk name, NFC name, how to stat it) of directory `rel` (on
+        `device`), whose index records are `known`: what is known but not found is deleted (or,
+        if ignored now, forgotten). Returns the subdirectories to walk."""
         seen: set[str] = set()
         dropped: set[str] = set()  # present but ignored: forget rather than tombstone
-        subdirs: list[tuple[str, str]] = []
+        subdirs: list[_Dir] = []
         for disk_name, name, stat in children:
             disk_path = join(disk_rel, disk_name)
             problem = _name_problem(disk_name, name, seen)
@@ -334,8 +372,10 @@ class _Scan:
                 for below in self.store.descendants(path):  # a directory became a file
                     self.records.tombstone_record(below)
             if is_dir:
+                live_dir = old is not None and old.kind is Kind.DIR and not old.deleted
+                self.mounts.visit(path, st.st_dev, device, indexed=live_dir)
                 self._directory(path, st, old, local_name)
-                subdirs.append((path, disk_path))
+                subdirs.append((path, disk_path, st.st_dev))
             elif stat_mod.S_ISREG(st.st_mode):
                 self._file(path, disk_path, st, old, local_name)
             elif stat_mod.S_ISLNK(st.st_mode):

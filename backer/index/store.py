@@ -267,6 +267,31 @@ class IndexStore:
                 self._set_meta("device", found)
         return int.from_bytes(found, "big")
 
+    def devices(self) -> dict[str, int]:
+        """The filesystem devices last seen at the folder's root ("") and at each directory on
+        a filesystem other than its parent's: the scanner's record of the folder's mounts."""
+        with self._lock:
+            raw = self._meta("devices", b"")
+        if not raw:
+            return {}
+        try:
+            return {str(path): int(device) for path, device in msgpack.unpackb(raw)}
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise IndexCorruptError(f"the index's record of mounts does not decode: {exc}") from exc
+
+    def set_devices(self, devices: dict[str, int]) -> None:
+        with self._lock:
+            self._set_meta("devices", msgpack.packb(sorted(devices.items())))
+
+    def ignore_rules_seen(self) -> bytes:
+        """The `.backerignore` text the last whole scan applied (b"" for none)."""
+        with self._lock:
+            return self._meta("ignore", b"")
+
+    def set_ignore_rules_seen(self, text: bytes) -> None:
+        with self._lock:
+            self._set_meta("ignore", text)
+
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, path: str) -> Record | None:
@@ -422,6 +447,7 @@ class IndexStore:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                self._catch_up()
                 leaf_changes = self._write_entries(latest)
                 tree = merkle.update(self.read_node, self._root, leaf_changes)
                 self._generation += 1
@@ -450,6 +476,24 @@ class IndexStore:
             self.note_covered(self._root)
         self._root = tree.root
         return tree.root
+
+    def refresh(self) -> bool:
+        """Catch up with a commit another process made (`backer revert` beside `backer run`);
+        True if there was one. Costs one indexed read."""
+        with self._lock:
+            return self._catch_up()
+
+    def _catch_up(self) -> bool:
+        """Take the root another connection committed, or the next commit would build on a tree
+        whose entries are no longer those of the table: a root no peer can ever match. What it
+        forgot may be worth pulling again, so the covered trees are forgotten too."""
+        generation = int.from_bytes(self._meta("generation", b"\0"), "big")
+        if generation == self._generation:
+            return False
+        self._generation = generation
+        self._root = Hash(self._meta("root", merkle.EMPTY_ROOT))
+        self._covered.clear()
+        return True
 
     def _write_entries(self, changes: dict[str, Record | Forget]) -> dict[str, Hash | None]:
         """Write rows and chunk references with one statement per kind of write, not per row

@@ -3,8 +3,9 @@
 Local changes come from the filesystem watcher (debounced, only the changed paths are scanned)
 and from a periodic full rescan that catches what the watcher missed (often, when the watcher
 covers only part of the tree). A folder whose disk vanished, or most of whose files vanished at
-once, pauses: nothing is pulled or deleted until a scan finds it whole again. Imports sync,
-mesh, watch and events.
+once, pauses: nothing is pulled or deleted until a scan finds it whole again. A folder whose disk
+went away is looked for often, and its watcher is armed anew when it is back (its watches went
+with the old mount). Imports sync, mesh, watch and events.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import nacl.signing
 
-from backer.errors import BackerError, FolderMissingError, MassDeletionError
+from backer.errors import BackerError, FolderMissingError, MassDeletionError, MountGoneError
 from backer.events import (
     Emit,
     ErrorOccurred,
@@ -48,6 +49,7 @@ class FolderOptions:
     max_delay: float = 1.0  # ...but no later than this after the first change
     rescan_every: float = 3600.0  # full rescans with a complete watcher
     rescan_unwatched: float = 60.0  # full rescans without one (or with a partial one)
+    recheck_gone: float = 10.0  # a folder whose disk is gone is looked for this often
     max_peers: int = 16  # sessions this node dials (the node sets it from the config)
     share_addresses: bool = True
     gossip_every: float | None = 30.0
@@ -99,6 +101,10 @@ class FolderRunner:
         self.watch_complete = False
         self._coverage_checked = False
         self._rescan_now = asyncio.Event()
+        self._gone = False  # paused because the folder, or a part of it, went with its disk
+        self._walks_gone = 0  # whole walks in a row that found a part still gone
+        self._rearm = False  # back from gone: the watcher must be armed anew
+        self._armed = asyncio.Event()  # a new watcher is in place
         self.ready = asyncio.Event()  # watching, and the first scan is done
         self.local_only = 0  # on a read-only device: paths it changed, which stay here
 
@@ -143,7 +149,7 @@ class FolderRunner:
             tasks.create_task(self.puller.run())
             tasks.create_task(self._rescans())
             tasks.create_task(self._prune_versions())
-            if self.watcher is not None:
+            if self.options.watch:
                 tasks.create_task(self._watch())
 
     # -- local changes -----------------------------------------------------------------------
@@ -182,13 +188,31 @@ class FolderRunner:
         self._coverage_checked = True
 
     async def _watch(self) -> None:
-        assert self.watcher is not None
         while True:
-            paths = await self.watcher.changes()
-            if self.watcher.overflowed or "" in paths:
+            watcher = self.watcher
+            if watcher is None:  # none could be started: wait for one armed anew
+                await self._armed.wait()
+                self._armed.clear()
+                continue
+            try:
+                paths = await watcher.changes()
+            except WatchError:
+                if watcher is self.watcher:
+                    raise  # stopped by close()
+                continue  # replaced by `_rearm_watcher`
+            if watcher.overflowed or "" in paths:
                 await self._scan(None)
             elif unseen := await asyncio.to_thread(self.replica.recent.unseen, sorted(paths)):
                 await self._scan(unseen)  # not just what our own pulls wrote
+
+    async def _rearm_watcher(self) -> None:
+        """Watch the folder anew: a disk unmounted and mounted again took its watches along,
+        and the new mount's directories are other inodes, so the old watcher hears nothing."""
+        old, self.watcher = self.watcher, None
+        if old is not None:
+            await old.stop()
+        await self._start_watcher()
+        self._armed.set()
 
     async def _rescans(self) -> None:
         while True:
@@ -197,10 +221,17 @@ class FolderRunner:
                 if self.watcher is not None and self.watch_complete
                 else self.options.rescan_unwatched
             )
+            if self._gone:
+                # A missing root costs one look; a sub-mount gone, a whole walk: back off.
+                backoff = 2 ** min(self._walks_gone, 6)
+                every = min(every, self.options.recheck_gone * backoff)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every):
                     await self._rescan_now.wait()
             self._rescan_now.clear()
+            if self._rearm and self.options.watch:
+                self._rearm = False
+                await self._rearm_watcher()  # first, so nothing after the scan is missed
             await self._scan(None)
             await self._check_coverage()
 
@@ -233,6 +264,9 @@ class FolderRunner:
         try:
             report = await self.replica.scan(paths)
         except (FolderMissingError, MassDeletionError) as exc:
+            if isinstance(exc, FolderMissingError):
+                self._gone = True
+                self._walks_gone = self._walks_gone + 1 if isinstance(exc, MountGoneError) else 0
             if not self.puller.paused:
                 self.puller.paused = str(exc)
                 self.emit(FolderPaused(folder=self.label, reason=str(exc)))
@@ -242,6 +276,10 @@ class FolderRunner:
             return
         if self.puller.paused and paths is None:
             self.puller.resume()  # a full scan found the folder whole again
+            if self._gone:
+                self._gone, self._walks_gone = False, 0
+                self._rearm = True
+                self._rescan_now.set()
         if not self.key.can_write and (report.updated or not self.ready.is_set()):
             await self._count_local_changes()
         if report.updated:

@@ -34,6 +34,7 @@ __all__ = ["ChangedMeanwhile", "FolderDisk", "Installed", "seal"]
 
 _AT_FDCWD = -100
 _COPY_NAMES = 60  # conflict copy names tried for one local edit (one a second of its mtime)
+_CHECKED = "checked-"  # a copy of what a swap replaces, checked against the pull's expectation
 _log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -377,7 +378,7 @@ class FolderDisk:
             except OSError as exc:
                 if exc.errno not in swap.UNSUPPORTED:
                     raise
-                return self._replace_unatomically(tmp_fd, temp, dir_fd, name)
+                return self._replace_unatomically(tmp_fd, temp, dir_fd, rel, expected)
             return temp
         except BaseException:
             with contextlib.suppress(OSError):
@@ -391,9 +392,15 @@ class FolderDisk:
         except FileExistsError:
             raise ChangedMeanwhile(f"{rel} was made here meanwhile") from None
 
-    def _replace_unatomically(self, tmp_fd: int, temp: str, dir_fd: int, name: str) -> str:
+    def _replace_unatomically(
+        self, tmp_fd: int, temp: str, dir_fd: int, rel: str, expected: Expected
+    ) -> str:
         """Where the filesystem cannot exchange: link the old file into the temp area, then
-        rename the new one over it. A save landing between the two steps is lost there."""
+        rename the new one over it. A save landing between the two steps is lost there. Where
+        it cannot link either (exFAT, some FUSE filesystems), the old file is copied, not
+        renamed away: a crash between two renames left the path empty, which the next scan
+        read as a deletion (and the old file in the temp area, pruned a day later)."""
+        name = _name(rel)
         if not self._told_no_exchange:
             self._told_no_exchange = True
             _log.warning(
@@ -407,8 +414,14 @@ class FolderDisk:
         except OSError as exc:
             if exc.errno not in NO_LINKS:
                 raise
-            os.rename(name, out, src_dir_fd=dir_fd, dst_dir_fd=tmp_fd)  # empty for an instant
-        os.rename(temp, name, src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)
+            out = f"{_CHECKED}{secrets.token_hex(8)}.part"
+            _copy_checked(dir_fd, rel, tmp_fd, out, expected)
+        try:
+            os.rename(temp, name, src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(out, dir_fd=tmp_fd)
+            raise
         return out
 
     def _dispose(
@@ -418,7 +431,9 @@ class FolderDisk:
         what the pull expected; else a local edit, kept in the folder as a conflict copy whose
         path is returned."""
         st = os.stat(out, dir_fd=tmp_fd, follow_symlinks=False)
-        if is_expected(st, expected, lambda: os.readlink(out, dir_fd=tmp_fd), renamed=True):
+        if out.startswith(_CHECKED) or is_expected(
+            st, expected, lambda: os.readlink(out, dir_fd=tmp_fd), renamed=True
+        ):
             if keep_old:
                 self.versions.archive_from(tmp_fd, out, rel, self.clock(), sync=sync)
             else:
@@ -530,6 +545,22 @@ def _open_dir_fd(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def _copy_checked(dir_fd: int, rel: str, tmp_fd: int, out: str, expected: Expected) -> None:
+    """Copy the file or symlink `name` to `out`, if it is what the pull expected there and it
+    does not change while it is copied (else ChangedMeanwhile, and no copy)."""
+    name = _name(rel)
+    before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not is_expected(before, expected, lambda: os.readlink(name, dir_fd=dir_fd)):
+        raise ChangedMeanwhile(f"{rel} changed since the pull decided")
+    if stat_mod.S_ISLNK(before.st_mode):
+        os.symlink(os.readlink(name, dir_fd=dir_fd), out, dir_fd=tmp_fd)
+    else:
+        _copy_file(dir_fd, name, tmp_fd, out, before)
+    if StatSig.of(os.stat(name, dir_fd=dir_fd, follow_symlinks=False)) != StatSig.of(before):
+        os.unlink(out, dir_fd=tmp_fd)
+        raise ChangedMeanwhile(f"{rel} changed while it was copied")
+
+
 def _copy_file(src_dir: int, name: str, dst_dir: int, temp: str, st: os.stat_result) -> None:
     """Copy a regular file's bytes, mode and mtime into a new file, fsynced."""
     source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
@@ -538,12 +569,23 @@ def _copy_file(src_dir: int, name: str, dst_dir: int, temp: str, st: os.stat_res
             temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir
         )
         try:
-            left = st.st_size
-            while left > 0:
-                copied = os.copy_file_range(source, target, min(left, 1 << 30))
-                if copied == 0:
-                    break
-                left -= copied
+            try:
+                left = st.st_size
+                while left > 0:
+                    copied = os.copy_file_range(source, target, min(left, 1 << 30))
+                    if copied == 0:
+                        break
+                    left -= copied
+            except OSError as exc:  # across filesystems, or where the kernel cannot
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                os.lseek(source, 0, os.SEEK_SET)
+                os.lseek(target, 0, os.SEEK_SET)
+                os.ftruncate(target, 0)
+                while chunk := os.read(source, 1 << 20):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(target, view) :]
             os.fchmod(target, stat_mod.S_IMODE(st.st_mode))
             os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(target)

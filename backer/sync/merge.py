@@ -1,7 +1,8 @@
 """Merge rules: what one path becomes when a replica pulls a peer's entry for it.
 
 Owns `decide` (version-vector merge, the deterministic conflict winner, conflict copies), the
-conflict-copy names and the rule that keeps a directory a peer deleted under a live child.
+conflict-copy names and the rule that keeps a directory a peer deleted (or replaced by a file)
+under a live child.
 Every choice is a function of the two entries alone and symmetric in them, so every replica
 reaches the same entries whichever side it is on and the folder roots converge.
 Pure: imports only errors, ids, paths and index.entry; no I/O, no clock (time is an argument).
@@ -30,6 +31,7 @@ __all__ = [
     "decide",
     "is_conflict_copy",
     "keep_directory",
+    "reclaimed_directory",
 ]
 
 Side = Literal["local", "remote"]
@@ -107,15 +109,35 @@ def decide(local: Entry | None, remote: Entry) -> Decision:
     return Decision(action=action, result=result, conflict_copy=copy, copy_from=side)
 
 
-def keep_directory(local_dir: Entry, remote_tombstone: Entry, device: int, now: int) -> Entry:
-    """Keep a directory a peer deleted while this replica holds a live entry in it the peer never
-    saw: a new local change at unix time `now` (seconds), so that it wins on the peer."""
+def keep_directory(local_dir: Entry, remote: Entry, device: int, now: int) -> Entry:
+    """Keep a directory a peer deleted, or replaced by a file or symlink, while this replica
+    holds a live entry in it the peer never saw: a new local change at unix time `now`
+    (seconds), so that it wins on the peer. A peer's file or symlink there lives on in its
+    `conflict_path` (see `reclaimed_directory`)."""
     if local_dir.kind is not Kind.DIR or local_dir.deleted:
         raise ValueError(f"{local_dir.path!r} is not a live directory here")
-    if not remote_tombstone.deleted or remote_tombstone.path != local_dir.path:
-        raise ValueError(f"no tombstone of {local_dir.path!r} to overrule")
-    version = local_dir.version.merge(remote_tombstone.version).bump(device, now)
+    if remote.path != local_dir.path or (not remote.deleted and remote.kind is Kind.DIR):
+        raise ValueError(f"no tombstone, file or symlink of {local_dir.path!r} to overrule")
+    version = local_dir.version.merge(remote.version).bump(device, now)
     return local_dir.with_version(version, device)
+
+
+def reclaimed_directory(local: Entry, device: int, now: int) -> tuple[Entry, Entry]:
+    """A file or symlink of this replica's at a path where a peer still has a directory with a
+    live entry in it this replica never saw (it replaced the directory while the peer edited
+    inside): the path becomes a directory again, as a new local change, and the file or symlink
+    moves to its conflict copy, the same one the peer makes of it (`keep_directory`). Returns
+    (directory, conflict copy)."""
+    if local.deleted or local.kind is Kind.DIR:
+        raise ValueError(f"{local.path!r} is not a live file or symlink here")
+    directory = Entry(
+        path=local.path,
+        kind=Kind.DIR,
+        mode=0o755,
+        version=local.version.bump(device, now),
+        modifier=device,
+    )
+    return directory, replace(local, path=conflict_path(local), signature=b"")
 
 
 _MARKER = ".sync-conflict-"

@@ -20,7 +20,7 @@ import functools
 import os
 import stat as stat_mod
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from backer.errors import (
@@ -39,7 +39,14 @@ from backer.paths import RESERVED_DIR
 from backer.protocol.messages import RemoteEntry, max_chunk_records
 from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_leaf
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
-from backer.sync.merge import Action, Decision, decide, keep_directory
+from backer.sync.merge import (
+    Action,
+    Decision,
+    conflict_path,
+    decide,
+    keep_directory,
+    reclaimed_directory,
+)
 from backer.sync.replica import Replica
 from backer.sync.swap import Expected, SymlinkTo
 
@@ -96,6 +103,9 @@ class _Pull:
         self.pending: list[Record] = []
         self.rescan: list[str] = []
         self.current: dict[str, Record] = {}  # local records of the pulled paths, read first
+        # Pulled paths that stay a file or symlink here: a peer's live entry below one of them
+        # makes it a directory again (`_reclaim`).
+        self.nondirs: set[str] = set()
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
         self.records_left = PULL_CHUNK_RECORDS  # chunk records this pull may still expand
         self.assembler = Assembler(replica, fetcher, self.report, emit)
@@ -247,6 +257,15 @@ class _Pull:
         record = self.current.get(remote.path)
         decision = decide(record.entry if record else None, remote)
         result = decision.result
+        if result is not None and not result.deleted and not await self._parents_kept(result):
+            return
+        if (
+            decision.action is not Action.WRITE_REMOTE
+            and record
+            and not record.entry.deleted
+            and record.entry.kind is not Kind.DIR
+        ):
+            self.nondirs.add(remote.path)
         kept_aside = False
         if decision.conflict_copy is not None:
             self.report.conflicts += 1
@@ -337,13 +356,7 @@ class _Pull:
         assert copy is not None
         if decision.copy_from == "local":
             if copy.kind is Kind.SYMLINK or copy.kind is Kind.FILE:
-                try:
-                    await asyncio.to_thread(self.disk.copy_aside, remote.path, copy.path)
-                except FileExistsError:
-                    # The copy's name is taken (the same conflict was resolved elsewhere and
-                    # its copy then edited, or a user made the file): keep that file too.
-                    await asyncio.to_thread(self._archive, copy.path)
-                    await asyncio.to_thread(self.disk.copy_aside, remote.path, copy.path)
+                await self._copy_aside(remote.path, copy.path)
                 self._record(copy, LocalState())
                 self.rescan.append(copy.path)  # its stat is recorded by reading it once more
                 return True
@@ -354,6 +367,67 @@ class _Pull:
             await self.files.acquire()
             files.create_task(self._file(copy, copy.path, remote, None))
         return False
+
+    async def _copy_aside(self, path: str, copy: str) -> None:
+        try:
+            await asyncio.to_thread(self.disk.copy_aside, path, copy)
+        except FileExistsError:
+            # The copy's name is taken (the same conflict was resolved elsewhere and its copy
+            # then edited, or a user made the file): keep that file too.
+            await asyncio.to_thread(self._archive, copy)
+            await asyncio.to_thread(self.disk.copy_aside, path, copy)
+
+    async def _parents_kept(self, entry: Entry) -> bool:
+        """Make a directory again of a file or symlink of ours above `entry` (this pull kept
+        it), since the peer has a live entry below it; False if that failed or met an edit."""
+        parts = entry.path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in self.nondirs:
+                self.nondirs.discard(parent)
+                await self._commit()  # its record as this pull decided it
+                kept = await asyncio.to_thread(self.store.get, parent)
+                if kept is None or kept.entry.deleted or kept.entry.kind is Kind.DIR:
+                    return True
+                return await self._reclaim(kept)
+        return True
+
+    async def _reclaim(self, kept: Record) -> bool:
+        """Issue 14.4, the side that replaced a directory by a file while a peer edited in it:
+        the edit wins, the directory comes back, and the file moves to its conflict copy
+        (`merge.reclaimed_directory`), as the peer decides in `_keep_directory_over`."""
+        path = kept.entry.path
+        now = int(self.replica.clock())
+        directory, copy = reclaimed_directory(kept.entry, self.replica.device, now)
+        try:
+            await self._copy_aside(path, copy.path)
+        except ChangedMeanwhile:
+            self._changed_meanwhile(path)
+            return False
+        self.rescan.append(copy.path)  # indexed by reading it, as any local copy aside
+        if not await self._removed(path, kept):
+            return False
+        await asyncio.to_thread(self.disk.make_dir, path, directory.mode)
+        self._record(directory, LocalState())
+        self._record(copy, LocalState())
+        self.report.conflicts += 1
+        self.emit(ConflictFound(folder=self.label, path=path, copy=copy.path))
+        return True
+
+    async def _keep_directory_over(self, record: Record, result: Entry, remote: Entry) -> None:
+        """Issue 14.4, the side that edited in a directory a peer replaced by a file or
+        symlink: the directory stays (a new local change that wins on the peer), and the
+        peer's file or symlink is fetched into its conflict copy, the one the peer makes."""
+        now = int(self.replica.clock())
+        self._record(keep_directory(record.entry, result, self.replica.device, now), record.local)
+        copy = replace(result, path=conflict_path(result), signature=b"")
+        self.report.conflicts += 1
+        self.emit(ConflictFound(folder=self.label, path=result.path, copy=copy.path))
+        if copy.kind is Kind.SYMLINK:
+            await self._symlink(copy, None)
+        else:
+            await self.files.acquire()
+            await self._file(copy, copy.path, remote, None)
 
     async def _symlink(self, entry: Entry, expected: Expected, *, keep_old: bool = True) -> None:
         install = functools.partial(
@@ -432,7 +506,7 @@ class _Pull:
         if record.entry.kind is Kind.DIR:
             await self._commit()
             if not await asyncio.to_thread(self.disk.remove_dir, result.path):
-                self.report.skipped += 1  # something still lives in it; a later pull decides
+                await self._keep_directory_over(record, result, remote)  # a live entry in it
                 return
         elif not await self._removed(result.path, record):
             return

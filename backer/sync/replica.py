@@ -23,6 +23,7 @@ from backer.ids import Hash
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash, signed_message
 from backer.index.merkle import EMPTY_ROOT
 from backer.index.scan import ScanReport, scan
+from backer.index.scan_records import DeletionWindow
 from backer.index.store import KEEP_GENERATIONS, Forget, IndexStore
 from backer.keys import FolderKey
 from backer.paths import is_reserved
@@ -70,6 +71,7 @@ class Replica:
         self.recent = RecentWrites(self.disk)  # what pulls wrote, for the watcher to skip
         self.device = device
         self.lock = asyncio.Lock()
+        self.deletions = DeletionWindow()  # what this folder's scans found vanished lately
         self._pull_began_at: Hash | None = None  # our root when the pull under way began
         self._pull_began_generation = 0
         try:
@@ -159,8 +161,14 @@ class Replica:
         else:
             self.recent.forget()  # a full scan looks at everything
         before = self.root
+        await asyncio.to_thread(self.store.refresh)  # a commit by another process, if any
         report = await scan(
-            self.folder, self.store, device=self.device, paths=paths, clock=self.clock
+            self.folder,
+            self.store,
+            device=self.device,
+            paths=paths,
+            clock=self.clock,
+            window=self.deletions,
         )
         if report.root != before:
             self.notify()

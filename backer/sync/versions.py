@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 VERSIONS_DIR = "versions"
+LATEST_FILE = "versions-latest"  # in .backer/: the latest time a version was named with
 TMP_DIR = "tmp"
 TIME_FORMAT = "%Y%m%d-%H%M%S"
 _DAY = 86_400
@@ -108,6 +109,7 @@ class Versions:
         self.schedule = schedule
         self._lock = threading.RLock()
         self._unsynced: dict[tuple[int, int], int] = {}  # directories awaiting an fsync
+        self._latest: int | None = None  # LATEST_FILE's value, read once
 
     def archive(
         self, rel_path: str, now: float, *, keep_in_place: bool = False, sync: bool = True
@@ -142,7 +144,7 @@ class Versions:
                     )
                 area = [VERSIONS_DIR, *parts[:-1]]
                 with _closing(_walk(marker, area, rel_path, mode=_AREA_MODE)) as dest:
-                    name = _free_name(dest, parts[-1], now)
+                    name = _free_name(dest, parts[-1], self._named_at(marker, now))
                     if not (keep_in_place and _linked(parts[-1], name, source, dest)):
                         _move_in(source, parts[-1], dest, name)
                     self._settle(dest, source, sync=sync or keep_in_place)
@@ -159,10 +161,34 @@ class Versions:
         with self._lock, _plain_errors("archive", rel_path), self._roots() as (_, marker):
             area = [VERSIONS_DIR, *parts[:-1]]
             with _closing(_walk(marker, area, rel_path, mode=_AREA_MODE)) as dest:
-                stored = _free_name(dest, parts[-1], now)
+                stored = _free_name(dest, parts[-1], self._named_at(marker, now))
                 _move_in(source_dir, name, dest, stored)
                 self._settle(dest, source_dir, sync=sync)
         return self.root.joinpath(*parts[:-1], stored)
+
+    def _named_at(self, marker: int, now: float) -> float:
+        """The time a version archived at `now` is named with: never before one named already.
+        Names are wall-clock times and a path's newest is the one with the latest name, so a
+        clock set back (a dead RTC battery, a bad NTP step) would name the newest version as
+        older than the ones before it, and pruning, which keeps only the newest past a year,
+        would delete it once the clock is right again."""
+        if self._latest is None:
+            try:
+                with _closing(os.open(LATEST_FILE, os.O_RDONLY, dir_fd=marker)) as fd:
+                    self._latest = int(os.read(fd, 32).decode("ascii").strip() or 0)
+            except (OSError, ValueError):
+                self._latest = 0
+        if now < self._latest:
+            return float(self._latest)
+        if int(now) > self._latest:
+            self._latest = int(now)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            with (
+                suppress(OSError),  # the next name tries again
+                _closing(os.open(LATEST_FILE, flags, 0o600, dir_fd=marker)) as fd,
+            ):
+                os.write(fd, str(self._latest).encode("ascii"))
+        return now
 
     def sync_pending(self) -> None:
         """fsync the directories of every archive made with `sync=False` since the last call."""
