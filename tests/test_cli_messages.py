@@ -120,7 +120,7 @@ def test_a_read_only_device_says_once_that_its_edits_stay_local(tmp_path: Path) 
         assert "syncing" not in status, status  # the difference is no transfer under way
         assert (folder_rw / "report.txt").read_text() == "the real one"
         busy = attempt(home_ro, "revert", str(folder_ro))  # two writers of one index: refused
-        assert busy.returncode == 1 and "stop it, revert" in busy.stderr, busy.stderr
+        assert busy.returncode == 1 and "stop it first, then revert" in busy.stderr, busy.stderr
     finally:
         rw.stop()
         ro.stop()

@@ -378,8 +378,8 @@ def _cmd_revert(home: Home, args: argparse.Namespace) -> int:
         )
     if _served_by_running_node(home, folder):
         raise BackerError(
-            f"`backer run` is running for {folder} and owns its index: stop it, revert, "
-            "and start it again (the shared versions then come back)"
+            f"`backer run` is running for {folder} and owns its index: stop it first, then "
+            "revert, and start it again (the shared versions then come back)"
         )
     device = home.device_id()
 
