@@ -29,6 +29,7 @@ from backer.protocol.messages import MAX_BATCH_CHUNKS
 from backer.sync.batch import ThreadBatcher
 from backer.sync.disk import ChangedMeanwhile, Installed, seal
 from backer.sync.fetcher import Fetcher, PullReport
+from backer.sync.joined import JoinedChunks
 from backer.sync.replica import Replica
 from backer.sync.room import make_room
 from backer.sync.swap import Expected, start_writeback, sync_filesystems
@@ -72,6 +73,7 @@ class Assembler:
         self.emit = emit
         self.label = str(replica.folder)
         self.window = _Window(WINDOW_BYTES)
+        self.joined = JoinedChunks(fetcher)  # small files' runs, fetched together
         self.dirty_dirs: set[str] = set()  # directories renamed into, not yet fsynced
         # Files started or finished together share one worker-thread hop, and a batch of
         # finished files one durability barrier (STYLE.md 17): with thousands of small files
@@ -101,11 +103,16 @@ class Assembler:
         fd, temp, missing = await self._preparing.submit((entry, source))
         progress = _Progress(self, dest, source.size, missing)
         try:
+            runs = _runs(missing)
             try:
-                async with asyncio.TaskGroup() as fetches:
-                    for run in _runs(missing):
-                        await self.window.take(_bytes_of(run))
-                        fetches.create_task(self._fetch_run(fd, run, progress))
+                if len(runs) == 1:  # most files: no task group, no task
+                    await self.window.take(_bytes_of(runs[0]))
+                    await self._fetch_run(fd, runs[0], progress)
+                else:
+                    async with asyncio.TaskGroup() as fetches:
+                        for run in runs:
+                            await self.window.take(_bytes_of(run))
+                            fetches.create_task(self._fetch_run(fd, run, progress))
             except BaseExceptionGroup as group:
                 # One plain exception for the caller, who decides per kind (a chunk gone, a
                 # full disk...): a group would slip past its handlers and end the whole pull.
@@ -209,7 +216,8 @@ class Assembler:
         """Fetch a run of a file's missing chunks with one request and write them."""
         size = _bytes_of(run)
         try:
-            found = await self.fetcher.chunks([(digest, length) for _, digest, length in run])
+            fetch = self.joined.chunks if size < WRITE_ON_LOOP else self.fetcher.chunks
+            found = await fetch([(digest, length) for _, digest, length in run])
         finally:
             self.window.give(size)
         if len(found) < len({digest for _, digest, _ in run}):
