@@ -123,14 +123,24 @@ class _Pull:
         # without a list of components per path: those keys were 20 MB at 100,000 paths.
         found.sort()
         removals = _Removals()
+        parts = list(_batches(found, PULL_SLICE))
+        # The next slice's entries are fetched and their signatures checked while this one is
+        # applied: both only read the peer's versions, and they were 15 % of a slice's time.
+        ahead: asyncio.Task[list[RemoteEntry]] | None = None
         try:
-            for part in _batches(found, PULL_SLICE):
-                remote = self._capped(await self._authorized(await self._entries(part)))
-                entries = await self._chunk_lists(remote)
+            for index, part in enumerate(parts):
+                admitted = await (ahead if ahead is not None else self._admitted(part))
+                ahead = None
+                if index + 1 < len(parts):
+                    ahead = asyncio.create_task(self._admitted(parts[index + 1]))
+                entries = await self._chunk_lists(self._capped(admitted))
                 await self._apply(entries, removals)
                 await self._commit()
             await self._remove(removals)
         finally:
+            if ahead is not None:
+                ahead.cancel()
+                await asyncio.wait([ahead])  # its end, whatever it was: a slice never applied
             await self._commit()
             if self.rescan:
                 await self.replica.scan_locked(self.rescan)
@@ -155,6 +165,9 @@ class _Pull:
                 raise RemoteProtocolError(f"the peer's tree is malformed: {exc}") from exc
         self.report.nodes = walk.nodes_fetched
         return walk.found
+
+    async def _admitted(self, part: list[tuple[str, Hash]]) -> list[RemoteEntry]:
+        return await self._authorized(await self._entries(part))
 
     async def _entries(self, found: list[tuple[str, Hash]]) -> list[RemoteEntry]:
         remote: list[RemoteEntry] = []
