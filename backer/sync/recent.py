@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from backer.errors import InvalidPathError
 from backer.index.store import StatSig
-from backer.paths import join
+from backer.paths import join, parent_of
 from backer.sync.disk import FolderDisk
 
 __all__ = ["MAX_REMEMBERED", "RecentWrites"]
@@ -61,18 +61,28 @@ class RecentWrites:
         """Of the paths the watcher reported, those that still need a scan (in order), plus the
         children of a directory the pull made that the pull did not put there. Blocking."""
         left: list[str] = []
+        files: dict[str, list[str]] = {}  # files we wrote, by directory: one walk to each
         for path in paths:
-            if not self._matches(path, left):
+            if path in self._files:
+                files.setdefault(parent_of(path), []).append(path)
+            elif (made := self._dirs.get(path)) is None or not self._dir_matches(path, made, left):
                 left.append(path)
+        for parent, named in files.items():
+            left += self._changed_files(parent, named)
         return list(dict.fromkeys(left))  # a directory's child may be reported by itself too
 
-    def _matches(self, path: str, left: list[str]) -> bool:
-        sig = self._files.get(path)
-        if sig is not None:
-            st = self._disk.lstat(path)
-            return st is not None and hash(StatSig.of(st)) == sig
-        made = self._dirs.get(path)
-        return made is not None and self._dir_matches(path, made, left)
+    def _changed_files(self, parent: str, paths: list[str]) -> list[str]:
+        """Those of `paths` (in `parent`, each written by a pull) that are not as written."""
+        try:
+            with self._disk.directory(parent) as dir_fd:
+                return [
+                    path
+                    for path in paths
+                    if (st := _lstat_at(dir_fd, path.rpartition("/")[2])) is None
+                    or hash(StatSig.of(st)) != self._files.get(path)
+                ]
+        except (OSError, InvalidPathError):  # the directory is gone or not one now
+            return paths
 
     def _dir_matches(self, path: str, made: tuple[int, int], left: list[str]) -> bool:
         """Whether the directory is still the one the pull made; its children that are not
