@@ -35,12 +35,13 @@ from backer.ids import Hash
 from backer.index import merkle
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash
 from backer.index.store import LocalState, Record
-from backer.paths import RESERVED_DIR
+from backer.paths import RESERVED_DIR, parent_of
 from backer.protocol.messages import RemoteEntry, max_chunk_records
 from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_leaf
 from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
 from backer.sync.merge import Action, Decision, decide, keep_directory
+from backer.sync.moves import Move, MovePlanner, move_file
 from backer.sync.replica import Replica
 from backer.sync.swap import Expected, SymlinkTo
 
@@ -100,6 +101,7 @@ class _Pull:
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
         self.records_left = PULL_CHUNK_RECORDS  # chunk records this pull may still expand
         self.assembler = Assembler(replica, fetcher, self.report, emit)
+        self.moves = MovePlanner()  # deletions whose files can become new paths by a rename
 
     async def run(self, remote_root: Hash) -> PullReport:
         if not (self.replica.folder / RESERVED_DIR).is_dir():
@@ -213,6 +215,7 @@ class _Pull:
         """Write what `entries` bring; what they remove or replace by another kind is added
         to `removals`, for the end of the pull."""
         self.current = await self._currents([e.path for e in entries])
+        self.moves.offer(entries, self.current)
         async with asyncio.TaskGroup() as files:
             for remote in sorted(entries, key=lambda e: e.path.split("/")):
                 try:
@@ -279,6 +282,10 @@ class _Pull:
             blocked.append((decision, record, remote))  # a directory must go first
         elif result.kind is Kind.SYMLINK:
             await self._symlink(result, _expected(record), keep_old=not kept_aside)
+        elif (record is None or record.entry.deleted) and await self._moved(
+            result, self.moves.take(result)
+        ):
+            return
         else:
             self.report.planned_files += 1
             self.report.planned_bytes += result.size
@@ -401,13 +408,33 @@ class _Pull:
         if len(self.pending) >= COMMIT_EVERY:
             await self._commit()
 
+    async def _moved(self, entry: Entry, move: Move | None) -> bool:
+        """Whether `entry` was made by renaming `move`'s local file (same content) into place."""
+        if move is None:
+            return False
+        try:
+            sig = await asyncio.to_thread(move_file, self.disk, move, entry.path)
+        except ChangedMeanwhile:
+            self._changed_meanwhile(entry.path)
+            return True
+        if sig is None:
+            return False
+        self.moves.moved(move)
+        self.assembler.dirty_dirs.update((parent_of(move.source), parent_of(entry.path)))
+        self._record(entry, LocalState(stat=sig))
+        self.report.files += 1
+        self._updated(entry.path, "file")
+        return True
+
     async def _delete(self, decision: Decision, record: Record | None) -> None:
         result = decision.result
         assert result is not None
         if record is None or record.entry.deleted:
             self._record(result, LocalState())
             return
-        if record.entry.kind is Kind.DIR:
+        if self.moves.moved_away(result.path):
+            pass  # its file lives on at the path it was renamed to
+        elif record.entry.kind is Kind.DIR:
             await self._commit()  # the children's tombstones are recorded first
             if not await asyncio.to_thread(self.disk.remove_dir, result.path):
                 kept = keep_directory(

@@ -1,0 +1,130 @@
+"""Moves: a pull that deletes a file and creates another with the same content renames it.
+
+A renamed file or directory reaches a copy as deletions of the old paths and creations of new
+ones. Rebuilding each new file from the old one's chunks and archiving the old one costs a full
+read and write of every byte, and fills the versions area with files that were never lost.
+`MovePlanner` pairs each creation with a deletion of the same pull whose local file holds the
+same content (same chunk list, size, mtime and mode); `move_file` then renames it, if it still
+is what the index says (the same stat check as an install: a user's edit that races it is
+never lost). Nothing is archived for a moved file: its content lives on at its new path.
+
+Imports index and sync's disk, merge and swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from backer.index.entry import Entry, Kind
+from backer.index.store import Record, StatSig
+from backer.paths import check_path, parent_of
+from backer.sync.disk import ChangedMeanwhile, FolderDisk
+from backer.sync.merge import Action, decide
+from backer.sync.swap import is_expected, lstat_at, move_noreplace, sig_of
+
+__all__ = ["Move", "MovePlanner", "move_file"]
+
+# What makes a local file a move's source for a new entry: exactly the content and metadata
+# the new entry asks for, so the renamed file needs no byte changed.
+_ContentKey = tuple[bytes, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Rename the local file `source` (indexed as `record`) to the new entry's path."""
+
+    source: str
+    record: Record
+
+
+@dataclass(slots=True)
+class MovePlanner:
+    """Pairs a pull's creations with its deletions of the same content. Deletions are offered
+    slice by slice as the pull learns them; a creation takes one offered so far."""
+
+    _offered: dict[_ContentKey, list[Move]] = field(default_factory=dict)
+    _moved_away: set[str] = field(default_factory=set)
+
+    def offer(self, entries: list[Entry], current: dict[str, Record]) -> None:
+        """Offer the files `entries` delete that are indexed here with a stat to check and
+        whose deletion the merge rules would apply as it is (no conflict, no local edit)."""
+        for remote in entries:
+            record = current.get(remote.path)
+            if (
+                not remote.deleted
+                or record is None
+                or record.entry.deleted
+                or record.entry.kind is not Kind.FILE
+                or record.local.stat is None
+                or not record.entry.size
+            ):
+                continue
+            decision = decide(record.entry, remote)
+            result = decision.result
+            if (
+                decision.action is Action.WRITE_REMOTE
+                and decision.conflict_copy is None
+                and result is not None
+                and result.deleted
+            ):
+                self._offered.setdefault(_key(record.entry), []).append(Move(remote.path, record))
+
+    def take(self, new: Entry) -> Move | None:
+        """A deletion whose local file can become `new` (a new file here), if any."""
+        if new.kind is not Kind.FILE or new.deleted or not new.size:
+            return None
+        sources = self._offered.get(_key(new))
+        return sources.pop() if sources else None
+
+    def moved(self, move: Move) -> None:
+        """`move` happened: its source's deletion has nothing left to remove."""
+        self._moved_away.add(move.source)
+
+    def moved_away(self, path: str) -> bool:
+        return path in self._moved_away
+
+
+def move_file(disk: FolderDisk, move: Move, dest: str) -> StatSig | None:
+    """Rename `move.source` to `dest` if it still is what its record says, never replacing
+    anything at `dest`; the moved file's stat, or None if nothing moved (the source changed,
+    vanished or `dest` was taken: build `dest` as usual, and the source's deletion meets the
+    change). ChangedMeanwhile if the file was edited while it moved and could not go back:
+    the edit is then at `dest`, to be indexed there."""
+    check_path(move.source)
+    check_path(dest)
+    expected = move.record.local.stat
+    with (
+        disk.directory(parent_of(move.source)) as src_fd,
+        disk.directory(parent_of(dest), create=True) as dst_fd,
+    ):
+        name, new_name = _name(move.source), _name(dest)
+        if not is_expected(lstat_at(src_fd, name), expected, _no_link):
+            return None
+        disk.before_swap(move.source)
+        try:
+            move_noreplace(src_fd, name, dst_fd, new_name)
+        except (FileExistsError, FileNotFoundError):
+            return None
+        st = lstat_at(dst_fd, new_name)
+        if st is not None and is_expected(st, expected, _no_link, renamed=True):
+            return sig_of(st)
+        # Edited while it moved: it goes back, where the deletion meets the edit and keeps it.
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            move_noreplace(dst_fd, new_name, src_fd, name)
+            os.fsync(src_fd)
+            return None
+        raise ChangedMeanwhile(f"{move.source} was edited while it moved to {dest}")
+
+
+def _key(entry: Entry) -> _ContentKey:
+    return (entry.chunks, entry.size, entry.mtime_ns, entry.mode)
+
+
+def _no_link() -> str:
+    return ""  # a file is expected: is_expected never reads a link for one
+
+
+def _name(rel: str) -> str:
+    return rel.rpartition("/")[2]

@@ -1,0 +1,110 @@
+"""A rename on one replica is a rename on the other: the moved files keep their inodes, no byte
+is rebuilt or fetched, nothing goes to the versions area; and a user's edit that races the
+move is never lost."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_apply_races import Edit, append, atomic_save, edit_at_swap, live
+from test_sync import converge, fetched, write
+
+from backer.sync import moves as moves_module
+from backer.sync.versions import Versions
+
+
+def inodes(folder: Path, rel_dir: str) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in (folder / rel_dir).iterdir()}
+
+
+def versions_kept(folder: Path) -> int:
+    return sum(1 for _ in Versions(folder).all())
+
+
+async def _pair_with_album(tmp_path: Path, files: int = 30) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for i in range(files):
+        write(a, f"album/photo-{i:03d}.jpg", os.urandom(20_000 + i))
+    await converge(a, b)
+    return a, b
+
+
+async def test_a_renamed_directory_is_moved_on_the_copy_not_rebuilt(tmp_path: Path) -> None:
+    """Before, each file was rebuilt from the old one's chunks into a new inode and the old
+    one archived: 30 versions of files that were never lost."""
+    a, b = await _pair_with_album(tmp_path)
+    before = inodes(b, "album")
+    os.rename(a / "album", a / "album-2026")
+    result = await converge(a, b)
+    assert fetched(result) == 0
+    assert not (b / "album").exists()
+    assert inodes(b, "album-2026") == before  # the same files, renamed
+    assert versions_kept(b) == 0
+
+
+async def test_a_moved_file_with_other_metadata_is_rebuilt_and_the_old_one_kept(
+    tmp_path: Path,
+) -> None:
+    """Only a file that needs no byte or mode changed is renamed; another mtime makes it a
+    new file, built as usual, and the deleted one goes to the versions area as before."""
+    a, b = await _pair_with_album(tmp_path, files=2)
+    os.rename(a / "album/photo-000.jpg", a / "photo.jpg")
+    os.utime(a / "photo.jpg", (1_700_000_000, 1_700_000_000))
+    await converge(a, b)
+    assert (b / "photo.jpg").read_bytes() == (a / "photo.jpg").read_bytes()
+    assert versions_kept(b) == 1
+
+
+@pytest.mark.parametrize("edit", [atomic_save(b"saved on b"), append(b" + typed on b")])
+async def test_an_edit_at_the_move_of_its_file_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: Edit
+) -> None:
+    """b's user edits a file at the instant the pull renames it: what moved is not what the
+    index said, so it goes back to its old path, where the deletion meets it (edit beats
+    delete), and the new path is built from the peer's content."""
+    a, b = await _pair_with_album(tmp_path, files=3)
+    original = (a / "album/photo-001.jpg").read_bytes()
+    os.rename(a / "album", a / "moved")
+    done = edit_at_swap(monkeypatch, b, "album/photo-001.jpg", edit)
+    await converge(a, b)
+    assert done
+    for folder in (a, b):
+        assert (folder / "moved/photo-001.jpg").read_bytes() == original
+        assert (folder / "album/photo-001.jpg").read_bytes() in (
+            b"saved on b",
+            original + b" + typed on b",
+        )
+
+
+async def test_an_edit_that_cannot_move_back_is_kept_at_the_new_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user types into the file as it is renamed and saves a new file at its old path
+    before it can go back: both survive, on both replicas, with the peer's version too."""
+    a, b = await _pair_with_album(tmp_path, files=2)
+    original = (a / "album/photo-001.jpg").read_bytes()
+    os.rename(a / "album", a / "moved")
+    real_move = moves_module.move_noreplace
+    raced: list[str] = []
+
+    def racing_move(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+        real_move(src_dir, src, dst_dir, dst)
+        if src == "photo-001.jpg" and not raced:
+            raced.append(dst)
+            with (b / "moved" / dst).open("ab") as moved:
+                moved.write(b" + typed as it moved")
+            (b / "album/photo-001.jpg").write_bytes(b"a new file at the old path")
+
+    monkeypatch.setattr(moves_module, "move_noreplace", racing_move)
+    await converge(a, b)
+    assert raced
+    for folder in (a, b):
+        assert {
+            original,
+            original + b" + typed as it moved",
+            b"a new file at the old path",
+        } <= live(folder)
