@@ -11,7 +11,11 @@ import pytest
 from test_apply_races import Edit, append, atomic_save, edit_at_swap, live
 from test_sync import converge, fetched, write
 
+from backer.protocol import codec
+from backer.protocol import session as session_module
+from backer.protocol.messages import Entries, GetGroups, Message
 from backer.sync import moves as moves_module
+from backer.sync.swap import move_noreplace
 from backer.sync.versions import Versions
 
 
@@ -59,6 +63,34 @@ async def test_a_moved_file_with_other_metadata_is_rebuilt_and_the_old_one_kept(
     assert versions_kept(b) == 1
 
 
+async def test_a_renamed_directory_s_chunk_lists_stay_off_the_wire(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy already has every moved file's chunk list (its own files' lists): the pull
+    asks for entries without inline lists and finds every group locally. Before, each entry
+    carried its list inline (127 kB of a 500-photo rename's 441 kB)."""
+    a, b = await _pair_with_album(tmp_path)
+    sent: list[Message] = []
+
+    def frame(message: Message) -> bytes:
+        sent.append(message)
+        return codec.frame(message)
+
+    monkeypatch.setattr(session_module, "frame", frame)
+    os.rename(a / "album", a / "album-2026")
+    await converge(a, b)
+    moved = [
+        entry
+        for message in sent
+        if isinstance(message, Entries)
+        for entry in message.entries
+        if entry is not None and entry.groups
+    ]
+    assert len(moved) == 30
+    assert all(entry.chunks is None for entry in moved)
+    assert not any(isinstance(message, GetGroups) for message in sent)
+
+
 @pytest.mark.parametrize("edit", [atomic_save(b"saved on b"), append(b" + typed on b")])
 async def test_an_edit_at_the_move_of_its_file_is_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: Edit
@@ -88,11 +120,10 @@ async def test_an_edit_that_cannot_move_back_is_kept_at_the_new_path(
     a, b = await _pair_with_album(tmp_path, files=2)
     original = (a / "album/photo-001.jpg").read_bytes()
     os.rename(a / "album", a / "moved")
-    real_move = moves_module.move_noreplace
     raced: list[str] = []
 
     def racing_move(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
-        real_move(src_dir, src, dst_dir, dst)
+        move_noreplace(src_dir, src, dst_dir, dst)
         if src == "photo-001.jpg" and not raced:
             raced.append(dst)
             with (b / "moved" / dst).open("ab") as moved:

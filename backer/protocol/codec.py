@@ -184,7 +184,7 @@ _SCHEMAS: dict[int, tuple[type[Any], dict[str, str]]] = {
     2: (Root, {"r": "root"}),
     3: (GetNodes, {"i": "id", "hs": "hashes"}),
     4: (Nodes, {"i": "id", "n": "nodes"}),
-    5: (GetEntries, {"i": "id", "w": "wanted"}),
+    5: (GetEntries, {"i": "id", "w": "wanted", "in": "inline"}),
     6: (Entries, {"i": "id", "e": "entries"}),
     7: (GetGroups, {"i": "id", "hs": "hashes"}),
     8: (Groups, {"i": "id", "g": "groups"}),
@@ -213,13 +213,34 @@ _ENTRY_KEYS = {
 }
 
 
+# Entry fields left out of the map when they hold these values (a tombstone is a path, a
+# version and a signature); a missing key decodes to its default. `c` is nil when the chunk list
+# is not inline, so its default (empty, inline) differs from nil.
+_ENTRY_DEFAULTS: dict[str, Any] = {
+    "x": False,
+    "s": 0,
+    "m": 0,
+    "o": 0,
+    "l": "",
+    "g": (),
+    "c": b"",
+    "z": b"",
+}
+_REQUIRED_ENTRY_KEYS = frozenset(_ENTRY_KEYS.values()) - _ENTRY_DEFAULTS.keys()
+
+
 def _entry_obj(entry: RemoteEntry | None) -> dict[str, Any] | None:
     if entry is None:
         return None
-    obj = {key: getattr(entry, attr) for attr, key in _ENTRY_KEYS.items()}
+    obj = {}
+    for attr, key in _ENTRY_KEYS.items():
+        value = getattr(entry, attr)
+        if key not in _ENTRY_DEFAULTS or value != _ENTRY_DEFAULTS[key]:
+            obj[key] = value
     obj["k"] = int(entry.kind)
     obj["v"] = [list(pair) for pair in entry.version.counters]
-    obj["g"] = b"".join(entry.groups)
+    if entry.groups:
+        obj["g"] = b"".join(entry.groups)
     return obj
 
 
@@ -338,6 +359,10 @@ def _int(what: str) -> Callable[[_Reader], int]:
     return lambda r: int(r.scalar(what, _INT))
 
 
+def _bool(what: str) -> Callable[[_Reader], bool]:
+    return lambda r: bool(r.scalar(what, _BOOL))
+
+
 def _text(what: str, max_bytes: int) -> Callable[[_Reader], str]:
     def read(r: _Reader) -> str:
         value: str = r.scalar(what, _STR)
@@ -449,12 +474,15 @@ def _entry(r: _Reader) -> RemoteEntry | None:
         r.optional("entry", _MAP)
         return None
     fields = r.map(_ENTRY_FIELDS)
-    if fields.keys() != _ENTRY_FIELDS.keys():
-        raise RemoteProtocolError(
-            f"entry lacks keys {sorted(_ENTRY_FIELDS.keys() - fields.keys())}"
-        )
+    if not fields.keys() >= _REQUIRED_ENTRY_KEYS:
+        lacking = sorted(_REQUIRED_ENTRY_KEYS - fields.keys())
+        raise RemoteProtocolError(f"entry lacks keys {lacking}")
     try:
-        return RemoteEntry(**{attr: fields[key] for attr, key in _ENTRY_KEYS.items()})
+        values: dict[str, Any] = {
+            attr: fields[key] if key in fields else _ENTRY_DEFAULTS[key]
+            for attr, key in _ENTRY_KEYS.items()
+        }
+        return RemoteEntry(**values)
     except ValueError as exc:  # InvalidPathError included
         raise RemoteProtocolError(f"invalid entry: {exc}") from exc
 
@@ -469,6 +497,7 @@ _MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
     "hs": _list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), _hash("hash")),
     "n": _list("nodes", MAX_BATCH_NODES, _optional_bin("node", MAX_NODE_BYTES)),
     "w": _list("wanted", MAX_BATCH_ENTRIES, _wanted),
+    "in": _bool("inline"),
     "e": _list("entries", MAX_BATCH_ENTRIES, _entry),
     "g": _list("groups", MAX_BATCH_GROUPS, _optional_bin("group", MAX_GROUP_BYTES)),
     "cw": _list("wanted chunks", MAX_BATCH_CHUNKS, _wanted_chunk),

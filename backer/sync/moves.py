@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from backer.index.entry import Entry, Kind
+from backer.ids import Hash
+from backer.index.entry import Entry, Kind, chunk_groups, group_hash
 from backer.index.store import Record, StatSig
 from backer.paths import check_path, parent_of
 from backer.sync.disk import ChangedMeanwhile, FolderDisk
 from backer.sync.merge import Action, decide
 from backer.sync.swap import is_expected, lstat_at, move_noreplace, sig_of
 
-__all__ = ["Move", "MovePlanner", "move_file"]
+__all__ = ["Move", "MovePlanner", "inline_wanted", "local_groups", "move_file"]
 
 # What makes a local file a move's source for a new entry: exactly the content and metadata
 # the new entry asks for, so the renamed file needs no byte changed.
@@ -116,6 +118,29 @@ def move_file(disk: FolderDisk, move: Move, dest: str) -> StatSig | None:
             os.fsync(src_fd)
             return None
         raise ChangedMeanwhile(f"{move.source} was edited while it moved to {dest}")
+
+
+def inline_wanted(wanted: Iterable[tuple[str, Hash]], local: dict[str, Record]) -> bool:
+    """Whether a pull should take small chunk lists inline for these differing paths (their
+    local records given): not when it both adds paths and may delete local files, as a move
+    does. Its new files' lists are then named by group hashes, which the deleted files' own
+    lists provide here: a renamed directory of 500 photos sent 127 kB of lists the copy had."""
+    adds = any(local.get(path) is None or local[path].entry.deleted for path, _ in wanted)
+    return not adds or not any(_movable(record) for record in local.values())
+
+
+def local_groups(records: Iterable[Record]) -> dict[Hash, bytes]:
+    """The chunk-list groups of these local records, by group hash."""
+    return {
+        group_hash(group): group
+        for record in records
+        for group in chunk_groups(record.entry.chunks)
+    }
+
+
+def _movable(record: Record) -> bool:
+    entry = record.entry
+    return entry.kind is Kind.FILE and not entry.deleted and entry.size > 0
 
 
 def _key(entry: Entry) -> _ContentKey:

@@ -33,7 +33,7 @@ from backer.errors import (
 from backer.events import ConflictFound, Emit, FileUpdated, ignore
 from backer.ids import Hash
 from backer.index import merkle
-from backer.index.entry import Entry, Kind, chunk_groups, group_hash
+from backer.index.entry import Entry, Kind
 from backer.index.store import LocalState, Record
 from backer.paths import RESERVED_DIR, parent_of
 from backer.protocol.messages import RemoteEntry, max_chunk_records
@@ -41,7 +41,7 @@ from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_l
 from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
 from backer.sync.merge import Action, Decision, decide, keep_directory
-from backer.sync.moves import Move, MovePlanner, move_file
+from backer.sync.moves import Move, MovePlanner, inline_wanted, local_groups, move_file
 from backer.sync.replica import Replica
 from backer.sync.swap import Expected, SymlinkTo
 
@@ -116,8 +116,10 @@ class _Pull:
         removals = _Removals()
         try:
             for part in _batches(found, PULL_SLICE):
-                remote = self._capped(await self._authorized(await self._entries(part)))
-                entries = await self._chunk_lists(remote)
+                local = await asyncio.to_thread(self.store.get_many, [p for p, _ in part])
+                asked = await self._entries(part, inline=inline_wanted(part, local))
+                remote = self._capped(await self._authorized(asked))
+                entries = await self._chunk_lists(remote, local)
                 await self._apply(entries, removals)
                 await self._commit()
             await self._remove(removals)
@@ -147,10 +149,10 @@ class _Pull:
         self.report.nodes = walk.nodes_fetched
         return walk.found
 
-    async def _entries(self, found: list[tuple[str, Hash]]) -> list[RemoteEntry]:
+    async def _entries(self, found: list[tuple[str, Hash]], *, inline: bool) -> list[RemoteEntry]:
         remote: list[RemoteEntry] = []
         for part in await asyncio.gather(
-            *(self.fetcher.entries(batch) for batch in _batches(found, ENTRY_BATCH))
+            *(self.fetcher.entries(batch, inline=inline) for batch in _batches(found, ENTRY_BATCH))
         ):
             remote.extend(part)
         self.report.entries += len(remote)
@@ -184,21 +186,21 @@ class _Pull:
             taken.append(item)
         return taken
 
-    async def _chunk_lists(self, remote: list[RemoteEntry]) -> list[Entry]:
-        """Whole entries: inline chunk lists as sent, others from local and fetched groups,
+    async def _chunk_lists(
+        self, remote: list[RemoteEntry], local: dict[str, Record]
+    ) -> list[Entry]:
+        """Whole entries: inline chunk lists as sent, others from fetched groups and those of
+        the slice's local files (a file's older version, or a moved file's own list),
         assembled in a worker thread (a long list must not hold up the event loop)."""
-        have: dict[Hash, bytes] = {}
         need: list[RemoteEntry] = []
         entries: list[Entry] = []
         for item in remote:
             inline = item.inline_entry()  # at most MAX_INLINE_CHUNKS bytes: cheap on the loop
             if inline is not None:
                 entries.append(inline)
-                continue
-            need.append(item)
-            local = await asyncio.to_thread(self.store.get, item.path)
-            if local is not None:
-                have.update((group_hash(g), g) for g in chunk_groups(local.entry.chunks))
+            else:
+                need.append(item)
+        have = await asyncio.to_thread(local_groups, local.values()) if need else {}
         missing = list(dict.fromkeys(g for item in need for g in item.groups if g not in have))
         for part in await asyncio.gather(
             *(self.fetcher.groups(batch) for batch in _batches(missing, GROUP_BATCH))
