@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from backer.errors import InvalidPathError
 from backer.ids import Hash
 from backer.index.entry import Entry, Kind, chunk_groups, group_hash
 from backer.index.store import Record, StatSig
@@ -26,7 +27,15 @@ from backer.sync.disk import ChangedMeanwhile, FolderDisk
 from backer.sync.merge import Action, decide
 from backer.sync.swap import is_expected, lstat_at, move_noreplace, sig_of
 
-__all__ = ["Move", "MovePlanner", "inline_wanted", "local_groups", "move_file"]
+__all__ = [
+    "Move",
+    "MovePlanner",
+    "PlannedMove",
+    "inline_wanted",
+    "local_groups",
+    "move_file",
+    "move_files",
+]
 
 # What makes a local file a move's source for a new entry: exactly the content and metadata
 # the new entry asks for, so the renamed file needs no byte changed.
@@ -41,6 +50,16 @@ class Move:
     record: Record
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedMove:
+    """Make `entry` (the merge's result for a new path; `remote` as the peer sent it) by
+    renaming `move`'s file."""
+
+    entry: Entry
+    remote: Entry
+    move: Move
+
+
 @dataclass(slots=True)
 class MovePlanner:
     """Pairs a pull's creations with its deletions of the same content. Deletions are offered
@@ -48,6 +67,7 @@ class MovePlanner:
 
     _offered: dict[_ContentKey, list[Move]] = field(default_factory=dict)
     _moved_away: set[str] = field(default_factory=set)
+    _planned: list[PlannedMove] = field(default_factory=list)
 
     def offer(self, entries: list[Entry], current: dict[str, Record]) -> None:
         """Offer the files `entries` delete that are indexed here with a stat to check and
@@ -73,12 +93,20 @@ class MovePlanner:
             ):
                 self._offered.setdefault(_key(record.entry), []).append(Move(remote.path, record))
 
-    def take(self, new: Entry) -> Move | None:
-        """A deletion whose local file can become `new` (a new file here), if any."""
+    def plan(self, new: Entry, remote: Entry) -> bool:
+        """Plan to make `new` (a new file here) from a deletion's local file of the same
+        content; False if none was offered."""
         if new.kind is not Kind.FILE or new.deleted or not new.size:
-            return None
+            return False
         sources = self._offered.get(_key(new))
-        return sources.pop() if sources else None
+        if not sources:
+            return False
+        self._planned.append(PlannedMove(new, remote, sources.pop()))
+        return True
+
+    def take_planned(self) -> list[PlannedMove]:
+        planned, self._planned = self._planned, []
+        return planned
 
     def moved(self, move: Move) -> None:
         """`move` happened: its source's deletion has nothing left to remove."""
@@ -141,6 +169,17 @@ def local_groups(records: Iterable[Record]) -> dict[Hash, bytes]:
 def _movable(record: Record) -> bool:
     entry = record.entry
     return entry.kind is Kind.FILE and not entry.deleted and entry.size > 0
+
+
+def move_files(disk: FolderDisk, planned: list[PlannedMove]) -> list[StatSig | Exception | None]:
+    """`move_file` for each of `planned`, in order; a failure is returned in its place."""
+    outcomes: list[StatSig | Exception | None] = []
+    for item in planned:
+        try:
+            outcomes.append(move_file(disk, item.move, item.entry.path))
+        except (ChangedMeanwhile, InvalidPathError, OSError) as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def _key(entry: Entry) -> _ContentKey:

@@ -41,7 +41,7 @@ from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_l
 from backer.sync.disk import sig_of
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
 from backer.sync.merge import Action, Decision, decide, keep_directory
-from backer.sync.moves import Move, MovePlanner, inline_wanted, local_groups, move_file
+from backer.sync.moves import MovePlanner, inline_wanted, local_groups, move_files
 from backer.sync.replica import Replica
 from backer.sync.swap import Expected, SymlinkTo
 
@@ -226,6 +226,7 @@ class _Pull:
                     )
                 except _PATH_ERRORS as exc:
                     self._failed(remote.path, exc)
+            await self._move_planned(files)
 
     async def _remove(self, removals: _Removals) -> None:
         deletions, blocked = removals.deletions, removals.blocked
@@ -284,10 +285,8 @@ class _Pull:
             blocked.append((decision, record, remote))  # a directory must go first
         elif result.kind is Kind.SYMLINK:
             await self._symlink(result, _expected(record), keep_old=not kept_aside)
-        elif (record is None or record.entry.deleted) and await self._moved(
-            result, self.moves.take(result)
-        ):
-            return
+        elif (record is None or record.entry.deleted) and self.moves.plan(result, remote):
+            return  # renamed from a deleted path with the same content, with the slice's others
         else:
             self.report.planned_files += 1
             self.report.planned_bytes += result.size
@@ -410,23 +409,31 @@ class _Pull:
         if len(self.pending) >= COMMIT_EVERY:
             await self._commit()
 
-    async def _moved(self, entry: Entry, move: Move | None) -> bool:
-        """Whether `entry` was made by renaming `move`'s local file (same content) into place."""
-        if move is None:
-            return False
-        try:
-            sig = await asyncio.to_thread(move_file, self.disk, move, entry.path)
-        except ChangedMeanwhile:
-            self._changed_meanwhile(entry.path)
-            return True
-        if sig is None:
-            return False
-        self.moves.moved(move)
-        self.assembler.dirty_dirs.update((parent_of(move.source), parent_of(entry.path)))
-        self._record(entry, LocalState(stat=sig))
-        self.report.files += 1
-        self._updated(entry.path, "file")
-        return True
+    async def _move_planned(self, files: asyncio.TaskGroup) -> None:
+        """Rename the files the slice moves, in one worker-thread hop; one that did not move
+        (it changed, or its new path was taken) is built as usual."""
+        planned = self.moves.take_planned()
+        if not planned:
+            return
+        outcomes = await asyncio.to_thread(move_files, self.disk, planned)
+        for item, outcome in zip(planned, outcomes, strict=True):
+            entry = item.entry
+            if isinstance(outcome, ChangedMeanwhile):
+                self._changed_meanwhile(entry.path)
+            elif isinstance(outcome, BaseException):
+                self._failed(entry.path, outcome)
+            elif outcome is None:
+                self.report.planned_files += 1
+                self.report.planned_bytes += entry.size
+                await self.files.acquire()
+                files.create_task(self._file(entry, entry.path, item.remote, None))
+            else:
+                self.moves.moved(item.move)
+                moved_between = (parent_of(item.move.source), parent_of(entry.path))
+                self.assembler.dirty_dirs.update(moved_between)
+                self._record(entry, LocalState(stat=outcome))
+                self.report.files += 1
+                self._updated(entry.path, "file")
 
     async def _delete(self, decision: Decision, record: Record | None) -> None:
         result = decision.result
