@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 from test_apply_races import Edit, append, atomic_save, edit_at_swap, live
-from test_sync import converge, fetched, write
+from test_sync import OLD, converge, fetched, write
 
+from backer.index.chunker import chunk_bytes
+from backer.index.scan import scan
+from backer.index.store import IndexStore
 from backer.protocol import codec
 from backer.protocol import session as session_module
 from backer.protocol.messages import Entries, GetGroups, Message
@@ -139,3 +142,33 @@ async def test_an_edit_that_cannot_move_back_is_kept_at_the_new_path(
             original + b" + typed as it moved",
             b"a new file at the old path",
         } <= live(folder)
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["watched", "full"])
+async def test_a_renamed_directory_is_indexed_without_reading_its_files(
+    folder: Path, store: IndexStore, named: bool
+) -> None:
+    """A directory's rename leaves its files' stat whole (inode, size, mtime and ctime): the
+    scan takes each one's chunk list from the record of the path it left. Before, the source
+    of a 500-photo rename read and hashed all 68 MB again. A file edited in place with its
+    size and mtime put back has a new ctime, and is read."""
+    for i in range(12):
+        write(folder, f"album/p{i:02d}.jpg", os.urandom(30_000 + i))
+    await scan(folder, store, device=7)
+    before = {p: store.get(f"album/{p}") for p in (f"p{i:02d}.jpg" for i in range(12))}
+    edited = folder / "album/p00.jpg"
+    edited.write_bytes(os.urandom(30_000))  # same size, in place
+    os.utime(edited, ns=(OLD * 10**9, OLD * 10**9))  # and the same mtime: only its ctime tells
+    os.rename(folder / "album", folder / "album-2")
+    paths = ["album", "album-2"] if named else None
+    report = await scan(folder, store, device=7, paths=paths, allow_deletions=True)
+    assert report.hashed_files == 1
+    for name, old in before.items():
+        record = store.get(f"album-2/{name}")
+        assert old is not None and record is not None
+        if name == "p00.jpg":
+            assert record.entry.chunks == chunk_bytes((folder / "album-2" / name).read_bytes())
+        else:
+            assert record.entry.chunks == old.entry.chunks
+        gone = store.get(f"album/{name}")
+        assert gone is not None and gone.entry.deleted

@@ -399,6 +399,8 @@ class _Scan:
             and old.mode & 0o777 == _mode(st)
         ):
             return
+        if (old is None or old.deleted) and self._moved_here(path, st, local, old is not None):
+            return
         if st.st_size <= INLINE_READ:
             # Small files are read here: handing them to a thread costs more than reading them,
             # and threads that trade the GIL every few microseconds slow each other down.
@@ -408,6 +410,25 @@ class _Scan:
         self._drain(MAX_IN_FLIGHT - 1)
         future = self.pool.submit(_read_file, self._abs(disk_path))
         self.in_flight.append((path, local or "", old is not None, future))
+
+    def _moved_here(self, path: str, st: os.stat_result, local: str | None, indexed: bool) -> bool:
+        """Index a file new at `path` without reading it if this scan found it gone from
+        another path with every stat field equal, ctime included: the trust an unchanged file
+        gets (a renamed directory's files keep their whole stat; a renamed file's ctime moves,
+        so it is read)."""
+        moved = self.records.vanished.get(_sig(st))
+        if moved is None or moved.mode & 0o777 != _mode(st):
+            return False
+        fresh = OnDisk(
+            path,
+            kind=Kind.FILE,
+            size=moved.size,
+            mtime_ns=moved.mtime_ns,
+            mode=_mode(st),
+            chunks=moved.chunks,
+        )
+        self.records.update(fresh, LocalState(stat=_sig(st), disk_name=local), indexed=indexed)
+        return True
 
     def _drain(self, keep: int) -> None:
         """Collect finished reads, oldest first, until at most `keep` remain in flight."""
