@@ -4,7 +4,7 @@ A renamed file or directory reaches a copy as deletions of the old paths and cre
 ones. Rebuilding each new file from the old one's chunks and archiving the old one costs a full
 read and write of every byte, and fills the versions area with files that were never lost.
 `MovePlanner` pairs each creation with a deletion of the same pull whose local file holds the
-same content (same chunk list, size, mtime and mode); `move_file` then renames it, if it still
+same content (same chunk list, size, mtime and mode); `move_files` then renames it, if it still
 is what the index says (the same stat check as an install: a user's edit that races it is
 never lost). Nothing is archived for a moved file: its content lives on at its new path.
 
@@ -33,7 +33,6 @@ __all__ = [
     "PlannedMove",
     "inline_wanted",
     "local_groups",
-    "move_file",
     "move_files",
 ]
 
@@ -116,38 +115,6 @@ class MovePlanner:
         return path in self._moved_away
 
 
-def move_file(disk: FolderDisk, move: Move, dest: str) -> StatSig | None:
-    """Rename `move.source` to `dest` if it still is what its record says, never replacing
-    anything at `dest`; the moved file's stat, or None if nothing moved (the source changed,
-    vanished or `dest` was taken: build `dest` as usual, and the source's deletion meets the
-    change). ChangedMeanwhile if the file was edited while it moved and could not go back:
-    the edit is then at `dest`, to be indexed there."""
-    check_path(move.source)
-    check_path(dest)
-    expected = move.record.local.stat
-    with (
-        disk.directory(parent_of(move.source)) as src_fd,
-        disk.directory(parent_of(dest), create=True) as dst_fd,
-    ):
-        name, new_name = _name(move.source), _name(dest)
-        if not is_expected(lstat_at(src_fd, name), expected, _no_link):
-            return None
-        disk.before_swap(move.source)
-        try:
-            move_noreplace(src_fd, name, dst_fd, new_name)
-        except (FileExistsError, FileNotFoundError):
-            return None
-        st = lstat_at(dst_fd, new_name)
-        if st is not None and is_expected(st, expected, _no_link, renamed=True):
-            return sig_of(st)
-        # Edited while it moved: it goes back, where the deletion meets the edit and keeps it.
-        with contextlib.suppress(FileExistsError, FileNotFoundError):
-            move_noreplace(dst_fd, new_name, src_fd, name)
-            os.fsync(src_fd)
-            return None
-        raise ChangedMeanwhile(f"{move.source} was edited while it moved to {dest}")
-
-
 def inline_wanted(wanted: Iterable[tuple[str, Hash]], local: dict[str, Record]) -> bool:
     """Whether a pull should take small chunk lists inline for these differing paths (their
     local records given): not when it both adds paths and may delete local files, as a move
@@ -172,14 +139,65 @@ def _movable(record: Record) -> bool:
 
 
 def move_files(disk: FolderDisk, planned: list[PlannedMove]) -> list[StatSig | Exception | None]:
-    """`move_file` for each of `planned`, in order; a failure is returned in its place."""
+    """Rename each planned move's file to its new path if it still is what its record says,
+    never replacing anything there; each directory is opened once for all. In each one's
+    place: the moved file's stat; None if nothing moved (the source changed, vanished, or
+    the new path was taken: build it as usual, and the source's deletion meets the change);
+    ChangedMeanwhile if the file was edited while it moved and could not go back (the edit
+    is then at the new path, to be indexed there); or another failure."""
     outcomes: list[StatSig | Exception | None] = []
-    for item in planned:
-        try:
-            outcomes.append(move_file(disk, item.move, item.entry.path))
-        except (ChangedMeanwhile, InvalidPathError, OSError) as exc:
-            outcomes.append(exc)
+    with contextlib.ExitStack() as stack:
+        directories = _Directories(disk, stack)
+        for item in planned:
+            try:
+                outcomes.append(_move(disk, directories, item.move, item.entry.path))
+            except (ChangedMeanwhile, InvalidPathError, OSError) as exc:
+                outcomes.append(exc)
     return outcomes
+
+
+@dataclass(slots=True)
+class _Directories:
+    """Descriptors of the folder's directories, each reached once without following a
+    symlink, open until `stack` closes."""
+
+    disk: FolderDisk
+    stack: contextlib.ExitStack
+    _open: dict[str, int] = field(default_factory=dict)
+
+    def fd(self, rel_dir: str, *, create: bool = False) -> int:
+        if rel_dir not in self._open:
+            directory = self.disk.directory(rel_dir, create=create)
+            self._open[rel_dir] = self.stack.enter_context(directory)
+        return self._open[rel_dir]
+
+
+def _move(disk: FolderDisk, directories: _Directories, move: Move, dest: str) -> StatSig | None:
+    check_path(move.source)
+    check_path(dest)
+    expected = move.record.local.stat
+    try:
+        src_fd = directories.fd(parent_of(move.source))
+    except FileNotFoundError:
+        return None  # gone with its directory: the new path is built
+    dst_fd = directories.fd(parent_of(dest), create=True)
+    name, new_name = _name(move.source), _name(dest)
+    if not is_expected(lstat_at(src_fd, name), expected, _no_link):
+        return None
+    disk.before_swap(move.source)
+    try:
+        move_noreplace(src_fd, name, dst_fd, new_name)
+    except (FileExistsError, FileNotFoundError):
+        return None
+    st = lstat_at(dst_fd, new_name)
+    if st is not None and is_expected(st, expected, _no_link, renamed=True):
+        return sig_of(st)
+    # Edited while it moved: it goes back, where the deletion meets the edit and keeps it.
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        move_noreplace(dst_fd, new_name, src_fd, name)
+        os.fsync(src_fd)
+        return None
+    raise ChangedMeanwhile(f"{move.source} was edited while it moved to {dest}")
 
 
 def _key(entry: Entry) -> _ContentKey:
