@@ -419,15 +419,7 @@ class _Scan:
         moved = self.records.vanished.get(_sig(st))
         if moved is None or moved.mode & 0o777 != _mode(st):
             return False
-        fresh = OnDisk(
-            path,
-            kind=Kind.FILE,
-            size=moved.size,
-            mtime_ns=moved.mtime_ns,
-            mode=_mode(st),
-            chunks=moved.chunks,
-        )
-        self.records.update(fresh, LocalState(stat=_sig(st), disk_name=local), indexed=indexed)
+        self._index_file(path, local, st, moved.size, moved.chunks, racy=False, indexed=indexed)
         return True
 
     def _drain(self, keep: int) -> None:
@@ -452,13 +444,27 @@ class _Scan:
         self.counts.hashed_bytes += read.size
         self.records.batch_bytes += read.size
         racy = time.time_ns() - st.st_mtime_ns < RACY_WINDOW_NS
+        self._index_file(path, local, st, read.size, read.chunks, racy=racy, indexed=indexed)
+
+    def _index_file(
+        self,
+        path: str,
+        local: str | None,
+        st: os.stat_result,
+        size: int,
+        chunks: bytes,
+        *,
+        racy: bool,
+        indexed: bool,
+    ) -> None:
+        """Record the regular file at `path` as `st` says, with the chunk list of its bytes."""
         fresh = OnDisk(
             path,
             kind=Kind.FILE,
-            size=read.size,
+            size=size,
             mtime_ns=st.st_mtime_ns,
             mode=_mode(st),
-            chunks=read.chunks,
+            chunks=chunks,
         )
         local_state = LocalState(stat=_sig(st), racy=racy, disk_name=local)
         self.records.update(fresh, local_state, indexed=indexed)
