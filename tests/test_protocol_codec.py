@@ -158,6 +158,13 @@ def entries_with(**changes: object) -> bytes:
     return packed({"t": 6, "i": 1, "e": [entry]})
 
 
+def second_entry_with(**changes: object) -> bytes:
+    """An Entries payload of two entries, the second written against the first."""
+    second = {"p": "ocs/other.txt", "q": 1, "k": 0}
+    second.update(changes)
+    return packed({"t": 6, "i": 1, "e": [ENTRY_MAP, second]})
+
+
 def vector(*pairs: tuple[int, int]) -> list[list[int]]:
     return [list(pair) for pair in pairs]
 
@@ -264,6 +271,12 @@ MALFORMED: dict[str, bytes] = {
     "huge bin header": b"\x82\xa1t\x02\xa1r\xc6\xff\xff\xff\xff",
     # entries
     "entry missing key": entries_with(v=_DROP),
+    "first entry with a shared prefix": entries_with(q=2, p="cs/small.txt"),
+    "shared prefix longer than the last path": second_entry_with(q=99),
+    "shared prefix of nothing": second_entry_with(q=0),
+    "shared prefix splitting a character": packed(
+        {"t": 6, "i": 1, "e": [dict(ENTRY_MAP, p="d\u00e9"), {"p": "\x81x", "q": 2, "k": 0}]}
+    ),
     "entry unknown key": entries_with(zz=1),
     "entry kind unknown": entries_with(k=7),
     "entry kind bool": entries_with(k=False),
@@ -404,6 +417,41 @@ def test_decode_refuses_oversized_payload() -> None:
 
 
 # --- RemoteEntry ---------------------------------------------------------------------------------
+
+
+def test_siblings_cost_their_names_not_their_paths_and_vectors() -> None:
+    """A renamed directory's entries share a parent path, a version vector and a modifier:
+    each entry after the first names only what differs from the one before it."""
+    siblings = tuple(
+        RemoteEntry.from_entry(
+            Entry(
+                path=f"photos/album-2026/photo-{i:04d}.jpg",
+                kind=Kind.FILE,
+                version=VV,
+                modifier=3,
+                deleted=True,
+            )
+        )
+        for i in range(100)
+    )
+    message = Entries(id=1, entries=(*siblings[:50], None, *siblings[50:]))
+    assert decode(encode(message)) == message
+    later = msgpack.unpackb(encode(message))["e"][2]
+    assert later == {"q": len("photos/album-2026/photo-000"), "p": "2.jpg", "k": 0, "x": True}
+    assert decode(second_entry_with()) == Entries(
+        id=1,
+        entries=(
+            RemoteEntry.from_entry(SMALL),
+            RemoteEntry.from_entry(
+                Entry(
+                    path="docs/other.txt",
+                    kind=Kind.FILE,
+                    version=SMALL.version,
+                    modifier=SMALL.modifier,
+                )
+            ),
+        ),
+    )
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.path)

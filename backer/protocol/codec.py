@@ -129,7 +129,7 @@ def encode(message: Message) -> bytes:
     obj: dict[str, Any] = {"t": tag}
     for key, attr in fields.items():
         value = getattr(message, attr)
-        obj[key] = [_entry_obj(e) for e in value] if key == "e" else value
+        obj[key] = _entries_obj(value) if key == "e" else value
     return bytes(msgpack.packb(obj, use_bin_type=True))
 
 
@@ -227,9 +227,26 @@ _ENTRY_DEFAULTS: dict[str, Any] = {
     "z": b"",
 }
 _REQUIRED_ENTRY_KEYS = frozenset(_ENTRY_KEYS.values()) - _ENTRY_DEFAULTS.keys()
+_FROM_PREVIOUS = {"v": "version", "y": "modifier"}  # may be left out after a first entry
 
 
-def _entry_obj(entry: RemoteEntry | None) -> dict[str, Any] | None:
+def _entries_obj(entries: Sequence[RemoteEntry | None]) -> list[dict[str, Any] | None]:
+    """The entries of one message, each after the first written against the one before."""
+    objs: list[dict[str, Any] | None] = []
+    previous = None
+    for entry in entries:
+        objs.append(_entry_obj(entry, previous))
+        previous = entry or previous
+    return objs
+
+
+def _entry_obj(
+    entry: RemoteEntry | None, previous: RemoteEntry | None = None
+) -> dict[str, Any] | None:
+    """An entry's map; against `previous` (the message's entry before it), its version and
+    modifier are left out when equal to that one's, and its path is given as the length of
+    the UTF-8 prefix it shares with that one's (`q`) and the rest (`p`). Siblings of a
+    renamed directory then cost their names, not their paths and vectors again."""
     if entry is None:
         return None
     obj = {}
@@ -241,7 +258,31 @@ def _entry_obj(entry: RemoteEntry | None) -> dict[str, Any] | None:
     obj["v"] = [list(pair) for pair in entry.version.counters]
     if entry.groups:
         obj["g"] = b"".join(entry.groups)
+    if previous is not None:
+        if entry.version == previous.version:
+            del obj["v"]
+        if entry.modifier == previous.modifier:
+            del obj["y"]
+        shared = _shared_prefix(previous.path.encode(), entry.path.encode())
+        if shared >= _MIN_SHARED:
+            obj["q"] = shared
+            obj["p"] = entry.path.encode()[shared:].decode()
     return obj
+
+
+_MIN_SHARED = 5  # bytes of a shared path prefix worth its `q` (a key and an int)
+
+
+def _shared_prefix(before: bytes, path: bytes) -> int:
+    """Bytes `path` shares with `before` from the start, cut back to a character boundary."""
+    shared = 0
+    for a, b in zip(before, path, strict=False):
+        if a != b:
+            break
+        shared += 1
+    while shared < len(path) and path[shared] & 0xC0 == 0x80:  # inside a UTF-8 sequence
+        shared -= 1
+    return shared
 
 
 # --- the strict reader ---------------------------------------------------------------------------
@@ -466,17 +507,34 @@ _ENTRY_FIELDS: dict[str, Callable[[_Reader], Any]] = {
     "g": _groups,
     "c": _optional_bin("inline chunks", MAX_INLINE_CHUNKS),
     "z": _bin("signature", SIGNATURE_SIZE),
+    "q": _int("shared path prefix"),
 }
 
 
-def _entry(r: _Reader) -> RemoteEntry | None:
+def _entries(r: _Reader) -> tuple[RemoteEntry | None, ...]:
+    """The entries of one message, each read against the last one before it."""
+    entries: list[RemoteEntry | None] = []
+    previous = None
+    for _ in range(r.array("entries", 0, MAX_BATCH_ENTRIES)):
+        entry = _entry(r, previous)
+        entries.append(entry)
+        previous = entry or previous
+    return tuple(entries)
+
+
+def _entry(r: _Reader, previous: RemoteEntry | None) -> RemoteEntry | None:
     if r.expect("entry", _MAP, _NIL) == _NIL:
         r.optional("entry", _MAP)
         return None
     fields = r.map(_ENTRY_FIELDS)
+    if previous is not None:
+        for key, attr in _FROM_PREVIOUS.items():
+            fields.setdefault(key, getattr(previous, attr))
     if not fields.keys() >= _REQUIRED_ENTRY_KEYS:
         lacking = sorted(_REQUIRED_ENTRY_KEYS - fields.keys())
         raise RemoteProtocolError(f"entry lacks keys {lacking}")
+    if "q" in fields:
+        fields["p"] = _joined_path(previous, fields.pop("q"), fields["p"])
     try:
         values: dict[str, Any] = {
             attr: fields[key] if key in fields else _ENTRY_DEFAULTS[key]
@@ -485,6 +543,16 @@ def _entry(r: _Reader) -> RemoteEntry | None:
         return RemoteEntry(**values)
     except ValueError as exc:  # InvalidPathError included
         raise RemoteProtocolError(f"invalid entry: {exc}") from exc
+
+
+def _joined_path(previous: RemoteEntry | None, shared: int, rest: str) -> str:
+    before = previous.path.encode() if previous is not None else b""
+    if not 0 < shared <= len(before):
+        raise RemoteProtocolError(f"entry shares {shared} path bytes with {len(before)}")
+    try:
+        return (before[:shared] + rest.encode()).decode()
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("entry path prefix splits a character") from exc
 
 
 _MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
@@ -498,7 +566,7 @@ _MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
     "n": _list("nodes", MAX_BATCH_NODES, _optional_bin("node", MAX_NODE_BYTES)),
     "w": _list("wanted", MAX_BATCH_ENTRIES, _wanted),
     "in": _bool("inline"),
-    "e": _list("entries", MAX_BATCH_ENTRIES, _entry),
+    "e": _entries,
     "g": _list("groups", MAX_BATCH_GROUPS, _optional_bin("group", MAX_GROUP_BYTES)),
     "cw": _list("wanted chunks", MAX_BATCH_CHUNKS, _wanted_chunk),
     "cs": _list("chunks", MAX_BATCH_CHUNKS, _optional_bin("chunk", MAX_CHUNK)),
