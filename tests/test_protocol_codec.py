@@ -99,6 +99,7 @@ MESSAGES: list[Message] = [
     Nodes(id=1, nodes=(b"\x92\x00\x90", None, bytes(MAX_NODE_BYTES))),
     GetEntries(id=2, wanted=(("a/b", h(6)), ("a/\u00e9", h(7)))),
     GetEntries(id=2, wanted=(("a/b", h(6)),), inline=False),
+    GetEntries(id=2, wanted=(("photos/album/p1.jpg", h(6)), ("photos/album/p2.jpg", h(7)))),
     Entries(id=3, entries=(*(RemoteEntry.from_entry(e) for e in ENTRIES), None)),
     GetGroups(id=4, hashes=(h(8), h(9))),
     Groups(id=5, groups=(chunk_groups(LARGE.chunks)[0], None)),
@@ -220,6 +221,8 @@ MALFORMED: dict[str, bytes] = {
     "wanted short hash": packed({"t": 5, "i": 1, "w": [["a", bytes(31)]]}),
     "wanted duplicate path": packed({"t": 5, "i": 1, "w": [["a", h(1)], ["a", h(2)]]}),
     "wanted bytes path": packed({"t": 5, "i": 1, "w": [[b"a", h(1)]]}),
+    "wanted shared prefix first": packed({"t": 5, "i": 1, "w": [[1, "bc", h(1)]]}),
+    "wanted shared prefix too long": packed({"t": 5, "i": 1, "w": [["abc", h(1)], [4, "d", h(2)]]}),
     "wanted non-UTF-8 path": b"\x83\xa1t\x05\xa1i\x01\xa1w\x91\x92\xa1\xff\xc4\x20" + h(1),
     "too many entries": packed({"t": 6, "i": 1, "e": [None] * (MAX_BATCH_ENTRIES + 1)}),
     "entry not a map": packed({"t": 6, "i": 1, "e": [[1, 2]]}),
@@ -417,6 +420,17 @@ def test_decode_refuses_oversized_payload() -> None:
 
 
 # --- RemoteEntry ---------------------------------------------------------------------------------
+
+
+def test_siblings_are_asked_for_by_their_names() -> None:
+    wanted = tuple((f"photos/album-2026/photo-{i:04d}.jpg", h(i)) for i in range(100))
+    message = GetEntries(id=1, wanted=wanted)
+    assert decode(encode(message)) == message
+    assert msgpack.unpackb(encode(message))["w"][2] == [
+        len("photos/album-2026/photo-000"),
+        "2.jpg",
+        h(2),
+    ]
 
 
 def test_siblings_cost_their_names_not_their_paths_and_vectors() -> None:

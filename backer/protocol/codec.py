@@ -129,7 +129,8 @@ def encode(message: Message) -> bytes:
     obj: dict[str, Any] = {"t": tag}
     for key, attr in fields.items():
         value = getattr(message, attr)
-        obj[key] = _entries_obj(value) if key == "e" else value
+        writer = _WRITERS.get(key)
+        obj[key] = writer(value) if writer else value
     return bytes(msgpack.packb(obj, use_bin_type=True))
 
 
@@ -230,6 +231,21 @@ _REQUIRED_ENTRY_KEYS = frozenset(_ENTRY_KEYS.values()) - _ENTRY_DEFAULTS.keys()
 _FROM_PREVIOUS = {"v": "version", "y": "modifier"}  # may be left out after a first entry
 
 
+def _wanted_obj(wanted: Sequence[tuple[str, Hash]]) -> list[list[Any]]:
+    """[path, leaf] pairs; a path sharing enough with the one before as [q, rest, leaf]."""
+    items: list[list[Any]] = []
+    previous = b""
+    for path, leaf in wanted:
+        raw = path.encode()
+        shared = _shared_prefix(previous, raw)
+        if shared >= _MIN_SHARED:
+            items.append([shared, raw[shared:].decode(), leaf])
+        else:
+            items.append([path, leaf])
+        previous = raw
+    return items
+
+
 def _entries_obj(entries: Sequence[RemoteEntry | None]) -> list[dict[str, Any] | None]:
     """The entries of one message, each after the first written against the one before."""
     objs: list[dict[str, Any] | None] = []
@@ -270,6 +286,8 @@ def _entry_obj(
     return obj
 
 
+# Fields written against their neighbours in a message (the readers are `_MESSAGE_FIELDS`').
+_WRITERS: dict[str, Callable[[Any], Any]] = {"e": _entries_obj, "w": _wanted_obj}
 _MIN_SHARED = 5  # bytes of a shared path prefix worth its `q` (a key and an int)
 
 
@@ -451,11 +469,6 @@ def _list(what: str, limit: int, item: Callable[[_Reader], Any]) -> Callable[[_R
     return read
 
 
-def _wanted(r: _Reader) -> tuple[str, Hash]:
-    r.array("wanted item", 2, 2)
-    return _text("path", MAX_PATH_BYTES)(r), _hash("leaf hash")(r)
-
-
 def _wanted_chunk(r: _Reader) -> tuple[Hash, int]:
     r.array("wanted chunk", 2, 2)
     return _hash("chunk hash")(r), _int("chunk size")(r)
@@ -534,7 +547,8 @@ def _entry(r: _Reader, previous: RemoteEntry | None) -> RemoteEntry | None:
         lacking = sorted(_REQUIRED_ENTRY_KEYS - fields.keys())
         raise RemoteProtocolError(f"entry lacks keys {lacking}")
     if "q" in fields:
-        fields["p"] = _joined_path(previous, fields.pop("q"), fields["p"])
+        before = previous.path if previous is not None else ""
+        fields["p"] = _joined_path(before, fields.pop("q"), fields["p"])
     try:
         values: dict[str, Any] = {
             attr: fields[key] if key in fields else _ENTRY_DEFAULTS[key]
@@ -545,14 +559,30 @@ def _entry(r: _Reader, previous: RemoteEntry | None) -> RemoteEntry | None:
         raise RemoteProtocolError(f"invalid entry: {exc}") from exc
 
 
-def _joined_path(previous: RemoteEntry | None, shared: int, rest: str) -> str:
-    before = previous.path.encode() if previous is not None else b""
+def _joined_path(previous: str, shared: int, rest: str) -> str:
+    """The first `shared` UTF-8 bytes of the path before, then `rest`."""
+    before = previous.encode()
     if not 0 < shared <= len(before):
-        raise RemoteProtocolError(f"entry shares {shared} path bytes with {len(before)}")
+        raise RemoteProtocolError(f"a path shares {shared} bytes with one of {len(before)}")
     try:
         return (before[:shared] + rest.encode()).decode()
     except UnicodeDecodeError as exc:
-        raise RemoteProtocolError("entry path prefix splits a character") from exc
+        raise RemoteProtocolError("a shared path prefix splits a character") from exc
+
+
+def _wanted_list(r: _Reader) -> tuple[tuple[str, Hash], ...]:
+    """GetEntries' (path, leaf hash) pairs, each path possibly against the one before."""
+    items: list[tuple[str, Hash]] = []
+    previous = ""
+    for _ in range(r.array("wanted", 0, MAX_BATCH_ENTRIES)):
+        if r.array("wanted item", 2, 3) == 3:
+            shared = _int("shared path prefix")(r)
+            path = _joined_path(previous, shared, _text("path", MAX_PATH_BYTES)(r))
+        else:
+            path = _text("path", MAX_PATH_BYTES)(r)
+        items.append((path, _hash("leaf hash")(r)))
+        previous = path
+    return tuple(items)
 
 
 _MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
@@ -564,7 +594,7 @@ _MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
     "i": _int("id"),
     "hs": _list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), _hash("hash")),
     "n": _list("nodes", MAX_BATCH_NODES, _optional_bin("node", MAX_NODE_BYTES)),
-    "w": _list("wanted", MAX_BATCH_ENTRIES, _wanted),
+    "w": _wanted_list,
     "in": _bool("inline"),
     "e": _entries,
     "g": _list("groups", MAX_BATCH_GROUPS, _optional_bin("group", MAX_GROUP_BYTES)),
