@@ -1,12 +1,14 @@
 """Bytes <-> messages: length-prefixed frames, and msgpack maps read strictly by schema.
 
-The only module that knows msgpack or the frame format. Decoding is schema-directed: each map key
-has one value type, checked from the type byte *before* a value is unpacked, so a hostile frame
-can neither smuggle in types nor make us build large nested containers (at most a few objects
-per wire byte, bounded by the batch limits). Every failure is a RemoteProtocolError with a short
-reason; msgpack's own exceptions are caught around each call and translated.
+With `reader` (the strict value reader), the only module that knows msgpack or the frame format.
+Decoding is schema-directed: each map key has one value type, checked from the type byte *before*
+a value is unpacked, so a hostile frame can neither smuggle in types nor make us build large
+nested containers (at most a few objects per wire byte, bounded by the batch limits). Every
+failure is a RemoteProtocolError with a short reason; msgpack's own exceptions are caught around
+each call and translated.
 
-Pure: imports only errors, ids, paths, addresses, index and `protocol.messages`; no I/O.
+Pure: imports only errors, ids, paths, addresses, index and `protocol.messages` and `reader`;
+no I/O.
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ from backer.protocol.messages import (
     RemoteEntry,
     Root,
 )
+from backer.protocol.reader import (
+    BOOL,
+    MAP,
+    MAX_FRAME,
+    NIL,
+    Reader,
+    read_bin,
+    read_bool,
+    read_hash,
+    read_int,
+    read_list,
+    read_optional_bin,
+    read_text,
+)
 
 __all__ = [
     "MAX_FRAME",
@@ -63,10 +79,7 @@ __all__ = [
     "frame",
 ]
 
-MAX_FRAME = 8 * 1024 * 1024
 _HEADER = struct.Struct(">I")
-_MAX_KEYS = 16  # no message or entry map has more keys
-_MSGPACK_ERRORS = (ValueError, msgpack.UnpackException)  # limits, bad UTF-8, truncation, format
 
 
 def encode_frame(payload: bytes) -> bytes:
@@ -143,7 +156,7 @@ def decode(payload: bytes) -> Message:
     """The message `payload` encodes; RemoteProtocolError for anything else."""
     if not 0 < len(payload) <= MAX_FRAME:
         raise RemoteProtocolError(f"a message is 1 to {MAX_FRAME} bytes")
-    reader = _Reader(payload)
+    reader = Reader(payload)
     fields = reader.map(_MESSAGE_FIELDS)
     reader.end()
     tag = fields.pop("t", None)
@@ -303,228 +316,64 @@ def _shared_prefix(before: bytes, path: bytes) -> int:
     return shared
 
 
-# --- the strict reader ---------------------------------------------------------------------------
-
-_NIL, _BOOL, _INT, _STR, _BIN, _ARRAY, _MAP, _OTHER = range(8)
-
-
-def _type_table() -> bytes:
-    table = bytearray([_OTHER]) * 256
-    for first, last, kind in [
-        (0x00, 0x7F, _INT),
-        (0xE0, 0xFF, _INT),
-        (0xCC, 0xD3, _INT),
-        (0xA0, 0xBF, _STR),
-        (0xD9, 0xDB, _STR),
-        (0xC4, 0xC6, _BIN),
-        (0x90, 0x9F, _ARRAY),
-        (0xDC, 0xDD, _ARRAY),
-        (0x80, 0x8F, _MAP),
-        (0xDE, 0xDF, _MAP),
-        (0xC0, 0xC0, _NIL),
-        (0xC2, 0xC3, _BOOL),
-    ]:
-        table[first : last + 1] = bytes([kind]) * (last - first + 1)
-    return bytes(table)
-
-
-_TYPE_OF = _type_table()  # first byte of a msgpack value -> its family (floats, ext: _OTHER)
-_TYPE_NAMES = ["nil", "bool", "int", "str", "bin", "array", "map", "float or ext"]
-
-
-class _Reader:
-    """Reads one payload value by value, checking each value's type before unpacking it."""
-
-    __slots__ = ("_data", "_unpacker")
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            max_buffer_size=MAX_FRAME,
-            max_bin_len=HASH_SIZE * MAX_GROUPS_PER_ENTRY,
-            max_str_len=MAX_PATH_BYTES,
-            max_array_len=MAX_VECTOR,
-            max_map_len=_MAX_KEYS,
-            max_ext_len=0,
-        )
-        self._unpacker.feed(data)
-
-    def peek(self) -> int:
-        position: int = self._unpacker.tell()
-        if position >= len(self._data):
-            raise RemoteProtocolError("message truncated")
-        return _TYPE_OF[self._data[position]]
-
-    def expect(self, what: str, *kinds: int) -> int:
-        kind = self.peek()
-        if kind not in kinds:
-            raise RemoteProtocolError(
-                f"{what}: expected {_TYPE_NAMES[kinds[0]]}, got {_TYPE_NAMES[kind]}"
-            )
-        return kind
-
-    def scalar(self, what: str, kind: int) -> Any:
-        self.expect(what, kind)
-        return self._unpack(what)
-
-    def optional(self, what: str, kind: int) -> Any:
-        self.expect(what, kind, _NIL)
-        return self._unpack(what)
-
-    def array(self, what: str, low: int, high: int) -> int:
-        self.expect(what, _ARRAY)
-        try:
-            count: int = self._unpacker.read_array_header()
-        except _MSGPACK_ERRORS as exc:
-            raise RemoteProtocolError(f"{what}: {str(exc) or 'truncated'}") from exc
-        if not low <= count <= high:
-            raise RemoteProtocolError(f"{what}: {count} items, not {low} to {high}")
-        return count
-
-    def map(self, fields: dict[str, Callable[[_Reader], Any]]) -> dict[str, Any]:
-        """A map whose keys are all in `fields`, each read by its own reader."""
-        self.expect("map", _MAP)
-        try:
-            count: int = self._unpacker.read_map_header()
-        except _MSGPACK_ERRORS as exc:
-            raise RemoteProtocolError(f"map: {str(exc) or 'truncated'}") from exc
-        if count > _MAX_KEYS:
-            raise RemoteProtocolError(f"map of {count} keys")
-        values: dict[str, Any] = {}
-        for _ in range(count):
-            key = self.scalar("key", _STR)
-            read = fields.get(key)
-            if read is None:
-                raise RemoteProtocolError(f"unknown key {key[:16]!r}")
-            if key in values:
-                raise RemoteProtocolError(f"key {key!r} given twice")
-            values[key] = read(self)
-        return values
-
-    def end(self) -> None:
-        if self._unpacker.tell() != len(self._data):
-            raise RemoteProtocolError("trailing bytes after the message")
-
-    def _unpack(self, what: str) -> Any:
-        try:
-            return self._unpacker.unpack()
-        except _MSGPACK_ERRORS as exc:
-            raise RemoteProtocolError(f"{what}: {str(exc) or 'truncated'}") from exc
-
-
-def _int(what: str) -> Callable[[_Reader], int]:
-    return lambda r: int(r.scalar(what, _INT))
-
-
-def _bool(what: str) -> Callable[[_Reader], bool]:
-    return lambda r: bool(r.scalar(what, _BOOL))
-
-
-def _text(what: str, max_bytes: int) -> Callable[[_Reader], str]:
-    def read(r: _Reader) -> str:
-        value: str = r.scalar(what, _STR)
-        if len(value) > max_bytes // 4 and len(value.encode()) > max_bytes:
-            raise RemoteProtocolError(f"{what} longer than {max_bytes} bytes")
-        return value
-
-    return read
-
-
-def _bin(what: str, max_bytes: int) -> Callable[[_Reader], bytes]:
-    def read(r: _Reader) -> bytes:
-        value: bytes = r.scalar(what, _BIN)
-        if len(value) > max_bytes:
-            raise RemoteProtocolError(f"{what} of {len(value)} bytes, over {max_bytes}")
-        return value
-
-    return read
-
-
-def _optional_bin(what: str, max_bytes: int) -> Callable[[_Reader], bytes | None]:
-    def read(r: _Reader) -> bytes | None:
-        value: bytes | None = r.optional(what, _BIN)
-        if value is not None and len(value) > max_bytes:
-            raise RemoteProtocolError(f"{what} of {len(value)} bytes, over {max_bytes}")
-        return value
-
-    return read
-
-
-def _hash(what: str) -> Callable[[_Reader], Hash]:
-    def read(r: _Reader) -> Hash:
-        value: bytes = r.scalar(what, _BIN)
-        if len(value) != HASH_SIZE:
-            raise RemoteProtocolError(f"{what} of {len(value)} bytes, not {HASH_SIZE}")
-        return Hash(value)
-
-    return read
-
-
-def _list(what: str, limit: int, item: Callable[[_Reader], Any]) -> Callable[[_Reader], Any]:
-    def read(r: _Reader) -> tuple[Any, ...]:
-        return tuple(item(r) for _ in range(r.array(what, 0, limit)))
-
-    return read
-
-
-def _wanted_chunk(r: _Reader) -> tuple[Hash, int]:
+def _wanted_chunk(r: Reader) -> tuple[Hash, int]:
     r.array("wanted chunk", 2, 2)
-    return _hash("chunk hash")(r), _int("chunk size")(r)
+    return read_hash("chunk hash")(r), read_int("chunk size")(r)
 
 
-def _peer(r: _Reader) -> tuple[Hash, tuple[str, ...]]:
+def _peer(r: Reader) -> tuple[Hash, tuple[str, ...]]:
     r.array("peer", 2, 2)
-    device = _hash("peer device")(r)
-    addresses = _list("peer addresses", MAX_ADDRESSES_PER_PEER, _text("address", MAX_ADDRESS_BYTES))
+    device = read_hash("peer device")(r)
+    addresses = read_list(
+        "peer addresses", MAX_ADDRESSES_PER_PEER, read_text("address", MAX_ADDRESS_BYTES)
+    )
     return device, addresses(r)
 
 
-def _version(r: _Reader) -> VersionVector:
+def _version(r: Reader) -> VersionVector:
     counters = []
     for _ in range(r.array("version", 0, MAX_VECTOR)):
         r.array("version counter", 2, 2)
-        counters.append((_int("device")(r), _int("counter")(r)))
+        counters.append((read_int("device")(r), read_int("counter")(r)))
     try:
         return VersionVector(tuple(counters))
     except ValueError as exc:
         raise RemoteProtocolError(f"version vector: {exc}") from exc
 
 
-def _kind(r: _Reader) -> Kind:
-    value = _int("kind")(r)
+def _kind(r: Reader) -> Kind:
+    value = read_int("kind")(r)
     try:
         return Kind(value)
     except ValueError as exc:
         raise RemoteProtocolError(f"unknown kind {value}") from exc
 
 
-def _groups(r: _Reader) -> tuple[Hash, ...]:
-    blob = _bin("groups", HASH_SIZE * MAX_GROUPS_PER_ENTRY)(r)
+def _groups(r: Reader) -> tuple[Hash, ...]:
+    blob = read_bin("groups", HASH_SIZE * MAX_GROUPS_PER_ENTRY)(r)
     if len(blob) % HASH_SIZE:
         raise RemoteProtocolError(f"groups of {len(blob)} bytes, not whole hashes")
     return tuple(Hash(blob[i : i + HASH_SIZE]) for i in range(0, len(blob), HASH_SIZE))
 
 
-_ENTRY_FIELDS: dict[str, Callable[[_Reader], Any]] = {
-    "p": _text("path", MAX_PATH_BYTES),
+_ENTRY_FIELDS: dict[str, Callable[[Reader], Any]] = {
+    "p": read_text("path", MAX_PATH_BYTES),
     "k": _kind,
     "v": _version,
-    "y": _int("modifier"),
-    "x": lambda r: bool(r.scalar("deleted", _BOOL)),
-    "s": _int("size"),
-    "m": _int("mtime_ns"),
-    "o": _int("mode"),
-    "l": _text("target", MAX_PATH_BYTES),
+    "y": read_int("modifier"),
+    "x": lambda r: bool(r.scalar("deleted", BOOL)),
+    "s": read_int("size"),
+    "m": read_int("mtime_ns"),
+    "o": read_int("mode"),
+    "l": read_text("target", MAX_PATH_BYTES),
     "g": _groups,
-    "c": _optional_bin("inline chunks", MAX_INLINE_CHUNKS),
-    "z": _bin("signature", SIGNATURE_SIZE),
-    "q": _int("shared path prefix"),
+    "c": read_optional_bin("inline chunks", MAX_INLINE_CHUNKS),
+    "z": read_bin("signature", SIGNATURE_SIZE),
+    "q": read_int("shared path prefix"),
 }
 
 
-def _entries(r: _Reader) -> tuple[RemoteEntry | None, ...]:
+def _entries(r: Reader) -> tuple[RemoteEntry | None, ...]:
     """The entries of one message, each read against the last one before it."""
     entries: list[RemoteEntry | None] = []
     previous = None
@@ -535,9 +384,9 @@ def _entries(r: _Reader) -> tuple[RemoteEntry | None, ...]:
     return tuple(entries)
 
 
-def _entry(r: _Reader, previous: RemoteEntry | None) -> RemoteEntry | None:
-    if r.expect("entry", _MAP, _NIL) == _NIL:
-        r.optional("entry", _MAP)
+def _entry(r: Reader, previous: RemoteEntry | None) -> RemoteEntry | None:
+    if r.expect("entry", MAP, NIL) == NIL:
+        r.optional("entry", MAP)
         return None
     fields = r.map(_ENTRY_FIELDS)
     if previous is not None:
@@ -570,37 +419,37 @@ def _joined_path(previous: str, shared: int, rest: str) -> str:
         raise RemoteProtocolError("a shared path prefix splits a character") from exc
 
 
-def _wanted_list(r: _Reader) -> tuple[tuple[str, Hash], ...]:
+def _wanted_list(r: Reader) -> tuple[tuple[str, Hash], ...]:
     """GetEntries' (path, leaf hash) pairs, each path possibly against the one before."""
     items: list[tuple[str, Hash]] = []
     previous = ""
     for _ in range(r.array("wanted", 0, MAX_BATCH_ENTRIES)):
         if r.array("wanted item", 2, 3) == 3:
-            shared = _int("shared path prefix")(r)
-            path = _joined_path(previous, shared, _text("path", MAX_PATH_BYTES)(r))
+            shared = read_int("shared path prefix")(r)
+            path = _joined_path(previous, shared, read_text("path", MAX_PATH_BYTES)(r))
         else:
-            path = _text("path", MAX_PATH_BYTES)(r)
-        items.append((path, _hash("leaf hash")(r)))
+            path = read_text("path", MAX_PATH_BYTES)(r)
+        items.append((path, read_hash("leaf hash")(r)))
         previous = path
     return tuple(items)
 
 
-_MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
-    "t": _int("type"),
-    "v": _int("version"),
-    "d": _hash("device"),
-    "f": _hash("folder"),
-    "r": _hash("root"),
-    "i": _int("id"),
-    "hs": _list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), _hash("hash")),
-    "n": _list("nodes", MAX_BATCH_NODES, _optional_bin("node", MAX_NODE_BYTES)),
+_MESSAGE_FIELDS: dict[str, Callable[[Reader], Any]] = {
+    "t": read_int("type"),
+    "v": read_int("version"),
+    "d": read_hash("device"),
+    "f": read_hash("folder"),
+    "r": read_hash("root"),
+    "i": read_int("id"),
+    "hs": read_list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), read_hash("hash")),
+    "n": read_list("nodes", MAX_BATCH_NODES, read_optional_bin("node", MAX_NODE_BYTES)),
     "w": _wanted_list,
-    "in": _bool("inline"),
+    "in": read_bool("inline"),
     "e": _entries,
-    "g": _list("groups", MAX_BATCH_GROUPS, _optional_bin("group", MAX_GROUP_BYTES)),
-    "cw": _list("wanted chunks", MAX_BATCH_CHUNKS, _wanted_chunk),
-    "cs": _list("chunks", MAX_BATCH_CHUNKS, _optional_bin("chunk", MAX_CHUNK)),
-    "x": _int("code"),
-    "m": _text("text", MAX_TEXT),
-    "a": _list("peers", MAX_PEERS_LISTED, _peer),
+    "g": read_list("groups", MAX_BATCH_GROUPS, read_optional_bin("group", MAX_GROUP_BYTES)),
+    "cw": read_list("wanted chunks", MAX_BATCH_CHUNKS, _wanted_chunk),
+    "cs": read_list("chunks", MAX_BATCH_CHUNKS, read_optional_bin("chunk", MAX_CHUNK)),
+    "x": read_int("code"),
+    "m": read_text("text", MAX_TEXT),
+    "a": read_list("peers", MAX_PEERS_LISTED, _peer),
 }
