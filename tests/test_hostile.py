@@ -39,7 +39,9 @@ class EvilFetcher:
     async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
         return {h: self.tree[h] for h in hashes if h in self.tree}
 
-    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+    async def entries(
+        self, wanted: Sequence[tuple[str, Hash]], *, inline: bool = True
+    ) -> list[RemoteEntry]:
         return [RemoteEntry.from_entry(self.entries_by_path[path]) for path, _ in wanted]
 
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:

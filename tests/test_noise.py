@@ -544,7 +544,7 @@ def test_honest_payload_through_the_raw_state_is_accepted() -> None:
 
 def test_prologue_binds_version_and_discovery_id() -> None:
     discovery = bytes(range(32))
-    assert make_prologue(discovery) == b"backer/1" + (2).to_bytes(4, "big") + discovery
+    assert make_prologue(discovery) == b"backer/1" + (3).to_bytes(4, "big") + discovery
     assert make_prologue(discovery, version=1) != make_prologue(discovery)
     assert make_prologue(discovery, extra=b"\x03").endswith(b"\x03")
 

@@ -98,6 +98,8 @@ MESSAGES: list[Message] = [
     GetNodes(id=2**63 - 1, hashes=tuple(h(i) for i in range(MAX_BATCH_NODES))),
     Nodes(id=1, nodes=(b"\x92\x00\x90", None, bytes(MAX_NODE_BYTES))),
     GetEntries(id=2, wanted=(("a/b", h(6)), ("a/\u00e9", h(7)))),
+    GetEntries(id=2, wanted=(("a/b", h(6)),), inline=False),
+    GetEntries(id=2, wanted=(("photos/album/p1.jpg", h(6)), ("photos/album/p2.jpg", h(7)))),
     Entries(id=3, entries=(*(RemoteEntry.from_entry(e) for e in ENTRIES), None)),
     GetGroups(id=4, hashes=(h(8), h(9))),
     Groups(id=5, groups=(chunk_groups(LARGE.chunks)[0], None)),
@@ -157,6 +159,13 @@ def entries_with(**changes: object) -> bytes:
     return packed({"t": 6, "i": 1, "e": [entry]})
 
 
+def second_entry_with(**changes: object) -> bytes:
+    """An Entries payload of two entries, the second written against the first."""
+    second = {"p": "ocs/other.txt", "q": 1, "k": 0}
+    second.update(changes)
+    return packed({"t": 6, "i": 1, "e": [ENTRY_MAP, second]})
+
+
 def vector(*pairs: tuple[int, int]) -> list[list[int]]:
     return [list(pair) for pair in pairs]
 
@@ -212,6 +221,8 @@ MALFORMED: dict[str, bytes] = {
     "wanted short hash": packed({"t": 5, "i": 1, "w": [["a", bytes(31)]]}),
     "wanted duplicate path": packed({"t": 5, "i": 1, "w": [["a", h(1)], ["a", h(2)]]}),
     "wanted bytes path": packed({"t": 5, "i": 1, "w": [[b"a", h(1)]]}),
+    "wanted shared prefix first": packed({"t": 5, "i": 1, "w": [[1, "bc", h(1)]]}),
+    "wanted shared prefix too long": packed({"t": 5, "i": 1, "w": [["abc", h(1)], [4, "d", h(2)]]}),
     "wanted non-UTF-8 path": b"\x83\xa1t\x05\xa1i\x01\xa1w\x91\x92\xa1\xff\xc4\x20" + h(1),
     "too many entries": packed({"t": 6, "i": 1, "e": [None] * (MAX_BATCH_ENTRIES + 1)}),
     "entry not a map": packed({"t": 6, "i": 1, "e": [[1, 2]]}),
@@ -262,7 +273,13 @@ MALFORMED: dict[str, bytes] = {
     "huge array header": with_(GET_NODES, hs=[]).replace(b"\x90", b"\xdd\xff\xff\xff\xff"),
     "huge bin header": b"\x82\xa1t\x02\xa1r\xc6\xff\xff\xff\xff",
     # entries
-    "entry missing key": entries_with(m=_DROP),
+    "entry missing key": entries_with(v=_DROP),
+    "first entry with a shared prefix": entries_with(q=2, p="cs/small.txt"),
+    "shared prefix longer than the last path": second_entry_with(q=99),
+    "shared prefix of nothing": second_entry_with(q=0),
+    "shared prefix splitting a character": packed(
+        {"t": 6, "i": 1, "e": [dict(ENTRY_MAP, p="d\u00e9"), {"p": "\x81x", "q": 2, "k": 0}]}
+    ),
     "entry unknown key": entries_with(zz=1),
     "entry kind unknown": entries_with(k=7),
     "entry kind bool": entries_with(k=False),
@@ -403,6 +420,65 @@ def test_decode_refuses_oversized_payload() -> None:
 
 
 # --- RemoteEntry ---------------------------------------------------------------------------------
+
+
+def test_siblings_are_asked_for_by_their_names() -> None:
+    wanted = tuple((f"photos/album-2026/photo-{i:04d}.jpg", h(i)) for i in range(100))
+    message = GetEntries(id=1, wanted=wanted)
+    assert decode(encode(message)) == message
+    assert msgpack.unpackb(encode(message))["w"][2] == [
+        len("photos/album-2026/photo-000"),
+        "2.jpg",
+        h(2),
+    ]
+
+
+def test_siblings_cost_their_names_not_their_paths_and_vectors() -> None:
+    """A renamed directory's entries share a parent path, a version vector and a modifier:
+    each entry after the first names only what differs from the one before it."""
+    siblings = tuple(
+        RemoteEntry.from_entry(
+            Entry(
+                path=f"photos/album-2026/photo-{i:04d}.jpg",
+                kind=Kind.FILE,
+                version=VV,
+                modifier=3,
+                deleted=True,
+            )
+        )
+        for i in range(100)
+    )
+    message = Entries(id=1, entries=(*siblings[:50], None, *siblings[50:]))
+    assert decode(encode(message)) == message
+    later = msgpack.unpackb(encode(message))["e"][2]
+    assert later == {"q": len("photos/album-2026/photo-000"), "p": "2.jpg", "k": 0, "x": True}
+    assert decode(second_entry_with()) == Entries(
+        id=1,
+        entries=(
+            RemoteEntry.from_entry(SMALL),
+            RemoteEntry.from_entry(
+                Entry(
+                    path="docs/other.txt",
+                    kind=Kind.FILE,
+                    version=SMALL.version,
+                    modifier=SMALL.modifier,
+                )
+            ),
+        ),
+    )
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.path)
+def test_an_entry_s_fields_at_their_defaults_stay_off_the_wire(entry: Entry) -> None:
+    """A tombstone is its path, kind, version, modifier, mark and signature: eight keys of empty
+    values each cost a renamed directory's copy bytes for every file that moved away."""
+    remote = RemoteEntry.from_entry(entry)
+    sent = msgpack.unpackb(encode(Entries(id=1, entries=(remote,))))["e"][0]
+    assert {"p", "k", "v", "y"} <= sent.keys()
+    assert all(value not in (0, False, "", b"") for key, value in sent.items() if key not in "ky")
+    assert decode(encode(Entries(id=1, entries=(remote,)))) == Entries(id=1, entries=(remote,))
+    if entry is TOMBSTONE:
+        assert sent.keys() == {"p", "k", "v", "y", "x"}
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.path)

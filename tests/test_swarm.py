@@ -50,7 +50,9 @@ class FakePeer:
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
         return await self.nodes(hashes)
 
-    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+    async def entries(
+        self, wanted: Sequence[tuple[str, Hash]], *, inline: bool = True
+    ) -> list[RemoteEntry]:
         await self._serve()
         return []
 

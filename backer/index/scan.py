@@ -439,6 +439,8 @@ class _Scan:
             and old.mode & 0o777 == _mode(st)
         ):
             return
+        if (old is None or old.deleted) and self._moved_here(path, st, local, old is not None):
+            return
         if st.st_size <= INLINE_READ:
             # Small files are read here: handing them to a thread costs more than reading them,
             # and threads that trade the GIL every few microseconds slow each other down.
@@ -448,6 +450,17 @@ class _Scan:
         self._drain(MAX_IN_FLIGHT - 1)
         future = self.pool.submit(_read_file, self._abs(disk_path))
         self.in_flight.append((path, local or "", old is not None, future))
+
+    def _moved_here(self, path: str, st: os.stat_result, local: str | None, indexed: bool) -> bool:
+        """Index a file new at `path` without reading it if this scan found it gone from
+        another path with every stat field equal, ctime included: the trust an unchanged file
+        gets (a renamed directory's files keep their whole stat; a renamed file's ctime moves,
+        so it is read)."""
+        moved = self.records.vanished.get(StatSig.of(st))
+        if moved is None or moved.mode & 0o777 != _mode(st):
+            return False
+        self._index_file(path, local, st, moved.size, moved.chunks, racy=False, indexed=indexed)
+        return True
 
     def _drain(self, keep: int) -> None:
         """Collect finished reads, oldest first, until at most `keep` remain in flight."""
@@ -471,13 +484,27 @@ class _Scan:
         self.counts.hashed_bytes += read.size
         self.records.batch_bytes += read.size
         racy = time.time_ns() - st.st_mtime_ns < RACY_WINDOW_NS
+        self._index_file(path, local, st, read.size, read.chunks, racy=racy, indexed=indexed)
+
+    def _index_file(
+        self,
+        path: str,
+        local: str | None,
+        st: os.stat_result,
+        size: int,
+        chunks: bytes,
+        *,
+        racy: bool,
+        indexed: bool,
+    ) -> None:
+        """Record the regular file at `path` as `st` says, with the chunk list of its bytes."""
         fresh = OnDisk(
             path,
             kind=Kind.FILE,
-            size=read.size,
+            size=size,
             mtime_ns=st.st_mtime_ns,
             mode=_mode(st),
-            chunks=read.chunks,
+            chunks=chunks,
         )
         local_state = LocalState(stat=StatSig.of(st), racy=racy, disk_name=local)
         self.records.update(fresh, local_state, indexed=indexed)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 from backer.errors import MassDeletionError, MountGoneError
 from backer.ids import Hash
 from backer.index.entry import Entry, Kind, VersionVector
-from backer.index.store import Forget, IndexStore, LocalState, Record
+from backer.index.store import Forget, IndexStore, LocalState, Record, StatSig
 
 __all__ = [
     "MASS_DELETE_MIN",
@@ -38,6 +38,7 @@ BATCH_BYTES = 256 * 1024 * 1024
 MAX_DELETE_SHARE = 0.5  # of the folder's live paths, vanishing in one scan: a vanished disk?
 MASS_DELETE_MIN = 10  # fewer vanished paths than this are never a mass deletion
 DELETION_WINDOW = 600.0  # seconds over which vanished paths add up for the guard
+MAX_VANISHED = 50_000  # vanished files a scan keeps for finding them moved (beyond: read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +197,10 @@ class Recorder:
         self.batch: list[Record | Forget] = []
         self.batch_bytes = 0  # of files read for the batch: a commit frees their chunk lists
         self.tombstones: list[Record] = []  # recorded last, after the deletion guard
+        # Files this scan found gone, by their indexed stat: a file met under a new path with
+        # the very same stat moved there (a directory's rename leaves its files' inodes as
+        # they were, ctime included), and needs no reading.
+        self.vanished: dict[StatSig, Entry] = {}
         self.created = 0
 
     def update(self, fresh: OnDisk, local: LocalState, *, indexed: bool = True) -> None:
@@ -234,6 +239,15 @@ class Recorder:
         old = record.entry
         if old.deleted:
             return
+        stat = record.local.stat
+        if (
+            old.kind is Kind.FILE
+            and old.size
+            and stat is not None
+            and not record.local.racy
+            and len(self.vanished) < MAX_VANISHED
+        ):
+            self.vanished[stat] = old
         version = old.version.bump(self.device, int(self.clock()))
         tombstone = Entry(
             path=old.path, kind=old.kind, deleted=True, version=version, modifier=self.device

@@ -1,12 +1,14 @@
 """Bytes <-> messages: length-prefixed frames, and msgpack maps read strictly by schema.
 
-The only module that knows msgpack or the frame format. Decoding is schema-directed: each map key
-has one value type, checked from the type byte *before* a value is unpacked, so a hostile frame
-can neither smuggle in types nor make us build large nested containers (at most a few objects
-per wire byte, bounded by the batch limits). Every failure is a RemoteProtocolError with a short
-reason; msgpack's own exceptions are caught around each call and translated.
+With `reader` (the strict value reader), the only module that knows msgpack or the frame format.
+Decoding is schema-directed: each map key has one value type, checked from the type byte *before*
+a value is unpacked, so a hostile frame can neither smuggle in types nor make us build large
+nested containers (at most a few objects per wire byte, bounded by the batch limits). Every
+failure is a RemoteProtocolError with a short reason; msgpack's own exceptions are caught around
+each call and translated.
 
-Pure: imports only errors, ids, paths, addresses, index and `protocol.messages`; no I/O.
+Pure: imports only errors, ids, paths, addresses, index and `protocol.messages` and `reader`;
+no I/O.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ from backer.protocol.messages import (
     RemoteEntry,
     Root,
 )
+from backer.protocol.reader import (
+    BOOL,
+    MAP,
+    MAX_FRAME,
+    NIL,
+    Reader,
+    read_bin,
+    read_bool,
+    read_hash,
+    read_int,
+    read_list,
+    read_optional_bin,
+    read_text,
+)
 
 __all__ = [
     "MAX_FRAME",
@@ -64,10 +80,7 @@ __all__ = [
     "frame",
 ]
 
-MAX_FRAME = 8 * 1024 * 1024
 _HEADER = struct.Struct(">I")
-_MAX_KEYS = 16  # no message or entry map has more keys
-_MSGPACK_ERRORS = (ValueError, msgpack.UnpackException)  # limits, bad UTF-8, truncation, format
 
 
 def encode_frame(payload: bytes) -> bytes:
@@ -161,7 +174,8 @@ def encode(message: Message) -> bytes:
     obj: dict[str, Any] = {"t": tag}
     for key, attr in fields.items():
         value = getattr(message, attr)
-        obj[key] = [_entry_obj(e) for e in value] if key == "e" else value
+        writer = _WRITERS.get(key)
+        obj[key] = writer(value) if writer else value
     return bytes(msgpack.packb(obj, use_bin_type=True))
 
 
@@ -174,7 +188,7 @@ def decode(payload: bytes) -> Message:
     """The message `payload` encodes; RemoteProtocolError for anything else."""
     if not 0 < len(payload) <= MAX_FRAME:
         raise RemoteProtocolError(f"a message is 1 to {MAX_FRAME} bytes")
-    reader = _Reader(payload)
+    reader = Reader(payload)
     fields = reader.map(_MESSAGE_FIELDS)
     reader.end()
     tag = fields.pop("t", None)
@@ -216,7 +230,7 @@ _SCHEMAS: dict[int, tuple[type[Any], dict[str, str]]] = {
     2: (Root, {"r": "root"}),
     3: (GetNodes, {"i": "id", "hs": "hashes"}),
     4: (Nodes, {"i": "id", "n": "nodes"}),
-    5: (GetEntries, {"i": "id", "w": "wanted"}),
+    5: (GetEntries, {"i": "id", "w": "wanted", "in": "inline"}),
     6: (Entries, {"i": "id", "e": "entries"}),
     7: (GetGroups, {"i": "id", "hs": "hashes"}),
     8: (Groups, {"i": "id", "g": "groups"}),
@@ -245,267 +259,229 @@ _ENTRY_KEYS = {
 }
 
 
-def _entry_obj(entry: RemoteEntry | None) -> dict[str, Any] | None:
+# Entry fields left out of the map when they hold these values (a tombstone is a path, a
+# version and a signature); a missing key decodes to its default. `c` is nil when the chunk list
+# is not inline, so its default (empty, inline) differs from nil.
+_ENTRY_DEFAULTS: dict[str, Any] = {
+    "x": False,
+    "s": 0,
+    "m": 0,
+    "o": 0,
+    "l": "",
+    "g": (),
+    "c": b"",
+    "z": b"",
+}
+_REQUIRED_ENTRY_KEYS = frozenset(_ENTRY_KEYS.values()) - _ENTRY_DEFAULTS.keys()
+_FROM_PREVIOUS = {"v": "version", "y": "modifier"}  # may be left out after a first entry
+
+
+def _wanted_obj(wanted: Sequence[tuple[str, Hash]]) -> list[list[Any]]:
+    """[path, leaf] pairs; a path sharing enough with the one before as [q, rest, leaf]."""
+    items: list[list[Any]] = []
+    previous = b""
+    for path, leaf in wanted:
+        raw = path.encode()
+        shared = _shared_prefix(previous, raw)
+        if shared >= _MIN_SHARED:
+            items.append([shared, raw[shared:].decode(), leaf])
+        else:
+            items.append([path, leaf])
+        previous = raw
+    return items
+
+
+def _entries_obj(entries: Sequence[RemoteEntry | None]) -> list[dict[str, Any] | None]:
+    """The entries of one message, each after the first written against the one before."""
+    objs: list[dict[str, Any] | None] = []
+    previous = None
+    for entry in entries:
+        objs.append(_entry_obj(entry, previous))
+        previous = entry or previous
+    return objs
+
+
+def _entry_obj(
+    entry: RemoteEntry | None, previous: RemoteEntry | None = None
+) -> dict[str, Any] | None:
+    """An entry's map; against `previous` (the message's entry before it), its version and
+    modifier are left out when equal to that one's, and its path is given as the length of
+    the UTF-8 prefix it shares with that one's (`q`) and the rest (`p`). Siblings of a
+    renamed directory then cost their names, not their paths and vectors again."""
     if entry is None:
         return None
-    obj = {key: getattr(entry, attr) for attr, key in _ENTRY_KEYS.items()}
+    obj = {}
+    for attr, key in _ENTRY_KEYS.items():
+        value = getattr(entry, attr)
+        if key not in _ENTRY_DEFAULTS or value != _ENTRY_DEFAULTS[key]:
+            obj[key] = value
     obj["k"] = int(entry.kind)
     obj["v"] = [list(pair) for pair in entry.version.counters]
-    obj["g"] = b"".join(entry.groups)
+    if entry.groups:
+        obj["g"] = b"".join(entry.groups)
+    if previous is not None:
+        if entry.version == previous.version:
+            del obj["v"]
+        if entry.modifier == previous.modifier:
+            del obj["y"]
+        shared = _shared_prefix(previous.path.encode(), entry.path.encode())
+        if shared >= _MIN_SHARED:
+            obj["q"] = shared
+            obj["p"] = entry.path.encode()[shared:].decode()
     return obj
 
 
-# --- the strict reader ---------------------------------------------------------------------------
-
-_NIL, _BOOL, _INT, _STR, _BIN, _ARRAY, _MAP, _OTHER = range(8)
-
-
-def _type_table() -> bytes:
-    table = bytearray([_OTHER]) * 256
-    for first, last, kind in [
-        (0x00, 0x7F, _INT),
-        (0xE0, 0xFF, _INT),
-        (0xCC, 0xD3, _INT),
-        (0xA0, 0xBF, _STR),
-        (0xD9, 0xDB, _STR),
-        (0xC4, 0xC6, _BIN),
-        (0x90, 0x9F, _ARRAY),
-        (0xDC, 0xDD, _ARRAY),
-        (0x80, 0x8F, _MAP),
-        (0xDE, 0xDF, _MAP),
-        (0xC0, 0xC0, _NIL),
-        (0xC2, 0xC3, _BOOL),
-    ]:
-        table[first : last + 1] = bytes([kind]) * (last - first + 1)
-    return bytes(table)
+# Fields written against their neighbours in a message (the readers are `_MESSAGE_FIELDS`').
+_WRITERS: dict[str, Callable[[Any], Any]] = {"e": _entries_obj, "w": _wanted_obj}
+_MIN_SHARED = 5  # bytes of a shared path prefix worth its `q` (a key and an int)
 
 
-_TYPE_OF = _type_table()  # first byte of a msgpack value -> its family (floats, ext: _OTHER)
-_TYPE_NAMES = ["nil", "bool", "int", "str", "bin", "array", "map", "float or ext"]
+def _shared_prefix(before: bytes, path: bytes) -> int:
+    """Bytes `path` shares with `before` from the start, cut back to a character boundary."""
+    shared = 0
+    for a, b in zip(before, path, strict=False):
+        if a != b:
+            break
+        shared += 1
+    while shared < len(path) and path[shared] & 0xC0 == 0x80:  # inside a UTF-8 sequence
+        shared -= 1
+    return shared
 
 
-class _Reader:
-    """Reads one payload value by value, checking each value's type before unpacking it."""
-
-    __slots__ = ("_data", "_unpacker")
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            max_buffer_size=MAX_FRAME,
-            max_bin_len=HASH_SIZE * MAX_GROUPS_PER_ENTRY,
-            max_str_len=MAX_PATH_BYTES,
-            max_array_len=MAX_VECTOR,
-            max_map_len=_MAX_KEYS,
-            max_ext_len=0,
-        )
-        self._unpacker.feed(data)
-
-    def peek(self) -> int:
-        position: int = self._unpacker.tell()
-        if position >= len(self._data):
-            raise RemoteProtocolError("message truncated")
-        return _TYPE_OF[self._data[position]]
-
-    def expect(self, what: str, *kinds: int) -> int:
-        kind = self.peek()
-        if kind not in kinds:
-            raise RemoteProtocolError(
-                f"{what}: expected {_TYPE_NAMES[kinds[0]]}, got {_TYPE_NAMES[kind]}"
-            )
-        return kind
-
-    def scalar(self, what: str, kind: int) -> Any:
-        self.expect(what, kind)
-        return self._unpack(what)
-
-    def optional(self, what: str, kind: int) -> Any:
-        self.expect(what, kind, _NIL)
-        return self._unpack(what)
-
-    def array(self, what: str, low: int, high: int) -> int:
-        self.expect(what, _ARRAY)
-        try:
-            count: int = self._unpacker.read_array_header()
-        except _MSGPACK_ERRORS as exc:
-            raise RemoteProtocolError(f"{what}: {str(exc) or 'truncated'}") from exc
-        if not low <= count <= high:
-            raise RemoteProtocolError(f"{what}: {count} items, not {low} to {high}")
-        return count
-
-    def map(self, fields: dict[str, Callable[[_Reader], Any]]) -> dict[str, Any]:
-        """A map whose keys are all in `fields`, each read by its own reader."""
-        self.expect("map", _MAP)
-        try:
-            count: int = self._unpacker.read_map_header()
-        except _MSGPACK_ERRORS as exc:
-            raise RemoteProtocolError(f"map: {str(exc) or 'truncated'}") from exc
-        if count > _MAX_KEYS:
-            raise RemoteProtocolError(f"map of {count} keys")
-        values: dict[str, Any] = {}
-        for _ in range(count):
-            key = self.scalar("key", _STR)
-            read = fields.get(key)
-            if read is None:
-                raise RemoteProtocolError(f"unknown key {key[:16]!r}")
-            if key in values:
-                raise RemoteProtocolError(f"key {key!r} given twice")
-            values[key] = read(self)
-        return values
-
-    def end(self) -> None:
-        if self._unpacker.tell() != len(self._data):
-            raise RemoteProtocolError("trailing bytes after the message")
-
-    def _unpack(self, what: str) -> Any:
-        try:
-            return self._unpacker.unpack()
-        except _MSGPACK_ERRORS as exc:
-            raise RemoteProtocolError(f"{what}: {str(exc) or 'truncated'}") from exc
-
-
-def _int(what: str) -> Callable[[_Reader], int]:
-    return lambda r: int(r.scalar(what, _INT))
-
-
-def _text(what: str, max_bytes: int) -> Callable[[_Reader], str]:
-    def read(r: _Reader) -> str:
-        value: str = r.scalar(what, _STR)
-        if len(value) > max_bytes // 4 and len(value.encode()) > max_bytes:
-            raise RemoteProtocolError(f"{what} longer than {max_bytes} bytes")
-        return value
-
-    return read
-
-
-def _bin(what: str, max_bytes: int) -> Callable[[_Reader], bytes]:
-    def read(r: _Reader) -> bytes:
-        value: bytes = r.scalar(what, _BIN)
-        if len(value) > max_bytes:
-            raise RemoteProtocolError(f"{what} of {len(value)} bytes, over {max_bytes}")
-        return value
-
-    return read
-
-
-def _optional_bin(what: str, max_bytes: int) -> Callable[[_Reader], bytes | None]:
-    def read(r: _Reader) -> bytes | None:
-        value: bytes | None = r.optional(what, _BIN)
-        if value is not None and len(value) > max_bytes:
-            raise RemoteProtocolError(f"{what} of {len(value)} bytes, over {max_bytes}")
-        return value
-
-    return read
-
-
-def _hash(what: str) -> Callable[[_Reader], Hash]:
-    def read(r: _Reader) -> Hash:
-        value: bytes = r.scalar(what, _BIN)
-        if len(value) != HASH_SIZE:
-            raise RemoteProtocolError(f"{what} of {len(value)} bytes, not {HASH_SIZE}")
-        return Hash(value)
-
-    return read
-
-
-def _list(what: str, limit: int, item: Callable[[_Reader], Any]) -> Callable[[_Reader], Any]:
-    def read(r: _Reader) -> tuple[Any, ...]:
-        return tuple(item(r) for _ in range(r.array(what, 0, limit)))
-
-    return read
-
-
-def _wanted(r: _Reader) -> tuple[str, Hash]:
-    r.array("wanted item", 2, 2)
-    return _text("path", MAX_PATH_BYTES)(r), _hash("leaf hash")(r)
-
-
-def _wanted_chunk(r: _Reader) -> tuple[Hash, int]:
+def _wanted_chunk(r: Reader) -> tuple[Hash, int]:
     r.array("wanted chunk", 2, 2)
-    return _hash("chunk hash")(r), _int("chunk size")(r)
+    return read_hash("chunk hash")(r), read_int("chunk size")(r)
 
 
-def _peer(r: _Reader) -> tuple[Hash, tuple[str, ...]]:
+def _peer(r: Reader) -> tuple[Hash, tuple[str, ...]]:
     r.array("peer", 2, 2)
-    device = _hash("peer device")(r)
-    addresses = _list("peer addresses", MAX_ADDRESSES_PER_PEER, _text("address", MAX_ADDRESS_BYTES))
+    device = read_hash("peer device")(r)
+    addresses = read_list(
+        "peer addresses", MAX_ADDRESSES_PER_PEER, read_text("address", MAX_ADDRESS_BYTES)
+    )
     return device, addresses(r)
 
 
-def _version(r: _Reader) -> VersionVector:
+def _version(r: Reader) -> VersionVector:
     counters = []
     for _ in range(r.array("version", 0, MAX_VECTOR)):
         r.array("version counter", 2, 2)
-        counters.append((_int("device")(r), _int("counter")(r)))
+        counters.append((read_int("device")(r), read_int("counter")(r)))
     try:
         return VersionVector(tuple(counters))
     except ValueError as exc:
         raise RemoteProtocolError(f"version vector: {exc}") from exc
 
 
-def _kind(r: _Reader) -> Kind:
-    value = _int("kind")(r)
+def _kind(r: Reader) -> Kind:
+    value = read_int("kind")(r)
     try:
         return Kind(value)
     except ValueError as exc:
         raise RemoteProtocolError(f"unknown kind {value}") from exc
 
 
-def _groups(r: _Reader) -> tuple[Hash, ...]:
-    blob = _bin("groups", HASH_SIZE * MAX_GROUPS_PER_ENTRY)(r)
+def _groups(r: Reader) -> tuple[Hash, ...]:
+    blob = read_bin("groups", HASH_SIZE * MAX_GROUPS_PER_ENTRY)(r)
     if len(blob) % HASH_SIZE:
         raise RemoteProtocolError(f"groups of {len(blob)} bytes, not whole hashes")
     return tuple(Hash(blob[i : i + HASH_SIZE]) for i in range(0, len(blob), HASH_SIZE))
 
 
-_ENTRY_FIELDS: dict[str, Callable[[_Reader], Any]] = {
-    "p": _text("path", MAX_PATH_BYTES),
+_ENTRY_FIELDS: dict[str, Callable[[Reader], Any]] = {
+    "p": read_text("path", MAX_PATH_BYTES),
     "k": _kind,
     "v": _version,
-    "y": _int("modifier"),
-    "x": lambda r: bool(r.scalar("deleted", _BOOL)),
-    "s": _int("size"),
-    "m": _int("mtime_ns"),
-    "o": _int("mode"),
-    "l": _text("target", MAX_PATH_BYTES),
+    "y": read_int("modifier"),
+    "x": lambda r: bool(r.scalar("deleted", BOOL)),
+    "s": read_int("size"),
+    "m": read_int("mtime_ns"),
+    "o": read_int("mode"),
+    "l": read_text("target", MAX_PATH_BYTES),
     "g": _groups,
-    "c": _optional_bin("inline chunks", MAX_INLINE_CHUNKS),
-    "z": _bin("signature", SIGNATURE_SIZE),
+    "c": read_optional_bin("inline chunks", MAX_INLINE_CHUNKS),
+    "z": read_bin("signature", SIGNATURE_SIZE),
+    "q": read_int("shared path prefix"),
 }
 
 
-def _entry(r: _Reader) -> RemoteEntry | None:
-    if r.expect("entry", _MAP, _NIL) == _NIL:
-        r.optional("entry", _MAP)
+def _entries(r: Reader) -> tuple[RemoteEntry | None, ...]:
+    """The entries of one message, each read against the last one before it."""
+    entries: list[RemoteEntry | None] = []
+    previous = None
+    for _ in range(r.array("entries", 0, MAX_BATCH_ENTRIES)):
+        entry = _entry(r, previous)
+        entries.append(entry)
+        previous = entry or previous
+    return tuple(entries)
+
+
+def _entry(r: Reader, previous: RemoteEntry | None) -> RemoteEntry | None:
+    if r.expect("entry", MAP, NIL) == NIL:
+        r.optional("entry", MAP)
         return None
     fields = r.map(_ENTRY_FIELDS)
-    if fields.keys() != _ENTRY_FIELDS.keys():
-        raise RemoteProtocolError(
-            f"entry lacks keys {sorted(_ENTRY_FIELDS.keys() - fields.keys())}"
-        )
+    if previous is not None:
+        for key, attr in _FROM_PREVIOUS.items():
+            fields.setdefault(key, getattr(previous, attr))
+    if not fields.keys() >= _REQUIRED_ENTRY_KEYS:
+        lacking = sorted(_REQUIRED_ENTRY_KEYS - fields.keys())
+        raise RemoteProtocolError(f"entry lacks keys {lacking}")
+    if "q" in fields:
+        before = previous.path if previous is not None else ""
+        fields["p"] = _joined_path(before, fields.pop("q"), fields["p"])
     try:
-        return RemoteEntry(**{attr: fields[key] for attr, key in _ENTRY_KEYS.items()})
+        values: dict[str, Any] = {
+            attr: fields[key] if key in fields else _ENTRY_DEFAULTS[key]
+            for attr, key in _ENTRY_KEYS.items()
+        }
+        return RemoteEntry(**values)
     except ValueError as exc:  # InvalidPathError included
         raise RemoteProtocolError(f"invalid entry: {exc}") from exc
 
 
-_MESSAGE_FIELDS: dict[str, Callable[[_Reader], Any]] = {
-    "t": _int("type"),
-    "v": _int("version"),
-    "d": _hash("device"),
-    "f": _hash("folder"),
-    "r": _hash("root"),
-    "i": _int("id"),
-    "hs": _list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), _hash("hash")),
-    "n": _list("nodes", MAX_BATCH_NODES, _optional_bin("node", MAX_NODE_BYTES)),
-    "w": _list("wanted", MAX_BATCH_ENTRIES, _wanted),
-    "e": _list("entries", MAX_BATCH_ENTRIES, _entry),
-    "g": _list("groups", MAX_BATCH_GROUPS, _optional_bin("group", MAX_GROUP_BYTES)),
-    "cw": _list("wanted chunks", MAX_BATCH_CHUNKS, _wanted_chunk),
-    "cs": _list("chunks", MAX_BATCH_CHUNKS, _optional_bin("chunk", MAX_CHUNK)),
-    "x": _int("code"),
-    "m": _text("text", MAX_TEXT),
-    "a": _list("peers", MAX_PEERS_LISTED, _peer),
+def _joined_path(previous: str, shared: int, rest: str) -> str:
+    """The first `shared` UTF-8 bytes of the path before, then `rest`."""
+    before = previous.encode()
+    if not 0 < shared <= len(before):
+        raise RemoteProtocolError(f"a path shares {shared} bytes with one of {len(before)}")
+    try:
+        return (before[:shared] + rest.encode()).decode()
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("a shared path prefix splits a character") from exc
+
+
+def _wanted_list(r: Reader) -> tuple[tuple[str, Hash], ...]:
+    """GetEntries' (path, leaf hash) pairs, each path possibly against the one before."""
+    items: list[tuple[str, Hash]] = []
+    previous = ""
+    for _ in range(r.array("wanted", 0, MAX_BATCH_ENTRIES)):
+        if r.array("wanted item", 2, 3) == 3:
+            shared = read_int("shared path prefix")(r)
+            path = _joined_path(previous, shared, read_text("path", MAX_PATH_BYTES)(r))
+        else:
+            path = read_text("path", MAX_PATH_BYTES)(r)
+        items.append((path, read_hash("leaf hash")(r)))
+        previous = path
+    return tuple(items)
+
+
+_MESSAGE_FIELDS: dict[str, Callable[[Reader], Any]] = {
+    "t": read_int("type"),
+    "v": read_int("version"),
+    "d": read_hash("device"),
+    "f": read_hash("folder"),
+    "r": read_hash("root"),
+    "i": read_int("id"),
+    "hs": read_list("hashes", max(MAX_BATCH_NODES, MAX_BATCH_GROUPS), read_hash("hash")),
+    "n": read_list("nodes", MAX_BATCH_NODES, read_optional_bin("node", MAX_NODE_BYTES)),
+    "w": _wanted_list,
+    "in": read_bool("inline"),
+    "e": _entries,
+    "g": read_list("groups", MAX_BATCH_GROUPS, read_optional_bin("group", MAX_GROUP_BYTES)),
+    "cw": read_list("wanted chunks", MAX_BATCH_CHUNKS, _wanted_chunk),
+    "cs": read_list("chunks", MAX_BATCH_CHUNKS, read_optional_bin("chunk", MAX_CHUNK)),
+    "x": read_int("code"),
+    "m": read_text("text", MAX_TEXT),
+    "a": read_list("peers", MAX_PEERS_LISTED, _peer),
 }

@@ -59,6 +59,7 @@ class NodesRequested:
 class EntriesRequested:
     id: int
     wanted: tuple[tuple[str, Hash], ...]
+    inline: bool = True  # small chunk lists may travel inside their entries
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

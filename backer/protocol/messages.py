@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 # 2: chunks travel in batches (GetChunks/Chunks), where version 1 asked for one at a time.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: GetEntries.inline, entry fields at their defaults left out
 MAX_BATCH_NODES = 256  # hashes in one GetNodes, nodes in one Nodes
 MAX_BATCH_ENTRIES = 128  # (path, leaf) pairs in one GetEntries, entries in one Entries
 MAX_BATCH_GROUPS = 256  # hashes in one GetGroups, groups in one Groups
@@ -192,13 +192,18 @@ class Nodes:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetEntries:
-    """Ask for the entries of these (path, expected leaf hash) pairs (distinct paths)."""
+    """Ask for the entries of these (path, expected leaf hash) pairs (distinct paths).
+    `inline`: small chunk lists may come inside their entries; without it, every file's list is
+    named by its group hashes only (the asker has most of them: a pull that moves files)."""
 
     id: int
     wanted: tuple[tuple[str, Hash], ...]
+    inline: bool = True
 
     def __post_init__(self) -> None:
         check_id(self.id)
+        if type(self.inline) is not bool:
+            raise ValueError("inline must be a bool")
         check_batch("wanted", self.wanted, MAX_BATCH_ENTRIES)
         for pair in self.wanted:
             if type(pair) is not tuple or len(pair) != 2:

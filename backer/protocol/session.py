@@ -272,8 +272,11 @@ class Session:
     def request_nodes(self, hashes: Iterable[Hash]) -> tuple[int, bytes]:
         return self._request(lambda i: GetNodes(id=i, hashes=tuple(hashes)))
 
-    def request_entries(self, wanted: Iterable[tuple[str, Hash]]) -> tuple[int, bytes]:
-        return self._request(lambda i: GetEntries(id=i, wanted=tuple((p, h) for p, h in wanted)))
+    def request_entries(
+        self, wanted: Iterable[tuple[str, Hash]], *, inline: bool = True
+    ) -> tuple[int, bytes]:
+        pairs = tuple((p, h) for p, h in wanted)
+        return self._request(lambda i: GetEntries(id=i, wanted=pairs, inline=inline))
 
     def request_groups(self, hashes: Iterable[Hash]) -> tuple[int, bytes]:
         return self._request(lambda i: GetGroups(id=i, hashes=tuple(hashes)))
@@ -367,8 +370,8 @@ class Session:
         match request:
             case GetNodes(id=i, hashes=hashes):
                 return NodesRequested(id=i, hashes=hashes)
-            case GetEntries(id=i, wanted=wanted):
-                return EntriesRequested(id=i, wanted=wanted)
+            case GetEntries(id=i, wanted=wanted, inline=inline):
+                return EntriesRequested(id=i, wanted=wanted, inline=inline)
             case GetGroups(id=i, hashes=hashes):
                 return GroupsRequested(id=i, hashes=hashes)
             case GetChunks(id=i, wanted=wanted):

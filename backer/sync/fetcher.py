@@ -21,7 +21,12 @@ class Fetcher(Protocol):
 
     async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
 
-    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]: ...
+    async def entries(
+        self, wanted: Sequence[tuple[str, Hash]], *, inline: bool = True
+    ) -> list[RemoteEntry]:
+        """The entries of `wanted`; without `inline`, chunk lists named by their groups only
+        (the pull has most of them already)."""
+        ...
 
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
 

@@ -279,10 +279,9 @@ class PeerSession:
                     self.on_peers(peers)
             case proto.NodesRequested(id=rid, hashes=hashes):
                 await self._answer(rid, self.replica.read_nodes, hashes, self.session.answer_nodes)
-            case proto.EntriesRequested(id=rid, wanted=wanted):
-                await self._answer(
-                    rid, self.replica.read_entries, wanted, self.session.answer_entries
-                )
+            case proto.EntriesRequested(id=rid, wanted=wanted, inline=inline):
+                read = functools.partial(self.replica.read_entries, inline=inline)
+                await self._answer(rid, read, wanted, self.session.answer_entries)
             case proto.GroupsRequested(id=rid, hashes=hashes):
                 await self._answer(
                     rid, self.replica.read_groups, hashes, self.session.answer_groups
@@ -419,11 +418,14 @@ class PeerSession:
             todo = list(event.unanswered)
         return found
 
-    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+    async def entries(
+        self, wanted: Sequence[tuple[str, Hash]], *, inline: bool = True
+    ) -> list[RemoteEntry]:
         found: list[RemoteEntry] = []
         todo = list(wanted)
         while todo:
-            event = await self._batch(functools.partial(self.session.request_entries, todo))
+            request = functools.partial(self.session.request_entries, todo, inline=inline)
+            event = await self._batch(request)
             found.extend(event.entries)
             todo = list(event.unanswered)
         return found

@@ -33,9 +33,9 @@ from backer.errors import (
 from backer.events import ConflictFound, Emit, FileUpdated, ignore
 from backer.ids import Hash
 from backer.index import merkle
-from backer.index.entry import Entry, Kind, chunk_groups, group_hash
+from backer.index.entry import Entry, Kind
 from backer.index.store import LocalState, Record, StatSig
-from backer.paths import RESERVED_DIR
+from backer.paths import RESERVED_DIR, parent_of
 from backer.protocol.messages import RemoteEntry, max_chunk_records
 from backer.sync.assemble import Assembler, ChangedMeanwhile, ChunkGone, first_leaf
 from backer.sync.fetcher import Fetcher, PeerMovedOn, PullReport
@@ -47,6 +47,7 @@ from backer.sync.merge import (
     keep_directory,
     reclaimed_directory,
 )
+from backer.sync.moves import MovePlanner, inline_wanted, local_groups, move_files
 from backer.sync.replica import Replica
 from backer.sync.swap import Expected, SymlinkTo
 
@@ -109,6 +110,7 @@ class _Pull:
         self.files = asyncio.Semaphore(FILES_IN_FLIGHT)
         self.records_left = PULL_CHUNK_RECORDS  # chunk records this pull may still expand
         self.assembler = Assembler(replica, fetcher, self.report, emit)
+        self.moves = MovePlanner()  # deletions whose files can become new paths by a rename
 
     async def run(self, remote_root: Hash) -> PullReport:
         if not (self.replica.folder / RESERVED_DIR).is_dir():
@@ -126,14 +128,14 @@ class _Pull:
         parts = list(_batches(found, PULL_SLICE))
         # The next slice's entries are fetched and their signatures checked while this one is
         # applied: both only read the peer's versions, and they were 15 % of a slice's time.
-        ahead: asyncio.Task[list[RemoteEntry]] | None = None
+        ahead: asyncio.Task[tuple[list[RemoteEntry], dict[str, Record]]] | None = None
         try:
             for index, part in enumerate(parts):
-                admitted = await (ahead if ahead is not None else self._admitted(part))
+                admitted, local = await (ahead if ahead is not None else self._admitted(part))
                 ahead = None
                 if index + 1 < len(parts):
                     ahead = asyncio.create_task(self._admitted(parts[index + 1]))
-                entries = await self._chunk_lists(self._capped(admitted))
+                entries = await self._chunk_lists(self._capped(admitted), local)
                 await self._apply(entries, removals)
                 await self._commit()
             await self._remove(removals)
@@ -166,13 +168,20 @@ class _Pull:
         self.report.nodes = walk.nodes_fetched
         return walk.found
 
-    async def _admitted(self, part: list[tuple[str, Hash]]) -> list[RemoteEntry]:
-        return await self._authorized(await self._entries(part))
+    async def _admitted(
+        self, part: list[tuple[str, Hash]]
+    ) -> tuple[list[RemoteEntry], dict[str, Record]]:
+        """A slice's entries, asked with or without inline chunk lists by what is here, their
+        signatures checked; and the slice's local records (read ahead of the slices before it
+        are applied: they serve as content-addressed chunk-list groups, checked by hash)."""
+        local = await asyncio.to_thread(self.store.get_many, [p for p, _ in part])
+        asked = await self._entries(part, inline=inline_wanted(part, local))
+        return await self._authorized(asked), local
 
-    async def _entries(self, found: list[tuple[str, Hash]]) -> list[RemoteEntry]:
+    async def _entries(self, found: list[tuple[str, Hash]], *, inline: bool) -> list[RemoteEntry]:
         remote: list[RemoteEntry] = []
         for part in await asyncio.gather(
-            *(self.fetcher.entries(batch) for batch in _batches(found, ENTRY_BATCH))
+            *(self.fetcher.entries(batch, inline=inline) for batch in _batches(found, ENTRY_BATCH))
         ):
             remote.extend(part)
         self.report.entries += len(remote)
@@ -206,21 +215,21 @@ class _Pull:
             taken.append(item)
         return taken
 
-    async def _chunk_lists(self, remote: list[RemoteEntry]) -> list[Entry]:
-        """Whole entries: inline chunk lists as sent, others from local and fetched groups,
+    async def _chunk_lists(
+        self, remote: list[RemoteEntry], local: dict[str, Record]
+    ) -> list[Entry]:
+        """Whole entries: inline chunk lists as sent, others from fetched groups and those of
+        the slice's local files (a file's older version, or a moved file's own list),
         assembled in a worker thread (a long list must not hold up the event loop)."""
-        have: dict[Hash, bytes] = {}
         need: list[RemoteEntry] = []
         entries: list[Entry] = []
         for item in remote:
             inline = item.inline_entry()  # at most MAX_INLINE_CHUNKS bytes: cheap on the loop
             if inline is not None:
                 entries.append(inline)
-                continue
-            need.append(item)
-            local = await asyncio.to_thread(self.store.get, item.path)
-            if local is not None:
-                have.update((group_hash(g), g) for g in chunk_groups(local.entry.chunks))
+            else:
+                need.append(item)
+        have = await asyncio.to_thread(local_groups, local.values()) if need else {}
         missing = list(dict.fromkeys(g for item in need for g in item.groups if g not in have))
         for part in await asyncio.gather(
             *(self.fetcher.groups(batch) for batch in _batches(missing, GROUP_BATCH))
@@ -237,6 +246,7 @@ class _Pull:
         """Write what `entries` bring; what they remove or replace by another kind is added
         to `removals`, for the end of the pull."""
         self.current = await self._currents([e.path for e in entries])
+        self.moves.offer(entries, self.current)
         async with asyncio.TaskGroup() as files:
             for remote in sorted(entries, key=lambda e: e.path.split("/")):
                 try:
@@ -245,6 +255,7 @@ class _Pull:
                     )
                 except _PATH_ERRORS as exc:
                     self._failed(remote.path, exc)
+            await self._move_planned(files)
 
     async def _remove(self, removals: _Removals) -> None:
         deletions, blocked = removals.deletions, removals.blocked
@@ -313,6 +324,8 @@ class _Pull:
             blocked.append((decision, record, remote))  # a directory must go first
         elif result.kind is Kind.SYMLINK:
             await self._symlink(result, _expected(record), keep_old=not kept_aside)
+        elif (record is None or record.entry.deleted) and self.moves.plan(result, remote):
+            return  # renamed from a deleted path with the same content, with the slice's others
         else:
             self.report.planned_files += 1
             self.report.planned_bytes += result.size
@@ -492,13 +505,41 @@ class _Pull:
         if len(self.pending) >= COMMIT_EVERY:
             await self._commit()
 
+    async def _move_planned(self, files: asyncio.TaskGroup) -> None:
+        """Rename the files the slice moves, in one worker-thread hop; one that did not move
+        (it changed, or its new path was taken) is built as usual."""
+        planned = self.moves.take_planned()
+        if not planned:
+            return
+        outcomes = await asyncio.to_thread(move_files, self.disk, planned)
+        for item, outcome in zip(planned, outcomes, strict=True):
+            entry = item.entry
+            if isinstance(outcome, ChangedMeanwhile):
+                self._changed_meanwhile(entry.path)
+            elif isinstance(outcome, BaseException):
+                self._failed(entry.path, outcome)
+            elif outcome is None:
+                self.report.planned_files += 1
+                self.report.planned_bytes += entry.size
+                await self.files.acquire()
+                files.create_task(self._file(entry, entry.path, item.remote, None))
+            else:
+                self.moves.moved(item.move)
+                moved_between = (parent_of(item.move.source), parent_of(entry.path))
+                self.assembler.dirty_dirs.update(moved_between)
+                self._record(entry, LocalState(stat=outcome))
+                self.report.files += 1
+                self._updated(entry.path, "file")
+
     async def _delete(self, decision: Decision, record: Record | None) -> None:
         result = decision.result
         assert result is not None
         if record is None or record.entry.deleted:
             self._record(result, LocalState())
             return
-        if record.entry.kind is Kind.DIR:
+        if self.moves.moved_away(result.path):
+            pass  # its file lives on at the path it was renamed to
+        elif record.entry.kind is Kind.DIR:
             await self._commit()  # the children's tombstones are recorded first
             if not await asyncio.to_thread(self.disk.remove_dir, result.path):
                 kept = keep_directory(

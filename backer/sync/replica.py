@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -238,7 +239,11 @@ class Replica:
                 found.append(None)
         return found
 
-    def read_entries(self, wanted: Iterable[tuple[str, Hash]]) -> list[RemoteEntry | None]:
+    def read_entries(
+        self, wanted: Iterable[tuple[str, Hash]], *, inline: bool = True
+    ) -> list[RemoteEntry | None]:
+        """The entries of `wanted` as they travel (None where the leaf is not ours); without
+        `inline`, every chunk list named by its groups, which `read_groups` then serves."""
         wanted = list(wanted)
         records = self.store.get_many(path for path, _ in wanted)  # one query, not one a path
         answers: list[RemoteEntry | None] = []
@@ -248,6 +253,8 @@ class Replica:
                 answers.append(None)
                 continue
             remote = RemoteEntry.from_entry(record.entry)
+            if not inline and remote.groups:
+                remote = dataclasses.replace(remote, chunks=None)
             if remote.chunks is None:
                 self._remember_groups(record.entry.chunks)
             answers.append(remote)

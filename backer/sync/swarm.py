@@ -63,7 +63,9 @@ class Source(Protocol):
 
     async def nodes(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
 
-    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]: ...
+    async def entries(
+        self, wanted: Sequence[tuple[str, Hash]], *, inline: bool = True
+    ) -> list[RemoteEntry]: ...
 
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]: ...
 
@@ -108,9 +110,11 @@ class Swarm:
     async def groups(self, hashes: Sequence[Hash]) -> dict[Hash, bytes]:
         return await self._keyed(hashes, lambda s, todo: s.groups(todo))
 
-    async def entries(self, wanted: Sequence[tuple[str, Hash]]) -> list[RemoteEntry]:
+    async def entries(
+        self, wanted: Sequence[tuple[str, Hash]], *, inline: bool = True
+    ) -> list[RemoteEntry]:
         async def ask(source: Source, todo: list[tuple[str, Hash]]) -> dict[str, RemoteEntry]:
-            return {entry.path: entry for entry in await source.entries(todo)}
+            return {entry.path: entry for entry in await source.entries(todo, inline=inline)}
 
         pairs = {path: (path, leaf) for path, leaf in wanted}
         found = await self._keyed(list(pairs), ask, pairs)
