@@ -31,7 +31,8 @@ def test_compare_quick_runs(tmp_path: Path) -> None:
         for tool, runs in tools.items():
             assert runs and all(run["seconds"] > 0 for run in runs), (key, tool)
             if tool in DAEMONS:
-                assert all(run["wire"] > 0 and run["cpu"] > 0 for run in runs), (key, tool)
+                # CPU comes in clock ticks (10 ms): a quick change may take less than one.
+                assert all(run["wire"] > 0 and run["cpu"] >= 0 for run in runs), (key, tool)
     # The peak RSS of each node (source and copy) of a daemon, in the many-file tree too.
     for tool in ("backer", "Syncthing"):
         (run,) = report["phases"]["initial quick-many"][tool]
