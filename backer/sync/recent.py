@@ -25,8 +25,8 @@ from backer.sync.disk import FolderDisk
 
 __all__ = ["MAX_REMEMBERED", "RecentWrites"]
 
-# Paths remembered at most; past it the oldest half is forgotten (those are then scanned, as
-# they would be anyway). Reports normally arrive within a second of the writes.
+# Paths remembered at most; past it all is forgotten (and then scanned when reported, as it
+# would have been anyway). Reports normally arrive within a second of the writes.
 MAX_REMEMBERED = 50_000
 
 
@@ -38,24 +38,31 @@ class RecentWrites:
         # operation is atomic under the GIL, and no lock is held across disk work.
         self._files: dict[str, int] = {}  # hash of the StatSig: a few bytes per path
         self._dirs: dict[str, tuple[int, int]] = {}  # inode, mode
+        # What the pull put in each directory: one it made is listed instead of scanned, and a
+        # child gone from the listing (deleted before any watch covered the directory, so no
+        # event ever names it) must still be scanned.
+        self._children: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._files) + len(self._dirs)
 
     def wrote_file(self, path: str, sig: StatSig) -> None:
+        self._trim()
         self._dirs.pop(path, None)
         self._files[path] = hash(sig)
-        self._trim()
+        self._children.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
 
     def made_dir(self, path: str, st: os.stat_result) -> None:
+        self._trim()
         self._files.pop(path, None)
         self._dirs[path] = (st.st_ino, st.st_mode)
-        self._trim()
+        self._children.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
 
     def forget(self) -> None:
         """A full scan looks at everything anyway."""
         self._files.clear()
         self._dirs.clear()
+        self._children.clear()
 
     def unseen(self, paths: Iterable[str]) -> list[str]:
         """Of the paths the watcher reported, those that still need a scan (in order), plus the
@@ -93,7 +100,10 @@ class RecentWrites:
                 st = os.fstat(dir_fd)
                 if (st.st_ino, st.st_mode) != made:
                     return False
-                for name in os.listdir(dir_fd):
+                names = os.listdir(dir_fd)
+                for gone in self._children.get(path, set()).difference(names):
+                    left.append(join(path, gone))  # ours, deleted since: a scan records it
+                for name in names:
                     child = join(path, name)
                     if (sig := self._files.get(child)) is not None:
                         child_st = _lstat_at(dir_fd, name)
@@ -111,10 +121,10 @@ class RecentWrites:
         return True
 
     def _trim(self) -> None:
-        for remembered in (self._files, self._dirs):
-            if len(remembered) > self._limit:
-                for key in list(remembered)[: len(remembered) // 2]:
-                    remembered.pop(key, None)
+        # All at once: a directory whose children are partly forgotten could not tell what
+        # vanished from it. What is forgotten is scanned as it would have been anyway.
+        if len(self._files) + len(self._dirs) >= self._limit:
+            self.forget()
 
 
 def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
