@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,3 +46,14 @@ def store(folder: Path) -> Iterator[IndexStore]:
     """The open index of `folder`."""
     with IndexStore.open(folder) as opened:
         yield opened
+
+
+def folder_paths(root: Path) -> list[str]:
+    """Every path under `root` but `.backer/`'s, relative and sorted: what a watcher would
+    report after a pull wrote them all."""
+    return sorted(
+        os.path.relpath(os.path.join(top, name), root)
+        for top, dirs, files in os.walk(root)
+        for name in dirs + files
+        if ".backer" not in os.path.join(top, name)
+    )

@@ -24,14 +24,17 @@ def _expected(pieces: list[tuple[int, bytes]]) -> bytes:
     return bytes(content)
 
 
-def test_pieces_land_where_they_belong(tmp_path: Path) -> None:
-    pieces = _pieces()
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+def _write_and_check(path: Path, pieces: list[tuple[int, bytes]]) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
         assemble._write_all(fd, pieces)
     finally:
         os.close(fd)
-    assert (tmp_path / "f").read_bytes() == _expected(pieces)
+    assert path.read_bytes() == _expected(pieces)
+
+
+def test_pieces_land_where_they_belong(tmp_path: Path) -> None:
+    _write_and_check(tmp_path / "f", _pieces())
 
 
 def test_a_short_vectored_write_is_finished(
@@ -45,11 +48,5 @@ def test_a_short_vectored_write_is_finished(
         return os.pwrite(fd, first, offset)
 
     monkeypatch.setattr(os, "pwritev", short_pwritev)
-    pieces = _pieces()
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
-    try:
-        assemble._write_all(fd, pieces)
-    finally:
-        os.close(fd)
-    assert (tmp_path / "f").read_bytes() == _expected(pieces)
+    _write_and_check(tmp_path / "f", _pieces())
     assert calls == [assemble._IOV_MAX, 6, 2]

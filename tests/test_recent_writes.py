@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from conftest import folder_paths
+
 from backer.index.store import StatSig
 from backer.sync.disk import FolderDisk
 from backer.sync.link import memory_pipe
@@ -110,12 +112,7 @@ async def test_the_copy_knows_every_path_its_pull_wrote(tmp_path: Path) -> None:
             run_session(b, end_b, device=ids[1], folder=PLAIN_FOLDER),
         )
         assert result.in_sync
-        written = sorted(
-            os.path.relpath(os.path.join(top, name), copy)
-            for top, dirs, files in os.walk(copy)
-            for name in dirs + files
-            if ".backer" not in os.path.join(top, name)
-        )
+        written = folder_paths(copy)
         assert len(written) == 36
         assert b.recent.unseen(written) == []
         (copy / "dir1/sub/f1").write_bytes(b"a user's edit")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from benchrun import run_quick
+from conftest import folder_paths
 from test_scan import DEVICE, OLD, live, write
 
 from backer.index import scan as scan_module
@@ -166,12 +167,7 @@ async def test_the_copy_does_not_read_again_what_a_pull_wrote(
     copy.mkdir()
     result = await replicate(source, copy)
     assert result.in_sync
-    written = sorted(
-        os.path.relpath(os.path.join(top, name), copy)
-        for top, dirs, files in os.walk(copy)
-        for name in dirs + files
-        if ".backer" not in os.path.join(top, name)
-    )
+    written = folder_paths(copy)
     assert len(written) == 43
     reads = Calls(monkeypatch, scan_module, "_read_file")
     replica = await Replica.open(copy, device=1)
