@@ -260,6 +260,28 @@ async def test_a_subdirectory_on_another_filesystem_receives_replaces_and_delete
     assert not [p for p in mounted.iterdir() if p.name.startswith(".backer-")]
 
 
+async def test_a_conflict_on_another_filesystem_keeps_both_copies(
+    tmp_path: Path, mounted: Path
+) -> None:
+    """The local loser of a conflict is copied aside in its own directory; on a sub-mount the
+    copy was made in .backer/tmp and linked across filesystems (EXDEV), so the pull failed on
+    that path for ever (the chaos soak, seed 41, with one node's d0 on a tmpfs)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "sub").mkdir()
+    os.chmod(a / "sub", 0o755)
+    write(a, "sub/x.txt", b"base")
+    await converge(a, b)
+    write(a, "sub/x.txt", b"edited on a, later", mtime=OLD + 200)
+    write(b, "sub/x.txt", b"edited on b", mtime=OLD + 100)
+    result = await converge(a, b)
+    assert not [e for r in (result.a, result.b) for p in r.pulls for e in p.errors]
+    for folder in (a, b):
+        contents = sorted(p.read_bytes() for p in (folder / "sub").iterdir() if p.is_file())
+        assert contents == [b"edited on a, later", b"edited on b"], folder
+    assert not [p for p in mounted.iterdir() if p.name.startswith(".backer-")]
+
+
 async def test_a_versions_area_on_its_own_filesystem_still_takes_what_a_pull_replaces(
     tmp_path: Path,
 ) -> None:

@@ -503,12 +503,17 @@ class FolderDisk:
         check_path(rel)
         check_path(new_rel)
         self._temp_area()
-        temp = f"copy-{secrets.token_hex(8)}.part"
         with (
             self.directory(parent_of(rel)) as src_fd,
             self.directory(parent_of(new_rel), create=True) as dst_fd,
-            _open_dir_fd(self.tmp) as tmp_fd,
+            _open_dir_fd(self.tmp) as area_fd,
         ):
+            # A link cannot cross filesystems: on a sub-mount the copy is made beside its
+            # destination under a hidden name, as `remove` does there.
+            if os.fstat(dst_fd).st_dev == os.fstat(area_fd).st_dev:
+                tmp_fd, temp = area_fd, f"copy-{secrets.token_hex(8)}.part"
+            else:
+                tmp_fd, temp = dst_fd, f".backer-{secrets.token_hex(8)}.part"
             before = os.stat(_name(rel), dir_fd=src_fd, follow_symlinks=False)
             try:
                 if stat_mod.S_ISLNK(before.st_mode):  # a symlink cannot be edited in place
