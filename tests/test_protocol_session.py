@@ -171,16 +171,16 @@ def test_a_whole_pull_nodes_entries_groups_chunk() -> None:
 
 
 def test_a_hashed_answer_skips_only_the_responders_own_hash() -> None:
-    """`hashed=True` (the replica hashed each chunk as it read it) spares the second hash on
+    """`verified=True` (the replica hashed each chunk as it read it) spares the second hash on
     the way out; the size is still checked there, and the requester still checks both."""
     a, b = connected()
     digest, size = next(iter_chunks(CHUNKS))
     request_id, data = a.request_chunks([(digest, size)])
     deliver(data, b)
     with pytest.raises(LocalProtocolError, match="not what was asked"):
-        b.answer_chunks(request_id, [CONTENT[: size + 1]], hashed=True)
+        b.answer_chunks(request_id, [CONTENT[: size + 1]], verified=True)
     lie = bytes([CONTENT[0] ^ 1]) + CONTENT[1:size]
-    [violation] = deliver(b.answer_chunks(request_id, [lie], hashed=True), a)
+    [violation] = deliver(b.answer_chunks(request_id, [lie], verified=True), a)
     assert isinstance(violation, ProtocolViolation) and "hash" in violation.reason
 
 

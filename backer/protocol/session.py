@@ -307,14 +307,14 @@ class Session:
         return self._answer(id, lambda: Groups(id=id, groups=items))
 
     def answer_chunks(
-        self, id: int, chunks: Sequence[bytes | None], *, hashed: bool = False
+        self, id: int, chunks: Sequence[bytes | None], *, verified: bool = False
     ) -> bytes:
         """Read from files that may have changed? Pass None unless a chunk still hashes right.
-        `hashed=True` says the caller has just hashed each chunk against what was asked (a
-        replica's verified read): the session then checks sizes only, so no answered byte is
-        hashed twice on its way out."""
+        `verified=True` says the caller vouches for each chunk (a replica's read: hashed, or
+        from a file unchanged since the scan that hashed it): the session then checks sizes
+        only, so no answered byte is hashed twice on its way out."""
         asked = self._open(id, GetChunks).wanted
-        items = self._fit(id, chunks, asked, _is_chunk_size if hashed else _is_chunk)
+        items = self._fit(id, chunks, asked, _is_chunk_size if verified else _is_chunk)
         return self._answer(id, lambda: Chunks(id=id, chunks=items))
 
     # --- receiving, by message type ---

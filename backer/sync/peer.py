@@ -287,7 +287,7 @@ class PeerSession:
                     rid, self.replica.read_groups, hashes, self.session.answer_groups
                 )
             case proto.ChunksRequested(id=rid, wanted=wanted):
-                # read_chunks hashes every chunk it reads: the session need not again.
+                # read_chunks vouches for every chunk (sync/chunkread.py): no second hash.
                 await self._answer(
                     rid, self.replica.read_chunks, wanted, self._answer_verified_chunks
                 )
@@ -337,7 +337,7 @@ class PeerSession:
         self.tasks.create_task(answer())
 
     def _answer_verified_chunks(self, rid: int, chunks: list[bytes | None]) -> bytes:
-        return self.session.answer_chunks(rid, chunks, hashed=True)
+        return self.session.answer_chunks(rid, chunks, verified=True)
 
     async def _watch_answers(self, within: float) -> None:
         """End the session if the peer leaves our requests unanswered for `within` seconds
