@@ -28,6 +28,7 @@ from backer.errors import InvalidPathError
 from backer.index.store import StatSig
 from backer.paths import join, parent_of
 from backer.sync.disk import FolderDisk
+from backer.sync.swap import lstat_at
 
 __all__ = ["MAX_REMEMBERED", "RecentWrites"]
 
@@ -92,7 +93,7 @@ class RecentWrites:
             return paths
 
     def _is_ours(self, dir_fd: int, path: str) -> bool:
-        st = _lstat_at(dir_fd, path.rpartition("/")[2])
+        st = lstat_at(dir_fd, path.rpartition("/")[2])
         return st is not None and hash(StatSig.of(st)) == self._files.get(hash(path))
 
     def _dir_matches(self, path: str, made: tuple[int, int], left: list[str]) -> bool:
@@ -134,10 +135,3 @@ class RecentWrites:
         # vanished from it. What is forgotten is scanned as it would have been anyway.
         if len(self._files) + len(self._dirs) >= self._limit:
             self.forget()
-
-
-def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError:
-        return None
